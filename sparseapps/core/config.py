@@ -29,6 +29,7 @@ REDISTRIBUTIONS = ("none", "momentum", "dsr")
 METHODS = ("dst", "static", "gmp", "one_shot", "snip", "grasp", "synflow", "lottery")
 MODULE_KINDS = ("linear", "conv", "embedding")
 GROW_OPTIMIZER_STATES = ("reset", "momentum")
+EMBEDDING_ROWS = ("all", "looked_up")
 FORESIGHT_METHODS = ("snip", "grasp", "synflow")
 
 
@@ -111,6 +112,15 @@ class SparsityConfig:
     momentum: float = field(
         default=0.9, metadata={"help": "decay of the dense-gradient momentum tracked for momentum growth"}
     )
+    embedding_rows: Literal["all", "looked_up"] = field(
+        default="all",
+        metadata={
+            "help": "all: mask every embedding table's whole gradient each step; looked_up: only the rows the "
+            "step's forward passes looked up through the table's module (the momentum average of the other rows "
+            "is decayed lazily, exactly). looked_up is for tables read only through their module's forward "
+            "(MF-style lookups): a table also read directly (LightGCN's propagation) needs all"
+        },
+    )
     tie_noise: float = field(
         default=1e-5,
         metadata={"help": "std of noise added to drop/grow scores to break ties (RigL uses 1e-5)"},
@@ -184,6 +194,7 @@ class SparsityConfig:
             "random_grow_fraction", self.random_grow_fraction, low=0.0, high=1.0, closed_high=True
         )
         _check_fraction("momentum", self.momentum, low=0.0, high=1.0, closed_high=False)
+        _check_choice("embedding_rows", self.embedding_rows, EMBEDDING_ROWS)
         _check_fraction("ablation_threshold", self.ablation_threshold, low=0.0, high=1.0, closed_high=True)
         for name in ("grow_init_range", "tie_noise"):
             value = getattr(self, name)

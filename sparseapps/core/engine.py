@@ -27,6 +27,8 @@ STATE_VERSION = 1
 logger = logging.getLogger(__name__)
 _FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg")
 _MULTIPLIER_LIMIT = 1 << 24
+# embedding_rows="looked_up" works on rows when at most 1/_ROW_MODE_SHARE of a table's rows were looked up.
+_ROW_MODE_SHARE = 4
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -135,6 +137,8 @@ class DynamicSparsity:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._multiplier_cache: list[torch.Tensor] | None = None
+        # Called with the new masks before each commit; may rewrite them in place (distributed sync/checks).
+        self.commit_hooks: list[Callable[[Mapping[str, torch.Tensor]], None]] = []
 
         selected = select_tensors(model, config)
         if not selected:
@@ -212,6 +216,20 @@ class DynamicSparsity:
         if config.method == "lottery" and config.rewind_step == 0:
             self.lottery_snapshot = self._snapshot_weights()
 
+        # embedding_rows="looked_up": per-step work on the rows the forward passes looked up, not whole tables.
+        self._row_tensors: tuple[str, ...] = (
+            tuple(fqn for fqn, t in self.tensors.items() if t.kind == "embedding")
+            if config.embedding_rows == "looked_up"
+            else ()
+        )
+        self._looked_up: dict[str, list[torch.Tensor]] = {fqn: [] for fqn in self._row_tensors}
+        self._row_stepped: set[str] = set()  # row-mode tables whose step skipped the whole-table passes
+        self._checking_rows = False
+        self._rows_checked = False
+        # Row-mode momenta are kept scaled between full steps: the true average is
+        # momentum * beta ** (step - base), so a step only adds to the looked-up rows.
+        self.momentum_base: dict[str, int] = {fqn: 0 for fqn in self._row_tensors if fqn in self.momentum}
+
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._activations: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._capturing = False
@@ -221,6 +239,10 @@ class DynamicSparsity:
         ]
         for record in self.tensors.values():
             self._handles.append(record.module.register_forward_hook(self._forward_hook(record)))
+            if record.fqn in self._row_tensors:
+                self._handles.append(
+                    record.module.register_forward_pre_hook(self._lookup_hook(record), with_kwargs=True)
+                )
 
     # ------------------------------------------------------------------ public views
     @property
@@ -252,6 +274,17 @@ class DynamicSparsity:
         """Zeroes every masked weight (the engine does this after each step; call it after editing weights)."""
         with torch.no_grad():
             torch._foreach_mul_([t.param for t in self.tensors.values()], self._multipliers())
+
+    def _apply_masks_except(self, skipped: set[str]) -> None:
+        """:meth:`apply_masks` on every sparse tensor but ``skipped`` (row-mode tables that kept their zeros)."""
+        pairs = [
+            (t.param, multiplier)
+            for (fqn, t), multiplier in zip(self.tensors.items(), self._multipliers(), strict=True)
+            if fqn not in skipped
+        ]
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_mul_([p for p, _ in pairs], [m for _, m in pairs])
 
     def _multipliers(self) -> list[torch.Tensor]:
         """Masks in each parameter's dtype: multiplying by them is several times faster than by bool masks.
@@ -305,6 +338,86 @@ class DynamicSparsity:
 
         return hook
 
+    def _lookup_hook(self, record: SparseTensor) -> Callable[..., None]:
+        """Records the rows an embedding forward looks up (``input`` of nn.Embedding / nn.EmbeddingBag)."""
+        pending = self._looked_up[record.fqn]
+        rows = record.mask.shape[0]
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not torch.is_grad_enabled():
+                return
+            index = args[0] if args else kwargs.get("input")
+            if not isinstance(index, torch.Tensor):
+                raise TypeError(
+                    f"embedding_rows='looked_up' could not find the indices of {record.fqn!r}'s forward call"
+                )
+            pending.append(index.detach().reshape(-1).to(torch.long))
+            if sum(p.numel() for p in pending) > rows:  # many forwards without a step: keep it bounded
+                pending[:] = [torch.unique(torch.cat(pending))]
+
+        return hook
+
+    def _take_rows(self, fqn: str, device: torch.device) -> torch.Tensor | None:
+        """The distinct rows looked up since the last step, ascending (``None`` when nothing was looked up)."""
+        pending = self._looked_up[fqn]
+        if not pending:
+            return None
+        flags = torch.zeros(self.tensors[fqn].mask.shape[0], dtype=torch.bool, device=device)
+        for index in pending:
+            flags[index.to(device)] = True
+        pending.clear()
+        return flags.nonzero().squeeze(1)
+
+    def _catch_up_momentum(self, fqn: str, upto: int) -> None:
+        """Turns a row-mode table's scaled momentum into the true average as of step ``upto``."""
+        if fqn not in self.momentum_base or upto == self.momentum_base[fqn]:
+            return
+        self.momentum[fqn].mul_(self.config.momentum ** (upto - self.momentum_base[fqn]))
+        self.momentum_base[fqn] = upto
+
+    def _row_step(self, fqn: str, t: SparseTensor, grad: torch.Tensor, rows: torch.Tensor, step: int) -> None:
+        """Momentum average and gradient masking of one step, on the looked-up ``rows`` only.
+
+        Masked weights stay zero without re-masking: their gradient is masked here (or was zero: the row was not
+        looked up) and their optimizer state is zero (cleared at every commit), so an elementwise optimizer
+        (SGD, Adam, AdamW, RMSprop, Adagrad, ...) leaves them at zero; every full step checks that it did.
+        """
+        rows_grad = grad.index_select(0, rows)
+        if fqn in self.momentum_base:
+            beta = self.config.momentum
+            if beta == 0.0:  # the average is the last gradient
+                self.momentum[fqn].zero_().index_copy_(0, rows, rows_grad)
+                self.momentum_base[fqn] = step
+            else:
+                if beta ** (step - self.momentum_base[fqn]) < 1e-20:  # keep the scaled values in range
+                    self._catch_up_momentum(fqn, step - 1)
+                scale = (1.0 - beta) / beta ** (step - self.momentum_base[fqn])
+                self.momentum[fqn].index_add_(0, rows, rows_grad, alpha=scale)
+        grad.index_copy_(0, rows, rows_grad.mul_(t.mask.index_select(0, rows)))
+
+    def _check_masked_zero(self, fqn: str, t: SparseTensor) -> None:
+        """At full steps of a row-mode table: the optimizer left every masked weight at zero."""
+        leaked = int(((t.param.detach() != 0) & ~t.mask).sum())
+        if leaked:
+            raise RuntimeError(
+                f"{type(self.optimizer).__name__} changed {leaked} masked entries of {fqn!r} that had zero gradient "
+                "and zero state; embedding_rows='looked_up' needs an elementwise optimizer (SGD, Adam, AdamW, "
+                "RMSprop, Adagrad, ...): use embedding_rows='all' with this one"
+            )
+
+    def _check_looked_up(self, fqn: str, grad: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """At full steps: with ``embedding_rows='looked_up'``, no row outside the lookups may have a gradient."""
+        outside = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+        if rows is not None:
+            outside[rows] = False
+        bad = outside & (grad.reshape(grad.shape[0], -1) != 0).any(1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"embedding_rows='looked_up' but {fqn!r} has gradient in {int(bad.sum())} rows its module's "
+                "forward never looked up (the table is read directly, e.g. by a graph propagation); use "
+                "embedding_rows='all' for it"
+            )
+
     def _needs_dense_gradient(self) -> bool:
         c = self.config
         return c.grow == "gradient" or c.drop == "weight_gradient"
@@ -316,12 +429,37 @@ class DynamicSparsity:
                 "prune_at_initialization(inputs, targets, loss_fn) before the first optimizer step"
             )
         upcoming = self.step + 1
-        capture = (
-            schedules.is_update_step(upcoming, self.config, self.total_steps) and self._needs_dense_gradient()
+        update = schedules.is_update_step(upcoming, self.config, self.total_steps)
+        capture = update and self._needs_dense_gradient()
+        # The first step is a full one too: a table that is also read outside its module's forward is refused
+        # there, before any masked entry could change.
+        full_step = (
+            update
+            or schedules.is_pruning_step(upcoming, self.config, self.total_steps)
+            or not self._rows_checked
         )
+        self._rows_checked = True
+        self._row_stepped.clear()
+        self._checking_rows = full_step
         dense_grads, dense_masks = [], []
         for (fqn, t), multiplier in zip(self.tensors.items(), self._multipliers(), strict=True):
             grad = t.param.grad
+            if fqn in self._row_tensors:
+                rows = self._take_rows(fqn, t.mask.device)
+                dense_grad = grad is not None and not grad.is_sparse
+                # Index work costs several times a streaming pass per entry: worth it for a few rows only.
+                few = rows is not None and rows.numel() * _ROW_MODE_SHARE <= t.mask.shape[0]
+                if dense_grad and not full_step and few:
+                    self._row_step(fqn, t, grad, rows, upcoming)
+                    self._row_stepped.add(fqn)
+                    continue
+                if dense_grad and full_step:
+                    self._check_looked_up(fqn, grad, rows)
+                self._catch_up_momentum(
+                    fqn, upcoming - 1
+                )  # then averaged whole below, when it has a gradient
+                if fqn in self.momentum_base and grad is not None:
+                    self.momentum_base[fqn] = upcoming
             if grad is None:
                 continue
             if capture or self.momentum:
@@ -347,7 +485,13 @@ class DynamicSparsity:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.step += 1
-        self.apply_masks()
+        if self._row_stepped:
+            self._apply_masks_except(self._row_stepped)
+        else:
+            if self._checking_rows:
+                for fqn in self._row_tensors:
+                    self._check_masked_zero(fqn, self.tensors[fqn])
+            self.apply_masks()
         config = self.config
         if schedules.is_update_step(self.step, config, self.total_steps):
             self._update_topology()
@@ -525,6 +669,8 @@ class DynamicSparsity:
 
     def _commit(self, new_masks: Mapping[str, torch.Tensor], fraction: float) -> None:
         """Writes new masks: zeroes dropped weights, initializes grown ones, fixes optimizer state."""
+        for hook in self.commit_hooks:
+            hook(new_masks)
         stats: dict[str, Any] = {"step": self.step, "drop_fraction": fraction, "tensors": {}}
         grown_masks: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -742,6 +888,7 @@ class DynamicSparsity:
             },
             "ever_active": {fqn: m.cpu().clone() for fqn, m in self.ever_active.items()},
             "momentum": {fqn: m.cpu().clone() for fqn, m in self.momentum.items()},
+            "momentum_base": dict(self.momentum_base),
             "growth_regions": {fqn: m.cpu().clone() for fqn, m in self.growth_regions.items()},
             "generator": self.generator.get_state(),
             "dsr_threshold": self.dsr_threshold,
@@ -788,6 +935,11 @@ class DynamicSparsity:
         self.growth_regions = {
             fqn: m.to(device_of[fqn]).clone() for fqn, m in state["growth_regions"].items()
         }
+        self._rows_checked = int(state["step"]) > 0  # re-checked at the next update step
+        saved_bases = state.get("momentum_base", {})
+        for fqn in self.momentum_base:
+            # Checkpoints written without row mode hold true averages: their base is their step.
+            self.momentum_base[fqn] = int(saved_bases.get(fqn, state["step"]))
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])
         self.dsr_threshold = state["dsr_threshold"]

@@ -142,14 +142,19 @@ class DSLConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
-    def sparsity_config(self, include: tuple[str, ...]) -> SparsityConfig:
-        """The core engine's configuration for the table weights named by ``include`` (fqns)."""
+    def sparsity_config(self, include: tuple[str, ...], *, rows: str = "all") -> SparsityConfig:
+        """The core engine's configuration for the table weights named by ``include`` (fqns).
+
+        ``rows="looked_up"`` restricts the per-step masking to the rows each batch looked up (for models that
+        read their tables only through lookups, as MF does); see ``SparsityConfig.embedding_rows``.
+        """
         common: dict[str, Any] = dict(
             sparsity=round(1.0 - self.density, 12),
             distribution="uniform",
             module_types=("embedding",),
             include=include,
             seed=self.seed,
+            embedding_rows=rows,
         )
         if self.method == "static":
             return SparsityConfig(method="static", grow="none", **common)
@@ -290,7 +295,9 @@ class SparseEmbeddings:
         self.engine = DynamicSparsity(
             model,
             optimizer,
-            config.sparsity_config(tuple(self.fqns.values())),
+            config.sparsity_config(
+                tuple(self.fqns.values()), rows="all" if model.reads_tables_whole else "looked_up"
+            ),
             total_steps,
             initial_masks=initial_masks,
         )

@@ -250,6 +250,9 @@ class Recommender(nn.Module):
     """Shared parts of MF-BPR and LightGCN: the tables, the BPR step loss and full-ranking scores."""
 
     tables: UserItemTables
+    #: Whether training reads the tables outside their lookups (graph propagation). When it does not, sparse
+    #: training masks only the looked-up rows each step (``SparsityConfig.embedding_rows="looked_up"``).
+    reads_tables_whole: bool = False
 
     def __init__(self, n_users: int, n_items: int, config: ModelConfig) -> None:
         super().__init__()
@@ -420,6 +423,8 @@ class LightGCN(Recommender):
         >>> users.shape, items.shape
         (torch.Size([3, 4]), torch.Size([3, 4]))
     """
+
+    reads_tables_whole = True
 
     adjacency: torch.Tensor
 

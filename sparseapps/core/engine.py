@@ -258,14 +258,14 @@ class DynamicSparsity:
     @property
     def density(self) -> float:
         """Current global density over the sparse tensors."""
-        return sum(int(t.mask.sum()) for t in self.tensors.values()) / sum(
+        return sum(int(torch.count_nonzero(t.mask)) for t in self.tensors.values()) / sum(
             t.numel for t in self.tensors.values()
         )
 
     def report(self) -> SparsityReport:
         """Per tensor: shape, nnz, density and forward FLOPs per sample, dense vs sparse."""
         rows = [
-            TensorReport.of(fqn, t.kind, tuple(t.mask.shape), int(t.mask.sum()), t.positions)
+            TensorReport.of(fqn, t.kind, tuple(t.mask.shape), int(torch.count_nonzero(t.mask)), t.positions)
             for fqn, t in self.tensors.items()
         ]
         return SparsityReport(rows)
@@ -397,8 +397,9 @@ class DynamicSparsity:
 
     def _check_masked_zero(self, fqn: str, t: SparseTensor) -> None:
         """At full steps of a row-mode table: the optimizer left every masked weight at zero."""
-        leaked = int(((t.param.detach() != 0) & ~t.mask).sum())
-        if leaked:
+        outside = (t.param.detach() != 0).logical_and_(~t.mask)
+        if bool(outside.any()):
+            leaked = int(torch.count_nonzero(outside))
             raise RuntimeError(
                 f"{type(self.optimizer).__name__} changed {leaked} masked entries of {fqn!r} that had zero gradient "
                 "and zero state; embedding_rows='looked_up' needs an elementwise optimizer (SGD, Adam, AdamW, "
@@ -413,7 +414,7 @@ class DynamicSparsity:
         bad = outside & (grad.reshape(grad.shape[0], -1) != 0).any(1)
         if bool(bad.any()):
             raise ValueError(
-                f"embedding_rows='looked_up' but {fqn!r} has gradient in {int(bad.sum())} rows its module's "
+                f"embedding_rows='looked_up' but {fqn!r} has gradient in {int(torch.count_nonzero(bad))} rows its module's "
                 "forward never looked up (the table is read directly, e.g. by a graph propagation); use "
                 "embedding_rows='all' for it"
             )
@@ -551,7 +552,7 @@ class DynamicSparsity:
     def _grow_into(self, fqn: str, mask: torch.Tensor, scores: torch.Tensor, n_grow: int) -> torch.Tensor:
         """Grows ``n_grow`` entries: the scored share first, then ``random_grow_fraction`` at random."""
         candidates = self._grow_candidates(fqn, mask)
-        n_grow = min(n_grow, int(candidates.sum()))
+        n_grow = min(n_grow, int(torch.count_nonzero(candidates)))
         n_random = round(self.config.random_grow_fraction * n_grow) if self.config.grow != "random" else 0
         grown = rules.select_top(scores, candidates, n_grow - n_random)
         if n_random:
@@ -567,7 +568,7 @@ class DynamicSparsity:
         if config.constant_fan_in:
             for fqn, t in self.tensors.items():
                 assert t.active_rows is not None
-                n_drop = math.ceil(fraction * int(t.mask.sum()))
+                n_drop = math.ceil(fraction * int(torch.count_nonzero(t.mask)))
                 new_mask, t.active_rows = structured.constant_fan_in_update(
                     t.mask,
                     self._drop_scores(fqn, t),
@@ -585,8 +586,8 @@ class DynamicSparsity:
             after_drop: dict[str, torch.Tensor] = {}
             n_dropped: dict[str, int] = {}
             for fqn, t in self.tensors.items():
-                n_drop = math.ceil(fraction * int(t.mask.sum()))
-                n_drop = min(n_drop, int(t.mask.sum()) - 1)  # never empty a tensor
+                n_drop = math.ceil(fraction * int(torch.count_nonzero(t.mask)))
+                n_drop = min(n_drop, int(torch.count_nonzero(t.mask)) - 1)  # never empty a tensor
                 after_drop[fqn] = rules.drop(t.mask, self._drop_scores(fqn, t), max(n_drop, 0))
                 n_dropped[fqn] = max(n_drop, 0)
             if config.redistribution == "momentum":
@@ -599,7 +600,10 @@ class DynamicSparsity:
 
     def _momentum_shares(self, after_drop: Mapping[str, torch.Tensor], total: int) -> dict[str, int]:
         """SNFS: regrowth split across tensors by the mean momentum magnitude of their active weights."""
-        capacity = {fqn: int(self._grow_candidates(fqn, mask).sum()) for fqn, mask in after_drop.items()}
+        capacity = {
+            fqn: int(torch.count_nonzero(self._grow_candidates(fqn, mask)))
+            for fqn, mask in after_drop.items()
+        }
         weight = {
             fqn: float(self.momentum[fqn].abs()[mask].mean()) if bool(mask.any()) else 0.0
             for fqn, mask in after_drop.items()
@@ -630,7 +634,7 @@ class DynamicSparsity:
     def _dsr_update(self, fraction: float) -> dict[str, torch.Tensor]:
         """DSR: prune below one global magnitude threshold (adapted toward the target count), regrow at random
         in proportion to each tensor's surviving nnz."""
-        total_nnz = sum(int(t.mask.sum()) for t in self.tensors.values())
+        total_nnz = sum(int(torch.count_nonzero(t.mask)) for t in self.tensors.values())
         target = math.ceil(fraction * total_nnz)
         magnitudes = {fqn: t.param.detach().abs() for fqn, t in self.tensors.items()}
         if self.dsr_threshold is None:
@@ -640,18 +644,22 @@ class DynamicSparsity:
         after_drop = {}
         for fqn, t in self.tensors.items():
             pruned = t.mask & (magnitudes[fqn] <= threshold)
-            if int((t.mask & ~pruned).sum()) == 0:  # never empty a tensor: keep its largest weight
+            if (
+                int(torch.count_nonzero(t.mask & ~pruned)) == 0
+            ):  # never empty a tensor: keep its largest weight
                 keep = rules.select_top(magnitudes[fqn].float(), t.mask, 1)
                 pruned &= ~keep
             after_drop[fqn] = t.mask & ~pruned
-        n_pruned = total_nnz - sum(int(m.sum()) for m in after_drop.values())
+        n_pruned = total_nnz - sum(int(torch.count_nonzero(m)) for m in after_drop.values())
         # adapt the threshold for the next update (DSR's rule, 10% tolerance)
         if n_pruned < 0.9 * target:
             self.dsr_threshold = threshold * 2.0 if threshold > 0 else 1e-8
         elif n_pruned > 1.1 * target:
             self.dsr_threshold = threshold / 2.0
-        survivors = {fqn: int(m.sum()) for fqn, m in after_drop.items()}
-        capacity = {fqn: int(self._grow_candidates(fqn, m).sum()) for fqn, m in after_drop.items()}
+        survivors = {fqn: int(torch.count_nonzero(m)) for fqn, m in after_drop.items()}
+        capacity = {
+            fqn: int(torch.count_nonzero(self._grow_candidates(fqn, m))) for fqn, m in after_drop.items()
+        }
         total_survivors = sum(survivors.values())
         ideal = {fqn: n_pruned * survivors[fqn] / total_survivors for fqn in survivors}
         shares = {fqn: min(capacity[fqn], math.floor(v)) for fqn, v in ideal.items()}
@@ -681,9 +689,9 @@ class DynamicSparsity:
                 dropped = old & ~new_mask
                 grown_masks[fqn] = grown
                 stats["tensors"][fqn] = {
-                    "dropped": int(dropped.sum()),
-                    "grown": int(grown.sum()),
-                    "nnz": int(new_mask.sum()),
+                    "dropped": int(torch.count_nonzero(dropped)),
+                    "grown": int(torch.count_nonzero(grown)),
+                    "nnz": int(torch.count_nonzero(new_mask)),
                 }
                 old.copy_(new_mask)
                 t.param.mul_(old)
@@ -723,7 +731,7 @@ class DynamicSparsity:
     def _prune_to(self, targets: Mapping[str, int], scores: Mapping[str, torch.Tensor]) -> None:
         new_masks = {}
         for fqn, t in self.tensors.items():
-            nnz = int(t.mask.sum())
+            nnz = int(torch.count_nonzero(t.mask))
             n_drop = max(nnz - targets[fqn], 0)
             new_masks[fqn] = rules.drop(t.mask, scores[fqn], n_drop) if n_drop else t.mask.clone()
         self._commit(new_masks, 0.0)
@@ -965,5 +973,5 @@ class DynamicSparsity:
             if not isinstance(mask, torch.Tensor) or mask.shape != shape:
                 got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
                 raise ValueError(f"{what}[{fqn!r}] must have shape {tuple(shape)}, got {got}")
-            budgets[fqn] = int(mask.sum())
+            budgets[fqn] = int(torch.count_nonzero(mask))
         return budgets

@@ -49,7 +49,7 @@ def _candidate_index(scores: torch.Tensor, candidates: torch.Tensor, n: int) -> 
     holds ``n`` or more entries it contains the top ``n`` (each of them scores at least the n-th best, which is
     at least the threshold). Otherwise all candidates are returned.
     """
-    available = int(candidates.sum())
+    available = int(torch.count_nonzero(candidates))
     if n > available:
         raise ValueError(f"cannot select {n} entries from {available} candidates")
     if scores.numel() >= _PREFILTER_MIN_SIZE and 8 * n < available:
@@ -60,7 +60,7 @@ def _candidate_index(scores: torch.Tensor, candidates: torch.Tensor, n: int) -> 
             rank = max(1, min(sample.numel(), round(sample.numel() * (1.0 - 3.0 * n / available))))
             threshold = torch.kthvalue(sample, rank).values
             keep = candidates & (scores >= threshold)
-            if int(keep.sum()) >= n:
+            if int(torch.count_nonzero(keep)) >= n:
                 return keep.nonzero().squeeze(1)
     return candidates.nonzero().squeeze(1)
 

@@ -75,23 +75,23 @@ def constant_fan_in_update(
         grow_scores.reshape(rows, -1),
     )
     width = mask2d.shape[1]
-    nnz = int(mask2d.sum())
+    nnz = int(torch.count_nonzero(mask2d))
     n_drop = min(n_drop, nnz)
     kept = rules.select_top(drop2d, mask2d, nnz - n_drop)
-    grown = rules.select_top(grow2d, ~mask2d, min(n_drop, int((~mask2d).sum())))
+    grown = rules.select_top(grow2d, ~mask2d, min(n_drop, int(torch.count_nonzero(~mask2d))))
     salient = (kept | grown).sum(1)
 
     active_rows = active_rows.clone()
     if ablation_threshold > 0:
-        k_old = fan_in_for(budget, int(active_rows.sum()), width)
+        k_old = fan_in_for(budget, int(torch.count_nonzero(active_rows)), width)
         ablate = active_rows & (salient < ablation_threshold * k_old)
-        if bool(ablate.all()) or int((active_rows & ~ablate).sum()) == 0:
+        if bool(ablate.all()) or int(torch.count_nonzero(active_rows & ~ablate)) == 0:
             # keep the most salient row alive (random among equals)
             best = int(torch.argmax(salient.float() + uniform_like(salient, generator) * 0.5))
             ablate[best] = False
         active_rows &= ~ablate
 
-    k = fan_in_for(budget, int(active_rows.sum()), width)
+    k = fan_in_for(budget, int(torch.count_nonzero(active_rows)), width)
     row_candidates = active_rows.unsqueeze(1)
     keep_counts = torch.minimum((kept & row_candidates).sum(1), torch.full_like(salient, k)) * active_rows
     retained = rules.select_top_per_row(drop2d, kept & row_candidates, keep_counts)

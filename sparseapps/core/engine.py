@@ -223,7 +223,7 @@ class DynamicSparsity:
             else ()
         )
         self._looked_up: dict[str, list[torch.Tensor]] = {fqn: [] for fqn in self._row_tensors}
-        self._row_stepped: set[str] = set()  # row-mode tables whose step skipped the whole-table passes
+        self._row_stepped: set[str] = set()  # row-mode tables that need no re-masking after this step
         self._checking_rows = False
         self._rows_checked = False
         # Row-mode momenta are kept scaled between full steps: the true average is
@@ -456,6 +456,8 @@ class DynamicSparsity:
                     continue
                 if dense_grad and full_step:
                     self._check_looked_up(fqn, grad, rows)
+                elif dense_grad:
+                    self._row_stepped.add(fqn)  # masked whole below; keeps its zeros as in _row_step
                 self._catch_up_momentum(
                     fqn, upcoming - 1
                 )  # then averaged whole below, when it has a gradient

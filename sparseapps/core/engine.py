@@ -222,7 +222,7 @@ class DynamicSparsity:
             if config.embedding_rows == "looked_up"
             else ()
         )
-        self._looked_up: dict[str, list[torch.Tensor]] = {fqn: [] for fqn in self._row_tensors}
+        self._looked_up: dict[str, torch.Tensor] = {}  # per row-mode table: bool flags of the rows looked up
         self._row_stepped: set[str] = set()  # row-mode tables that need no re-masking after this step
         self._checking_rows = False
         self._rows_checked = False
@@ -339,9 +339,8 @@ class DynamicSparsity:
         return hook
 
     def _lookup_hook(self, record: SparseTensor) -> Callable[..., None]:
-        """Records the rows an embedding forward looks up (``input`` of nn.Embedding / nn.EmbeddingBag)."""
-        pending = self._looked_up[record.fqn]
-        rows = record.mask.shape[0]
+        """Flags the rows an embedding forward looks up (``input`` of nn.Embedding / nn.EmbeddingBag)."""
+        fqn = record.fqn
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not torch.is_grad_enabled():
@@ -349,24 +348,20 @@ class DynamicSparsity:
             index = args[0] if args else kwargs.get("input")
             if not isinstance(index, torch.Tensor):
                 raise TypeError(
-                    f"embedding_rows='looked_up' could not find the indices of {record.fqn!r}'s forward call"
+                    f"embedding_rows='looked_up' could not find the indices of {fqn!r}'s forward call"
                 )
-            pending.append(index.detach().reshape(-1).to(torch.long))
-            if sum(p.numel() for p in pending) > rows:  # many forwards without a step: keep it bounded
-                pending[:] = [torch.unique(torch.cat(pending))]
+            flags = self._looked_up.get(fqn)
+            if flags is None:
+                flags = torch.zeros(record.mask.shape[0], dtype=torch.bool, device=record.mask.device)
+                self._looked_up[fqn] = flags
+            flags[index.detach().reshape(-1).to(device=flags.device, dtype=torch.long)] = True
 
         return hook
 
     def _take_rows(self, fqn: str, device: torch.device) -> torch.Tensor | None:
         """The distinct rows looked up since the last step, ascending (``None`` when nothing was looked up)."""
-        pending = self._looked_up[fqn]
-        if not pending:
-            return None
-        flags = torch.zeros(self.tensors[fqn].mask.shape[0], dtype=torch.bool, device=device)
-        for index in pending:
-            flags[index.to(device)] = True
-        pending.clear()
-        return flags.nonzero().squeeze(1)
+        flags = self._looked_up.pop(fqn, None)
+        return None if flags is None else flags.nonzero().squeeze(1).to(device)
 
     def _catch_up_momentum(self, fqn: str, upto: int) -> None:
         """Turns a row-mode table's scaled momentum into the true average as of step ``upto``."""

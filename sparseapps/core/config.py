@@ -118,7 +118,8 @@ class SparsityConfig:
             "help": "all: mask every embedding table's whole gradient each step; looked_up: only the rows the "
             "step's forward passes looked up through the table's module (the momentum average of the other rows "
             "is decayed lazily, exactly). looked_up is for tables read only through their module's forward "
-            "(MF-style lookups): a table also read directly (LightGCN's propagation) needs all"
+            "(MF-style lookups): a table also read directly (LightGCN's propagation) needs all. Tables under "
+            "16,384 rows, and steps that looked up over a quarter of a table's rows, are processed whole"
         },
     )
     tie_noise: float = field(

@@ -27,8 +27,11 @@ STATE_VERSION = 1
 logger = logging.getLogger(__name__)
 _FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg")
 _MULTIPLIER_LIMIT = 1 << 24
-# embedding_rows="looked_up" works on rows when at most 1/_ROW_MODE_SHARE of a table's rows were looked up.
+# embedding_rows="looked_up" works on rows when at most 1/_ROW_MODE_SHARE of a table's rows were looked up, and
+# only for tables of _ROW_MODE_MIN_ROWS rows or more (below that a whole-table pass costs microseconds, less than
+# recording the lookups).
 _ROW_MODE_SHARE = 4
+_ROW_MODE_MIN_ROWS = 1 << 14
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -218,7 +221,11 @@ class DynamicSparsity:
 
         # embedding_rows="looked_up": per-step work on the rows the forward passes looked up, not whole tables.
         self._row_tensors: tuple[str, ...] = (
-            tuple(fqn for fqn, t in self.tensors.items() if t.kind == "embedding")
+            tuple(
+                fqn
+                for fqn, t in self.tensors.items()
+                if t.kind == "embedding" and t.mask.shape[0] >= _ROW_MODE_MIN_ROWS
+            )
             if config.embedding_rows == "looked_up"
             else ()
         )

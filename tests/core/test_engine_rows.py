@@ -7,8 +7,23 @@ import torch
 from torch import nn
 
 from sparseapps.core import DynamicSparsity, SparsityConfig
+from sparseapps.core import engine as engine_module
 
 USERS, ITEMS, DIM = 40, 30, 8
+
+
+@pytest.fixture(autouse=True)
+def small_tables_use_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tables are tiny; the engine processes tables below ``_ROW_MODE_MIN_ROWS`` rows whole."""
+    monkeypatch.setattr(engine_module, "_ROW_MODE_MIN_ROWS", 1)
+
+
+def test_small_tables_are_processed_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        engine_module, "_ROW_MODE_MIN_ROWS", 35
+    )  # users (40 rows) in row mode, items (30) not
+    _, _, engine = make("looked_up")
+    assert engine._row_tensors == ("users.weight",)
 
 
 class TwoTower(nn.Module):

@@ -377,7 +377,15 @@ class DynamicSparsity:
         self.momentum[fqn].mul_(self.config.momentum ** (upto - self.momentum_base[fqn]))
         self.momentum_base[fqn] = upto
 
-    def _row_step(self, fqn: str, t: SparseTensor, grad: torch.Tensor, rows: torch.Tensor, step: int) -> None:
+    def _row_step(
+        self,
+        fqn: str,
+        t: SparseTensor,
+        grad: torch.Tensor,
+        rows: torch.Tensor,
+        step: int,
+        multiplier: torch.Tensor,
+    ) -> None:
         """Momentum average and gradient masking of one step, on the looked-up ``rows`` only.
 
         Masked weights stay zero without re-masking: their gradient is masked here (or was zero: the row was not
@@ -394,8 +402,10 @@ class DynamicSparsity:
                 if beta ** (step - self.momentum_base[fqn]) < 1e-20:  # keep the scaled values in range
                     self._catch_up_momentum(fqn, step - 1)
                 scale = (1.0 - beta) / beta ** (step - self.momentum_base[fqn])
-                self.momentum[fqn].index_add_(0, rows, rows_grad, alpha=scale)
-        grad.index_copy_(0, rows, rows_grad.mul_(t.mask.index_select(0, rows)))
+                momentum = self.momentum[fqn]  # rows are distinct: select, add, copy beats index_add_ here
+                momentum.index_copy_(0, rows, momentum.index_select(0, rows).add_(rows_grad, alpha=scale))
+        keep = multiplier if multiplier.dtype == grad.dtype else t.mask  # float x float multiplies faster
+        grad.index_copy_(0, rows, rows_grad.mul_(keep.index_select(0, rows)))
 
     def _check_masked_zero(self, fqn: str, t: SparseTensor) -> None:
         """At full steps of a row-mode table: the optimizer left every masked weight at zero."""
@@ -453,7 +463,7 @@ class DynamicSparsity:
                 # Index work costs several times a streaming pass per entry: worth it for a few rows only.
                 few = rows is not None and rows.numel() * _ROW_MODE_SHARE <= t.mask.shape[0]
                 if dense_grad and not full_step and few:
-                    self._row_step(fqn, t, grad, rows, upcoming)
+                    self._row_step(fqn, t, grad, rows, upcoming, multiplier)
                     self._row_stepped.add(fqn)
                     continue
                 if dense_grad and full_step:

@@ -152,6 +152,12 @@ class RLRun:
     update_interval: int | None = field(
         default=None, metadata={"help": "gradient steps between topology updates (None: the method's)"}
     )
+    sparsity_overrides: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "other SparsityConfig fields set on top of the method's or preset's (e.g. drop_fraction)"
+        },
+    )
     steps: int = field(default=50_000, metadata={"help": "environment steps"})
     seed: int = field(default=0, metadata={"help": "seed of the agent, the environments and the masks"})
     n_envs: int = field(default=1, metadata={"help": "parallel environment copies"})
@@ -200,6 +206,12 @@ class RLRun:
         if self.drift_parameter is not None:
             DriftSchedule(shifts=shifts)
         object.__setattr__(self, "hyperparameters", dict(self.hyperparameters))
+        if not isinstance(self.sparsity_overrides, Mapping):
+            raise TypeError(f"sparsity_overrides must be a mapping, got {self.sparsity_overrides!r}")
+        object.__setattr__(self, "sparsity_overrides", dict(self.sparsity_overrides))
+        reserved = sorted({"seed", "sparsity", "update_interval"} & set(self.sparsity_overrides))
+        if reserved:
+            raise ValueError(f"set {reserved} through RLRun's own fields, not sparsity_overrides")
         if self.sparse:
             self.sparsity_config()
 
@@ -217,7 +229,7 @@ class RLRun:
         """The engine configuration (None when dense), seeded with :attr:`seed`."""
         if not self.sparse:
             return None
-        overrides: dict[str, Any] = {"seed": self.seed}
+        overrides: dict[str, Any] = {**self.sparsity_overrides, "seed": self.seed}
         if self.sparsity is not None:
             overrides["sparsity"] = self.sparsity
         if self.update_interval is not None:
@@ -411,6 +423,9 @@ _RESUMABLE_CHANGES = ("threads", "device", "checkpoint_every")
 def _refuse_other(path: Path, saved: Mapping[str, Any], run: RLRun) -> None:
     current = {k: v for k, v in run.to_dict().items() if k not in _RESUMABLE_CHANGES}
     saved = {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES}
+    # Fields added after a run was saved count as their defaults (sparsity_overrides: none).
+    defaults = RLRun(env=run.env, algo=run.algo).to_dict()
+    saved = {**{k: defaults[k] for k in current if k not in saved}, **saved}
     if saved != current:
         diff = {
             k: (saved.get(k), current.get(k))

@@ -118,6 +118,19 @@ def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
     train_run(dataclasses.replace(run, checkpoint_every=128), tmp_path)
     with pytest.raises(ValueError, match=r"another configuration.*steps"):
         train_run(tiny_run(checkpoint_every=64, eval_every=0, steps=512), tmp_path)
+    with pytest.raises(ValueError, match=r"another configuration.*sparsity_overrides"):
+        train_run(dataclasses.replace(run, sparsity_overrides={"drop_fraction": 0.5}), tmp_path)
+
+
+def test_results_saved_before_sparsity_overrides_existed_are_reused(tmp_path: Path) -> None:
+    run = tiny_run(steps=64, eval_every=0)
+    result = train_run(run, tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    del saved["run"]["sparsity_overrides"]
+    (tmp_path / "result.json").write_text(json.dumps(saved))
+    assert train_run(run, tmp_path)["final_return"] == result["final_return"]
+    with pytest.raises(ValueError, match="another configuration"):
+        train_run(dataclasses.replace(run, sparsity_overrides={"drop_fraction": 0.5}), tmp_path)
 
 
 def test_drifting_run_reports_recovery_after_each_shift(tmp_path: Path) -> None:
@@ -163,6 +176,16 @@ def test_run_settings_are_validated_and_merged() -> None:
     assert dense.algorithm_kwargs()["target_update_interval"] == 100
     callback = run.callback()
     assert callback is not None and not callback.dense_output_layers
+    tuned = RLRun(update_interval=1000, sparsity_overrides={"drop_fraction": 0.5, "end_fraction": 0.8})
+    config = tuned.sparsity_config()
+    assert (config.drop_fraction, config.end_fraction, config.update_interval) == (0.5, 0.8, 1000)
+    assert config.grow == "gradient" and config.seed == 0  # the rest stays RigL's, seeded by the run
+    with pytest.raises(ValueError, match="bogus"):
+        RLRun(sparsity_overrides={"bogus": 1})
+    with pytest.raises(ValueError, match="update_interval"):
+        RLRun(sparsity_overrides={"update_interval": 5})
+    with pytest.raises(ValueError, match="drop_fraction"):
+        RLRun(sparsity_overrides={"drop_fraction": 1.5})
 
 
 def test_summary_ratios_and_confidence_intervals() -> None:

@@ -43,7 +43,7 @@ from torch import nn
 from sparseapps.core import rules, schedules, scoring
 from sparseapps.core.distributed import collective_device, require_process_group, verify_same_tensors
 from sparseapps.core.distributions import target_nnz
-from sparseapps.recsys.dsl import DSLConfig, nested_row_sizes, prefix_masks
+from sparseapps.recsys.dsl import DSLConfig, aligned_masks
 from sparseapps.recsys.models import MatrixFactorization, _import_torchrec
 
 ShardingType = Literal["data_parallel", "table_wise", "column_wise", "row_wise"]
@@ -363,23 +363,8 @@ class ShardedSparseEmbeddings:
                 )
                 for fqn, shape in shapes.items()
             }
-        exponent = config.nested_exponent if config.init == "nested" else 0.0
-        if config.init == "nested" and exponent > 0 and (user_popularity is None or item_popularity is None):
-            raise ValueError("nested masks need user_popularity and item_popularity, got None")
-        users = np.zeros(tables.n_users) if user_popularity is None else np.asarray(user_popularity)
-        items = np.zeros(tables.n_items) if item_popularity is None else np.asarray(item_popularity)
-        if users.shape != (tables.n_users,) or items.shape != (tables.n_items,):
-            raise ValueError(
-                f"popularity must have shapes ({tables.n_users},) and ({tables.n_items},), "
-                f"got {users.shape} and {items.shape}"
-            )
-        popularity = {"nodes": np.concatenate([users, items]), "user_table": users, "item_table": items}
-        masks = {}
-        for fqn, name in self.table_of.items():
-            rows = popularity[name]
-            budget = max(len(rows), round(config.density * len(rows) * tables.dim))
-            masks[fqn] = prefix_masks(nested_row_sizes(rows, budget, tables.dim, exponent), tables.dim)
-        return masks
+        table_fqns = {name: fqn for fqn, name in self.table_of.items()}
+        return aligned_masks(config, tables, table_fqns, user_popularity, item_popularity)
 
     # ------------------------------------------------------------------ views
     @property

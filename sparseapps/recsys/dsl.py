@@ -34,7 +34,7 @@ import torch
 
 from sparseapps.core import DynamicSparsity, SparsityConfig
 from sparseapps.core.accounting import index_bytes
-from sparseapps.recsys.models import LightGCN, Recommender, csr_tensor, normalized_adjacency
+from sparseapps.recsys.models import LightGCN, Recommender, UserItemTables, csr_tensor, normalized_adjacency
 
 SparseMethod = Literal["dsl", "static", "prune"]
 InitialMask = Literal["random", "prefix", "nested"]
@@ -248,6 +248,41 @@ def prefix_masks(sizes: np.ndarray | torch.Tensor, dim: int) -> torch.Tensor:
     return torch.arange(dim).unsqueeze(0) < sizes.unsqueeze(1)
 
 
+def aligned_masks(
+    config: DSLConfig,
+    tables: UserItemTables,
+    table_fqns: Mapping[str, str],
+    user_popularity: np.ndarray | None,
+    item_popularity: np.ndarray | None,
+) -> dict[str, torch.Tensor]:
+    """The nested (or, with exponent 0, prefix) initial masks ``{fqn: [rows, D] bool}`` of ``config.init``.
+
+    Args:
+        config: the DSL settings (``density``, ``init``, ``nested_exponent``).
+        tables: the model's tables (their sizes and layout).
+        table_fqns: ``{table name: weight fqn}`` of the tables to mask (``nodes``, or ``user_table`` and
+            ``item_table``).
+        user_popularity, item_popularity: train interactions per user / item (needed by nested masks).
+    """
+    exponent = config.nested_exponent if config.init == "nested" else 0.0
+    if config.init == "nested" and exponent > 0 and (user_popularity is None or item_popularity is None):
+        raise ValueError("nested masks need user_popularity and item_popularity, got None")
+    users = np.zeros(tables.n_users) if user_popularity is None else np.asarray(user_popularity)
+    items = np.zeros(tables.n_items) if item_popularity is None else np.asarray(item_popularity)
+    if users.shape != (tables.n_users,) or items.shape != (tables.n_items,):
+        raise ValueError(
+            f"popularity must have shapes ({tables.n_users},) and ({tables.n_items},), "
+            f"got {users.shape} and {items.shape}"
+        )
+    popularity = {"nodes": np.concatenate([users, items]), "user_table": users, "item_table": items}
+    masks = {}
+    for name, fqn in table_fqns.items():
+        rows = popularity[name]
+        budget = max(len(rows), round(config.density * len(rows) * tables.dim))
+        masks[fqn] = prefix_masks(nested_row_sizes(rows, budget, tables.dim, exponent), tables.dim)
+    return masks
+
+
 class SparseEmbeddings:
     """DSL (or a static / pruned mask) on a recommender's embedding tables, run by the core engine.
 
@@ -291,7 +326,7 @@ class SparseEmbeddings:
         self.fqns = tables.table_fqns("tables")
         initial_masks = None
         if config.method != "prune" and config.init != "random":
-            initial_masks = self._aligned_masks(user_popularity, item_popularity)
+            initial_masks = aligned_masks(config, tables, self.fqns, user_popularity, item_popularity)
         self.engine = DynamicSparsity(
             model,
             optimizer,
@@ -305,33 +340,6 @@ class SparseEmbeddings:
             self._rescale_rows()
 
     # ------------------------------------------------------------------ masks
-    def _aligned_masks(
-        self, user_popularity: np.ndarray | None, item_popularity: np.ndarray | None
-    ) -> dict[str, torch.Tensor]:
-        tables = self.model.tables
-        config = self.config
-        exponent = config.nested_exponent if config.init == "nested" else 0.0
-        if config.init == "nested" and exponent > 0 and (user_popularity is None or item_popularity is None):
-            raise ValueError("nested masks need user_popularity and item_popularity, got None")
-        users = np.zeros(tables.n_users) if user_popularity is None else np.asarray(user_popularity)
-        items = np.zeros(tables.n_items) if item_popularity is None else np.asarray(item_popularity)
-        if users.shape != (tables.n_users,) or items.shape != (tables.n_items,):
-            raise ValueError(
-                f"popularity must have shapes ({tables.n_users},) and ({tables.n_items},), "
-                f"got {users.shape} and {items.shape}"
-            )
-        dim = tables.dim
-        if tables.layout == "joint":
-            groups = {"nodes": np.concatenate([users, items])}
-        else:
-            groups = {"user_table": users, "item_table": items}
-        masks = {}
-        for name, popularity in groups.items():
-            budget = max(len(popularity), round(config.density * len(popularity) * dim))
-            sizes = nested_row_sizes(popularity, budget, dim, exponent)
-            masks[self.fqns[name]] = prefix_masks(sizes, dim)
-        return masks
-
     def _rescale_rows(self) -> None:
         dim = self.model.tables.dim
         with torch.no_grad():

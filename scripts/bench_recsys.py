@@ -507,13 +507,13 @@ def main(argv: list[str] | None = None) -> int:
         report["scale"] = scale
         print(f"\npart 3b: step time on {dataset}, the three modes in one process, interleaved", flush=True)
         scale_step = time_steps(
-            steps=10 if args.quick else 100,
-            rounds=3 if args.quick else 5,
+            steps=10 if args.quick else 200,
+            rounds=3,
             dataset=dataset,
             batch_size=args.scale_batch,
             threads=args.scale_threads,
             modes=tuple(SCALE_MODES),
-            update_interval=5 if args.quick else 75,
+            update_interval=5 if args.quick else None,  # the default interval (200 steps)
         )
         for mode, ms in scale_step["step_ms"].items():
             print(f"  {mode}: {ms:.1f} ms/step ({scale_step['ratios'][mode]:.2f}x dense)")

@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, threads, kernels and data available here")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_demo = sub.add_parser(
-        "demo", help="core digits demo, then the recsys main job (ML-100K dense vs DSL); tables and plots in --out"
+        "demo",
+        help="core digits demo, then the recsys main job (ML-100K dense vs DSL); tables and plots in --out",
     )
     p_demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     p_demo.add_argument("--seeds", type=int, default=3, help="seeds per method")

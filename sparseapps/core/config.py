@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 Distribution = Literal["uniform", "erk", "er"]
 DropCriterion = Literal["magnitude", "signed_magnitude", "random", "weight_gradient"]
@@ -47,8 +47,32 @@ def _check_fraction(name: str, value: float, *, low: float, high: float, closed_
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
 
 
+class PlainConfig:
+    """``replace`` / ``to_dict`` / ``from_dict`` shared by the frozen config dataclasses (tuples stored as lists)."""
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (for checkpoints and results.json)."""
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 @dataclass(frozen=True, kw_only=True)
-class SparsityConfig:
+class SparsityConfig(PlainConfig):
     """How a model is made and kept sparse.
 
     Example:
@@ -234,27 +258,6 @@ class SparsityConfig:
     def dynamic(self) -> bool:
         """Whether the topology changes by drop/grow updates during training."""
         return self.method == "dst"
-
-    def replace(self, **changes: Any) -> SparsityConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python form (for checkpoints and results.json)."""
-        return {
-            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-            for f in dataclasses.fields(self)
-        }
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SparsityConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown SparsityConfig fields: {unknown}")
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**converted)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SparsityConfig:

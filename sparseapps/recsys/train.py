@@ -14,7 +14,6 @@ With an output directory, a run writes ``checkpoint.pt`` after every epoch (atom
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sparseapps.core.config import PlainConfig
 from sparseapps.recsys.data import DATASET_NAMES, BPRSampler, DataConfig, InteractionSplit, load_split
 from sparseapps.recsys.dsl import (
     GROWTH,
@@ -72,7 +72,7 @@ def _check_int(name: str, value: object, *, low: int) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(PlainConfig):
     """One training run: data, model, sparsity method and optimization.
 
     Example:
@@ -216,26 +216,6 @@ class TrainConfig:
     def data_config(self) -> DataConfig:
         """The data part (the split uses ``seed``)."""
         return DataConfig(dataset=self.dataset, data_root=self.data_root, seed=self.seed)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python form (results.json, checkpoints)."""
-        return {
-            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-            for f in dataclasses.fields(self)
-        }
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------

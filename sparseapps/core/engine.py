@@ -10,7 +10,7 @@ import fnmatch
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,10 +279,9 @@ class DynamicSparsity:
 
     def apply_masks(self) -> None:
         """Zeroes every masked weight (the engine does this after each step; call it after editing weights)."""
-        with torch.no_grad():
-            torch._foreach_mul_([t.param for t in self.tensors.values()], self._multipliers())
+        self._apply_masks_except(frozenset())
 
-    def _apply_masks_except(self, skipped: set[str]) -> None:
+    def _apply_masks_except(self, skipped: Set[str]) -> None:
         """:meth:`apply_masks` on every sparse tensor but ``skipped`` (row-mode tables that kept their zeros)."""
         pairs = [
             (t.param, multiplier)
@@ -365,10 +364,10 @@ class DynamicSparsity:
 
         return hook
 
-    def _take_rows(self, fqn: str, device: torch.device) -> torch.Tensor | None:
+    def _take_rows(self, fqn: str) -> torch.Tensor | None:
         """The distinct rows looked up since the last step, ascending (``None`` when nothing was looked up)."""
         flags = self._looked_up.pop(fqn, None)
-        return None if flags is None else flags.nonzero().squeeze(1).to(device)
+        return None if flags is None else flags.nonzero().squeeze(1)
 
     def _catch_up_momentum(self, fqn: str, upto: int) -> None:
         """Turns a row-mode table's scaled momentum into the true average as of step ``upto``."""
@@ -399,9 +398,11 @@ class DynamicSparsity:
                 self.momentum[fqn].zero_().index_copy_(0, rows, rows_grad)
                 self.momentum_base[fqn] = step
             else:
-                if beta ** (step - self.momentum_base[fqn]) < 1e-20:  # keep the scaled values in range
+                decay = beta ** (step - self.momentum_base[fqn])
+                if decay < 1e-20:  # keep the scaled values in range
                     self._catch_up_momentum(fqn, step - 1)
-                scale = (1.0 - beta) / beta ** (step - self.momentum_base[fqn])
+                    decay = beta
+                scale = (1.0 - beta) / decay
                 momentum = self.momentum[fqn]  # rows are distinct: select, add, copy beats index_add_ here
                 momentum.index_copy_(0, rows, momentum.index_select(0, rows).add_(rows_grad, alpha=scale))
         keep = multiplier if multiplier.dtype == grad.dtype else t.mask  # float x float multiplies faster
@@ -423,10 +424,10 @@ class DynamicSparsity:
         outside = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
         if rows is not None:
             outside[rows] = False
-        bad = outside & (grad.reshape(grad.shape[0], -1) != 0).any(1)
-        if bool(bad.any()):
+        bad = int(torch.count_nonzero(outside & (grad.reshape(grad.shape[0], -1) != 0).any(1)))
+        if bad:
             raise ValueError(
-                f"embedding_rows='looked_up' but {fqn!r} has gradient in {int(torch.count_nonzero(bad))} rows its module's "
+                f"embedding_rows='looked_up' but {fqn!r} has gradient in {bad} rows its module's "
                 "forward never looked up (the table is read directly, e.g. by a graph propagation); use "
                 "embedding_rows='all' for it"
             )
@@ -458,7 +459,7 @@ class DynamicSparsity:
         for (fqn, t), multiplier in zip(self.tensors.items(), self._multipliers(), strict=True):
             grad = t.param.grad
             if fqn in self._row_tensors:
-                rows = self._take_rows(fqn, t.mask.device)
+                rows = self._take_rows(fqn)
                 dense_grad = grad is not None and not grad.is_sparse
                 # Index work costs several times a streaming pass per entry: worth it for a few rows only.
                 few = rows is not None and rows.numel() * _ROW_MODE_SHARE <= t.mask.shape[0]
@@ -470,9 +471,8 @@ class DynamicSparsity:
                     self._check_looked_up(fqn, grad, rows)
                 elif dense_grad:
                     self._row_stepped.add(fqn)  # masked whole below; keeps its zeros as in _row_step
-                self._catch_up_momentum(
-                    fqn, upcoming - 1
-                )  # then averaged whole below, when it has a gradient
+                # Whole-table step: bring the scaled momentum up to date; it is averaged whole below.
+                self._catch_up_momentum(fqn, upcoming - 1)
                 if fqn in self.momentum_base and grad is not None:
                     self.momentum_base[fqn] = upcoming
             if grad is None:
@@ -600,8 +600,8 @@ class DynamicSparsity:
             after_drop: dict[str, torch.Tensor] = {}
             n_dropped: dict[str, int] = {}
             for fqn, t in self.tensors.items():
-                n_drop = math.ceil(fraction * int(torch.count_nonzero(t.mask)))
-                n_drop = min(n_drop, int(torch.count_nonzero(t.mask)) - 1)  # never empty a tensor
+                nnz = int(torch.count_nonzero(t.mask))
+                n_drop = min(math.ceil(fraction * nnz), nnz - 1)  # never empty a tensor
                 after_drop[fqn] = rules.drop(t.mask, self._drop_scores(fqn, t), max(n_drop, 0))
                 n_dropped[fqn] = max(n_drop, 0)
             if config.redistribution == "momentum":
@@ -658,9 +658,7 @@ class DynamicSparsity:
         after_drop = {}
         for fqn, t in self.tensors.items():
             pruned = t.mask & (magnitudes[fqn] <= threshold)
-            if (
-                int(torch.count_nonzero(t.mask & ~pruned)) == 0
-            ):  # never empty a tensor: keep its largest weight
+            if not bool((t.mask & ~pruned).any()):  # never empty a tensor: keep its largest weight
                 keep = rules.select_top(magnitudes[fqn].float(), t.mask, 1)
                 pruned &= ~keep
             after_drop[fqn] = t.mask & ~pruned

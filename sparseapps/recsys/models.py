@@ -157,28 +157,18 @@ class UserItemTables(nn.Module):
             specs = [("user_table", n_users, ["user"]), ("item_table", n_items, ["item"])]
         torchrec = _import_torchrec()
         cpu = torch.device("cpu")
-        if collection == "embedding":
-            self.collection: nn.Module = torchrec.EmbeddingCollection(
-                tables=[
-                    torchrec.EmbeddingConfig(
-                        name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features
-                    )
-                    for name, rows, features in specs
-                ],
-                device=cpu,
-            )
-            self._modules_by_table = dict(self.collection.embeddings.items())
-        else:
-            self.collection = torchrec.EmbeddingBagCollection(
-                tables=[
-                    torchrec.EmbeddingBagConfig(
-                        name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features
-                    )
-                    for name, rows, features in specs
-                ],
-                device=cpu,
-            )
-            self._modules_by_table = dict(self.collection.embedding_bags.items())
+        bags = collection == "embedding_bag"
+        table_config = torchrec.EmbeddingBagConfig if bags else torchrec.EmbeddingConfig
+        collection_class = torchrec.EmbeddingBagCollection if bags else torchrec.EmbeddingCollection
+        self.collection: nn.Module = collection_class(
+            tables=[
+                table_config(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features)
+                for name, rows, features in specs
+            ],
+            device=cpu,
+        )
+        modules = self.collection.embedding_bags if bags else self.collection.embeddings
+        self._modules_by_table = dict(modules.items())
         with torch.no_grad():
             for module in self._modules_by_table.values():
                 module.weight.normal_(0.0, init_std)

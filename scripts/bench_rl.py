@@ -171,7 +171,7 @@ def suites(quick: bool, slow: bool) -> list[Suite]:
     return chosen
 
 
-def make_runs(suite: Suite, seeds: Sequence[int]) -> list[RLRun]:
+def make_runs(suite: Suite, seeds: Sequence[int], methods: Sequence[str] = METHODS) -> list[RLRun]:
     return [
         RLRun(
             env=suite.env,
@@ -189,7 +189,7 @@ def make_runs(suite: Suite, seeds: Sequence[int]) -> list[RLRun]:
             drift_shifts=suite.drift_shifts,
         )
         for seed in seeds
-        for method in METHODS
+        for method in methods
     ]
 
 
@@ -200,11 +200,11 @@ def run_directory(out: Path, suite: Suite, run: RLRun) -> Path:
 
 
 def plan(
-    chosen: Sequence[Suite], seeds: Sequence[int], out: Path
+    chosen: Sequence[Suite], seeds: Sequence[int], out: Path, methods: Sequence[str] = METHODS
 ) -> tuple[dict[str, list[tuple[RLRun, str]]], list[tuple[RLRun, str]]]:
     """Each suite's (run, directory) pairs, and the distinct jobs in the order they run."""
     per_suite = {
-        suite.name: [(run, str(run_directory(out, suite, run))) for run in make_runs(suite, seeds)]
+        suite.name: [(run, str(run_directory(out, suite, run))) for run in make_runs(suite, seeds, methods)]
         for suite in chosen
     }
     # Suites sharing dense runs run seed by seed together, so a run cut short leaves whole seeds behind.
@@ -266,6 +266,23 @@ def learning_speed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def paired_difference(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """RigL minus static final return, seed by seed (the same seed gives both the same environment and
+    evaluation start states): mean, 95% interval (Student's t) and whether the interval lies above 0.
+
+    The criterion for "RigL beats static" fixed before the confirmatory runs (docs/rl.md): a paired interval
+    above zero, which pools out the per-seed spread that the unpaired intervals carry.
+    """
+    by_method = {row["method"]: row for row in rows}
+    if "rigl" not in by_method or "static" not in by_method or by_method["rigl"]["seeds"] < 2:
+        return None
+    differences = [
+        r - s for r, s in zip(by_method["rigl"]["per_seed"], by_method["static"]["per_seed"], strict=True)
+    ]
+    mean, half = mean_confidence_interval(differences)
+    return {"per_seed": differences, "mean": mean, "ci95": half, "above_zero": mean - half > 0}
+
+
 def goals(report: dict[str, Any]) -> list[str]:
     """The issue's goals, checked against this run's numbers."""
     lines = []
@@ -275,7 +292,7 @@ def goals(report: dict[str, Any]) -> list[str]:
         rows = {row["method"]: row for row in data.get("rows", [])}
         if "rigl" in rows and "static" in rows:
             rigl, static = rows["rigl"], rows["static"]
-            ratio = rigl["return_vs_dense"]
+            ratio = rigl.get("return_vs_dense")
             beats = rigl["final_return"] > static["final_return"]
             if rigl["seeds"] > 1 and static["seeds"] > 1:
                 apart = rigl["final_return"] - rigl["ci95"] > static["final_return"] + static["ci95"]
@@ -288,11 +305,19 @@ def goals(report: dict[str, Any]) -> list[str]:
                 if suite.endswith("-98")
                 else f" (goal >= 0.95: {'reached' if ratio >= 0.95 else 'NOT reached'})"
             )
+            paired = data.get("paired")
+            paired_text = (
+                ""
+                if paired is None
+                else f"; paired RigL - static {paired['mean']:+.1f} ± {paired['ci95']:.1f} -> "
+                f"{'above 0' if paired['above_zero'] else 'NOT above 0'}"
+            )
+            ratio_text = "" if ratio is None else f"RigL keeps {ratio:.3f} of dense return{goal}; "
             lines.append(
-                f"{suite}: RigL keeps {ratio:.3f} of dense return{goal}; beats static: "
+                f"{suite}: {ratio_text}beats static: "
                 f"{'yes' if beats else 'NO'} ({rigl['final_return']:.1f} ± {rigl['ci95']:.1f} vs "
                 f"{static['final_return']:.1f} ± {static['ci95']:.1f}; 95% intervals {intervals}; "
-                f"higher in {wins} of {len(rigl['per_seed'])} seeds)"
+                f"higher in {wins} of {len(rigl['per_seed'])} seeds{paired_text})"
             )
     drift = report.get("drift-cartpole", {}).get("recovery", [])
     for shift in sorted({row["shift"] for row in drift}):
@@ -316,7 +341,7 @@ def goals(report: dict[str, Any]) -> list[str]:
             )
     for suite, data in report.items():
         rows = {row["method"]: row for row in data.get("rows", [])}
-        if "rigl" in rows:
+        if "rigl" in rows and "seconds_vs_dense" in rows["rigl"]:
             seconds, flops = rows["rigl"]["seconds_vs_dense"], rows["rigl"]["flops_ratio"]
             lines.append(
                 f"{suite}: RigL wall-clock {seconds:.2f}x dense (goal <= 1.15: "
@@ -339,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="parallel training processes")
     parser.add_argument("--only", nargs="*", default=None, help="suite names to run")
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        help="methods to run (default all; without dense no ratios to dense are printed)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="output directory (default runs/bench_rl[_quick])"
     )
     args = parser.parse_args(argv)
@@ -356,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         print(f"error: no suite matches --only {args.only}", file=sys.stderr)
         return 2
-    per_suite, jobs = plan(chosen, seed_list, out)
+    per_suite, jobs = plan(chosen, seed_list, out, args.methods)
     print(f"{len(jobs)} runs on {args.workers} worker(s), writing {out}", flush=True)
     started = time.perf_counter()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -372,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{suite.sparsity:.0%} sparsity"
         )
         print(format_table(rows))
+        paired = paired_difference(rows)
+        if paired is not None:
+            report[suite.name]["paired"] = paired
+            print(
+                f"paired RigL - static final return: {paired['mean']:+.1f} ± {paired['ci95']:.1f} (95% CI; "
+                f"per seed {', '.join(f'{d:+.1f}' for d in paired['per_seed'])})"
+            )
         if all(r["curve"] for r in mine):
             report[suite.name]["learning_speed"] = learning_speed(mine)
             print("mean evaluation return over the run (per seed):")

@@ -302,7 +302,7 @@ def goals(report: dict[str, Any]) -> list[str]:
             wins = sum(r > s for r, s in zip(rigl["per_seed"], static["per_seed"], strict=True))
             goal = (
                 ""
-                if suite.endswith("-98")
+                if suite.endswith("-98") or ratio is None
                 else f" (goal >= 0.95: {'reached' if ratio >= 0.95 else 'NOT reached'})"
             )
             paired = data.get("paired")

@@ -24,10 +24,12 @@ def add_tie_noise(scores: torch.Tensor, scale: float, generator: torch.Generator
     scores = scores.float()
     if scale <= 0:
         return scores
-    magnitude = scores.abs().max()
+    low, high = torch.aminmax(scores)  # max |score| without an |scores| copy (a large share of an update)
+    magnitude = torch.maximum(low.abs(), high.abs())
     if magnitude == 0:
         magnitude = torch.ones((), device=scores.device)
-    return scores + uniform_like(scores, generator) * (scale * magnitude)
+    noise = uniform_like(scores, generator)
+    return noise.mul_(scale * magnitude).add_(scores)  # the same sum, bit for bit, without two temporaries
 
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,13 @@ Part 1, ML-100K (RecBole's protocol: every rating a positive, per-user random 80
 and LightGCN, each row over several seeds (mean ± std of the test metrics of the model selected on validation):
 
 - dense at dim 64; dense at the reduced dims 13 and 16 (the parameters of density 0.2 and 0.25);
-- a static random mask at 0.2; magnitude pruning after dense training, then fine-tuning, at 0.2;
+- a static random mask at 0.2; magnitude pruning after dense training, then fine-tuning, at 0.2; PEP at 0.2
+  (learned per-row soft thresholds find a mask, then the tables rewound to step 0 are retrained under it);
 - DSL at 0.5 / 0.25 / 0.2 / 0.1 (defaults: nested initial masks, momentum growth);
 - MF only, at 0.2, the variants behind the defaults: DSL as published (random masks, current-batch gradient
   growth), random masks with momentum growth, prefix masks, nested masks with gradient growth, a static
-  nested mask.
+  nested mask;
+- NeuMF (GMF + MLP over one table per side, BPR): dense at dims 64 and 13, DSL at 0.5 and 0.2.
 
 Part 2, step cost: dense vs DSL MF steps on ML-100K timed in the same process, interleaved.
 
@@ -71,6 +73,7 @@ def table_rows(quick: bool) -> list[tuple[str, TrainConfig]]:
             (f"{model} dense 13", base.replace(method="dense", dim=13)),
             (f"{model} static random 0.2", base.replace(method="static", density=0.2, init="random")),
             (f"{model} prune 0.2", base.replace(method="prune", density=0.2)),
+            (f"{model} pep 0.2", base.replace(method="pep", density=0.2)),
         ]
         rows += [(f"{model} dsl {d:g}", base.replace(method="dsl", density=d)) for d in (0.5, 0.25, 0.2, 0.1)]
         if model == "mf":
@@ -89,6 +92,16 @@ def table_rows(quick: bool) -> list[tuple[str, TrainConfig]]:
         rows.append(
             (f"{model} dsl 0.2 rescale init", base.replace(method="dsl", density=0.2, rescale_init=True))
         )
+    neumf = TrainConfig.tuned("neumf")
+    if quick:
+        neumf = neumf.replace(epochs=12, patience=3)
+    rows.append(("neumf dense 64", neumf.replace(method="dense")))
+    if not quick:
+        rows += [
+            ("neumf dense 13", neumf.replace(method="dense", dim=13)),
+            ("neumf dsl 0.5", neumf.replace(method="dsl", density=0.5)),
+        ]
+    rows.append(("neumf dsl 0.2", neumf.replace(method="dsl", density=0.2)))
     return rows
 
 
@@ -241,6 +254,11 @@ def time_steps(
             mode: len(sparse.engine.history) for mode, (_, _, sparse) in setups.items() if sparse is not None
         },
         "all_rounds_ms": {k: [1e3 * v for v in values] for k, values in seconds.items()},
+        # the median of each round's own ratio: a slow phase of the machine hits both modes of a round alike
+        "paired_ratios": {
+            mode: statistics.median(a / b for a, b in zip(values, seconds["dense"], strict=True))
+            for mode, values in seconds.items()
+        },
     }
 
 
@@ -409,6 +427,12 @@ def goals(
     if "lightgcn dense 64" in by_name and "mf dense 64" in by_name:
         a, b = by_name["lightgcn dense 64"]["test recall@20"][0], by_name["mf dense 64"]["test recall@20"][0]
         lines.append(f"LightGCN dense ({a:.4f}) beats MF dense ({b:.4f}): {'met' if a > b else 'NOT met'}")
+    recall = ratio("neumf dsl 0.2", "neumf dense 64", "recall@20")
+    ndcg = ratio("neumf dsl 0.2", "neumf dense 64", "ndcg@20")
+    if recall is not None and ndcg is not None:
+        lines.append(
+            f"neumf: DSL 0.2 keeps {recall:.3f} / {ndcg:.3f} of dense Recall@20 / NDCG@20 (reported)"
+        )
     for model in ("mf", "lightgcn"):
         if f"{model} dsl 0.2" in by_name:
             r = by_name[f"{model} dsl 0.2"]
@@ -459,9 +483,21 @@ def main(argv: list[str] | None = None) -> int:
         help="part 3: fresh-process runs of each mode, alternated (medians)",
     )
     parser.add_argument("--skip-steps", action="store_true", help="skip part 2")
+    parser.add_argument(
+        "--skip-scale-runs", action="store_true", help="part 3: skip the fresh-process runs, keep part 3b"
+    )
+    parser.add_argument(
+        "--scale-step-rounds", type=int, default=3, help="part 3b: interleaved rounds per mode (medians)"
+    )
+    parser.add_argument("--scale-step-steps", type=int, default=200, help="part 3b: steps per round")
     args = parser.parse_args(argv)
-    if min(args.seeds, args.workers, args.scale_steps, args.scale_rounds) < 1:
-        print("error: --seeds, --workers, --scale-steps and --scale-rounds must be >= 1", file=sys.stderr)
+    counts = (args.seeds, args.workers, args.scale_steps, args.scale_rounds)
+    if min(*counts, args.scale_step_rounds, args.scale_step_steps) < 1:
+        print(
+            "error: --seeds, --workers, --scale-steps, --scale-rounds, --scale-step-rounds and "
+            "--scale-step-steps must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     seeds = 1 if args.quick else args.seeds
     args.out.mkdir(parents=True, exist_ok=True)
@@ -495,20 +531,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_scale:
         dataset = "synthetic-ml-1m" if args.quick else "synthetic-ml-25m"
         steps = 20 if args.quick else args.scale_steps
-        print(f"\npart 3: scale run on {dataset}, {steps} steps of {args.scale_batch} per mode", flush=True)
-        scale = run_scale(
-            dataset,
-            steps,
-            args.scale_batch,
-            eval_users=2000,
-            threads=args.scale_threads,
-            rounds=1 if args.quick else args.scale_rounds,
-        )
-        report["scale"] = scale
+        if not args.skip_scale_runs:
+            print(
+                f"\npart 3: scale run on {dataset}, {steps} steps of {args.scale_batch} per mode", flush=True
+            )
+            scale = run_scale(
+                dataset,
+                steps,
+                args.scale_batch,
+                eval_users=2000,
+                threads=args.scale_threads,
+                rounds=1 if args.quick else args.scale_rounds,
+            )
+            report["scale"] = scale
         print(f"\npart 3b: step time on {dataset}, the three modes in one process, interleaved", flush=True)
         scale_step = time_steps(
-            steps=10 if args.quick else 200,
-            rounds=3,
+            steps=10 if args.quick else args.scale_step_steps,
+            rounds=3 if args.quick else args.scale_step_rounds,
             dataset=dataset,
             batch_size=args.scale_batch,
             threads=args.scale_threads,
@@ -516,7 +555,11 @@ def main(argv: list[str] | None = None) -> int:
             update_interval=5 if args.quick else None,  # the default interval (200 steps)
         )
         for mode, ms in scale_step["step_ms"].items():
-            print(f"  {mode}: {ms:.1f} ms/step ({scale_step['ratios'][mode]:.2f}x dense)")
+            rounds_ms = " ".join(f"{v:.0f}" for v in scale_step["all_rounds_ms"][mode])
+            print(
+                f"  {mode}: {ms:.1f} ms/step ({scale_step['ratios'][mode]:.2f}x dense, median of per-round "
+                f"ratios {scale_step['paired_ratios'][mode]:.2f}x); rounds: {rounds_ms} ms"
+            )
         report["scale_step_time"] = scale_step
 
     report["goals"] = goals(rows, step, scale, report.get("scale_step_time"))

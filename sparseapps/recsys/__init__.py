@@ -1,9 +1,10 @@
 """sparseapps.recsys: recommenders with sparse embedding tables (DSL) on MovieLens, built on the core engine.
 
 - :mod:`~sparseapps.recsys.data`: MovieLens loaders, synthetic data, splits, the BPR sampler.
-- :mod:`~sparseapps.recsys.models`: MF-BPR and LightGCN on torchrec embedding tables.
+- :mod:`~sparseapps.recsys.models`: MF-BPR, LightGCN and NeuMF on torchrec embedding tables.
 - :mod:`~sparseapps.recsys.dsl`: sparse tables through the core engine, compact export and serving.
 - :mod:`~sparseapps.recsys.metrics`: full-ranking Recall, NDCG, Hit, Precision, MRR.
+- :mod:`~sparseapps.recsys.pep`: PEP's learned-threshold search, a baseline whose mask is then retrained.
 - :mod:`~sparseapps.recsys.train`: the training loop, results, plots, the demo.
 
 Example:
@@ -26,11 +27,14 @@ from sparseapps.recsys.models import (
     LightGCN,
     MatrixFactorization,
     ModelConfig,
+    NeuMF,
+    NeuMFHead,
     Recommender,
     UserItemTables,
     build_model,
     normalized_adjacency,
 )
+from sparseapps.recsys.pep import PEPConfig, ThresholdSearch, search_masks
 from sparseapps.recsys.train import TrainConfig, run_demo, train
 
 __all__ = [
@@ -44,8 +48,12 @@ __all__ = [
     "LightGCN",
     "MatrixFactorization",
     "ModelConfig",
+    "NeuMF",
+    "NeuMFHead",
+    "PEPConfig",
     "Recommender",
     "SparseEmbeddings",
+    "ThresholdSearch",
     "TrainConfig",
     "UserItemTables",
     "build_model",
@@ -56,5 +64,6 @@ __all__ = [
     "nested_row_sizes",
     "normalized_adjacency",
     "run_demo",
+    "search_masks",
     "train",
 ]

@@ -38,8 +38,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         default = item.default
         default = MODEL_DEFAULTS["mf"].get(item.name, default)
         help_text = f"{item.metadata.get('help', '')} (default: {default}"
-        if item.name in MODEL_DEFAULTS["lightgcn"]:
-            help_text += f"; lightgcn: {MODEL_DEFAULTS['lightgcn'][item.name]}"
+        for model, defaults in MODEL_DEFAULTS.items():
+            if model != "mf" and item.name in defaults:
+                help_text += f"; {model}: {defaults[item.name]}"
         help_text += ")"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -68,7 +69,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="recsys_command", required=True)
     train_parser = commands.add_parser(
         "train",
-        help="train MF-BPR or LightGCN, dense or with sparse embeddings",
+        help="train MF-BPR, LightGCN or NeuMF, dense or with sparse embeddings",
         description="Train a recommender and write results.json, a checkpoint, compact tables and plots to --out.",
     )
     _add_config_options(train_parser)

@@ -19,7 +19,8 @@ rows are active in that dimension. Prefix and nested masks share one dimension o
 ``k_u`` and ``k_i`` overlap on ``min(k_u, k_i)`` dimensions, and rows with long prefixes let the others grow.
 
 After training, :func:`export_compact` stores each table as values + narrow column indices (uint8 for
-``D <= 256``, int16 up to 32768) + row offsets, and :class:`CompactScorer` serves scores from that storage.
+``D <= 256``, int16 up to 32768) + row offsets (NeuMF adds its small dense MLP head), and :class:`CompactScorer`
+serves scores from that storage.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ import torch
 
 from sparseapps.core import DynamicSparsity, SparsityConfig
 from sparseapps.core.accounting import index_bytes
-from sparseapps.recsys.models import LightGCN, Recommender, UserItemTables, csr_tensor, normalized_adjacency
+from sparseapps.recsys.models import (
+    LightGCN,
+    NeuMF,
+    NeuMFHead,
+    Recommender,
+    UserItemTables,
+    csr_tensor,
+    normalized_adjacency,
+)
 
 SparseMethod = Literal["dsl", "static", "prune"]
 InitialMask = Literal["random", "prefix", "nested"]
@@ -290,12 +299,14 @@ class SparseEmbeddings:
     optimizer). Each table row's nonzero count is that user's or item's embedding size.
 
     Args:
-        model: an MF or LightGCN :class:`Recommender`.
+        model: an MF, LightGCN or NeuMF :class:`Recommender`.
         optimizer: the optimizer holding the tables' weights.
         config: a :class:`DSLConfig`.
         total_steps: planned optimizer steps (schedules are fractions of it).
         user_popularity: ``[U]`` train interactions per user (nested masks; else may be ``None``).
         item_popularity: ``[I]`` train interactions per item.
+        initial_masks: ``{weight fqn: [R, D] bool}`` to start from instead of ``config.init``'s masks (PEP's
+            found masks); the budget is their nonzeros. Not with ``method="prune"``.
 
     Example:
         >>> from sparseapps.recsys.models import MatrixFactorization, ModelConfig
@@ -315,6 +326,7 @@ class SparseEmbeddings:
         *,
         user_popularity: np.ndarray | None = None,
         item_popularity: np.ndarray | None = None,
+        initial_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(model, Recommender):
             raise TypeError(f"model must be a sparseapps.recsys Recommender, got {type(model).__name__}")
@@ -324,8 +336,11 @@ class SparseEmbeddings:
         self.config = config
         tables = model.tables
         self.fqns = tables.table_fqns("tables")
-        initial_masks = None
-        if config.method != "prune" and config.init != "random":
+        if initial_masks is not None and config.method == "prune":
+            raise ValueError(
+                "initial_masks need method 'static' or 'dsl' (pruning starts dense), got 'prune'"
+            )
+        if initial_masks is None and config.method != "prune" and config.init != "random":
             initial_masks = aligned_masks(config, tables, self.fqns, user_popularity, item_popularity)
         self.engine = DynamicSparsity(
             model,
@@ -524,14 +539,17 @@ class CompactEmbeddings:
     Attributes:
         users: ``[U, D]`` :class:`CompactTable`.
         items: ``[I, D]`` :class:`CompactTable`.
-        model: ``"mf"`` or ``"lightgcn"``.
-        layers: LightGCN's ``K`` (0 for MF).
+        model: ``"mf"``, ``"lightgcn"`` or ``"neumf"``.
+        layers: LightGCN's ``K`` (0 for the others).
+        head: NeuMF's dense layers as :meth:`~sparseapps.recsys.models.NeuMFHead.to_dict` gives them (not
+            counted in :attr:`nbytes`); ``None`` for the others.
     """
 
     users: CompactTable
     items: CompactTable
     model: str
     layers: int = 0
+    head: Mapping[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -548,14 +566,24 @@ class CompactEmbeddings:
         """Bytes of the same tables as dense float32."""
         return 4 * (self.users.n_rows + self.items.n_rows) * self.users.dim
 
+    @property
+    def head_nbytes(self) -> int:
+        """Bytes of NeuMF's dense head (0 for the others)."""
+        if self.head is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.head["state"].values())
+
     def to_dict(self) -> dict[str, Any]:
         """Plain form for ``torch.save``."""
-        return {
+        values = {
             "users": self.users.to_dict(),
             "items": self.items.to_dict(),
             "model": self.model,
             "layers": self.layers,
         }
+        if self.head is not None:
+            values["head"] = dict(self.head)
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CompactEmbeddings:
@@ -565,6 +593,7 @@ class CompactEmbeddings:
             items=CompactTable.from_dict(values["items"]),
             model=str(values["model"]),
             layers=int(values["layers"]),
+            head=values.get("head"),
         )
 
 
@@ -595,6 +624,7 @@ def export_compact(model: Recommender) -> CompactEmbeddings:
         items=CompactTable.from_dense(weight[model.n_users :], mask[model.n_users :]),
         model=model.config.model,
         layers=model.config.layers if isinstance(model, LightGCN) else 0,
+        head=model.head.to_dict() if isinstance(model, NeuMF) else None,
     )
 
 
@@ -604,7 +634,9 @@ class CompactScorer:
     MF scores straight from the compact tables: the batch's user rows are expanded and multiplied by the item
     table held as a sparse CSR matrix, so the table is never densified. LightGCN's final embeddings are
     propagations over the graph, dense by nature: they are computed once from the compact layer-0 tables
-    when the scorer is built.
+    when the scorer is built. NeuMF keeps the item table as a sparse CSR matrix too: its GMF scores and the
+    items' part of the first MLP layer are products with it, in
+    :meth:`~sparseapps.recsys.models.NeuMFHead.rank_scores`, the code the dense model ranks with.
 
     Args:
         compact: the exported tables.
@@ -626,6 +658,8 @@ class CompactScorer:
         self.compact = compact
         self._items_csr = torch.empty(0)
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._head: NeuMFHead | None = None
+        self._item_hidden = torch.empty(0)
         if compact.model == "lightgcn":
             if train_pairs is None:
                 raise ValueError("a LightGCN scorer needs train_pairs to rebuild the graph, got None")
@@ -640,8 +674,15 @@ class CompactScorer:
             self._final = (final[:n_users], final[n_users:].t().contiguous())
         elif compact.model == "mf":
             self._items_csr = compact.items.to_sparse_csr()
+        elif compact.model == "neumf":
+            if compact.head is None:
+                raise ValueError("a NeuMF scorer needs the exported MLP head (compact.head), got None")
+            self._head = NeuMFHead.from_dict(compact.head)
+            self._items_csr = compact.items.to_sparse_csr()
+            with torch.no_grad():
+                self._item_hidden = self._head.item_hidden(self._items_csr)
         else:
-            raise ValueError(f"compact.model must be 'mf' or 'lightgcn', got {compact.model!r}")
+            raise ValueError(f"compact.model must be 'mf', 'lightgcn' or 'neumf', got {compact.model!r}")
 
     def __call__(self, users: torch.Tensor) -> torch.Tensor:
         """``users [B]`` int64 -> scores ``[B, I]``."""
@@ -649,4 +690,7 @@ class CompactScorer:
             user_final, items_t = self._final
             return user_final[users.to("cpu", torch.int64)] @ items_t
         user_rows = self.compact.users.rows(users)
+        if self._head is not None:
+            with torch.no_grad():
+                return self._head.rank_scores(user_rows, self._items_csr, self._item_hidden)
         return (self._items_csr @ user_rows.t()).t()

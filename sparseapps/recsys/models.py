@@ -1,9 +1,10 @@
-"""Recommenders whose user and item embeddings live in torchrec tables: MF-BPR and LightGCN.
+"""Recommenders whose user and item embeddings live in torchrec tables: MF-BPR, LightGCN and NeuMF.
 
-Both models score a user ``u`` and an item ``i`` by a dot product of final embeddings, ``s(u, i) = e_u · e_i``,
-and train with the BPR loss ``-log σ(s(u, i⁺) - s(u, i⁻))`` plus an optional L2 penalty on the batch's
-layer-0 embeddings. MF's final embeddings are the table rows; LightGCN's are the mean of ``K + 1`` layers
-``E⁽ᵏ⁺¹⁾ = Â E⁽ᵏ⁾`` of propagation over the normalized user-item graph ``Â = D^-½ A D^-½``.
+MF and LightGCN score a user ``u`` and an item ``i`` by a dot product of final embeddings,
+``s(u, i) = e_u · e_i``; NeuMF by a GMF branch and an MLP branch over the same table rows. All three train
+with the BPR loss ``-log σ(s(u, i⁺) - s(u, i⁻))`` plus an optional L2 penalty on the batch's layer-0 embeddings.
+MF's final embeddings are the table rows; LightGCN's are the mean of ``K + 1`` layers ``E⁽ᵏ⁺¹⁾ = Â E⁽ᵏ⁾`` of
+propagation over the normalized user-item graph ``Â = D^-½ A D^-½``.
 
 The tables are an unsharded torchrec ``EmbeddingCollection`` (or ``EmbeddingBagCollection``) fed by
 ``KeyedJaggedTensor``s with the features ``"user"`` and ``"item"``. Unsharded collections hold plain
@@ -21,7 +22,7 @@ import logging
 import math
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,15 +34,17 @@ from torch import nn
 if TYPE_CHECKING:
     from torchrec import KeyedJaggedTensor
 
-ModelName = Literal["mf", "lightgcn"]
+ModelName = Literal["mf", "lightgcn", "neumf"]
 Layout = Literal["joint", "per_table"]
 CollectionKind = Literal["embedding", "embedding_bag"]
 
-MODEL_NAMES = ("mf", "lightgcn")
+MODEL_NAMES = ("mf", "lightgcn", "neumf")
 LAYOUTS = ("joint", "per_table")
 COLLECTION_KINDS = ("embedding", "embedding_bag")
 FEATURES = ("user", "item")
 ScoreFunction = Callable[[torch.Tensor], torch.Tensor]
+#: NeuMF full ranking: most elements of one ``[B, items, width]`` block of MLP activations (16 MB in float32).
+SCORE_CHUNK_ELEMENTS = 1 << 22
 
 
 def _drop_fx_tracing_notice(record: logging.LogRecord) -> bool:
@@ -71,6 +74,52 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def neumf_widths(dim: int, gmf_dim: int | None = None, mlp_layers: int = 3) -> tuple[int, tuple[int, ...]]:
+    """NeuMF's sizes for tables of width ``D``: ``(G, (h_1, ..., h_L))``.
+
+    ``G`` columns feed GMF (``D // 2`` when ``gmf_dim`` is None) and ``M = D - G`` feed the MLP, whose input
+    is ``[e_u ; e_i]`` (``2M``) and whose ``L`` ReLU layers have widths ``h_k = M // 2^(k-1)``, each at least 1.
+
+    Example:
+        >>> neumf_widths(64)
+        (32, (32, 16, 8))
+        >>> neumf_widths(8, mlp_layers=4)
+        Traceback (most recent call last):
+        ...
+        ValueError: mlp_layers must be at most 3 for 4 MLP columns (widths 4, 2, 1), got 4
+    """
+    _check_positive_int("dim", dim)
+    if dim < 2:
+        raise ValueError(f"dim must be >= 2 for neumf (GMF and MLP columns), got {dim}")
+    gmf = dim // 2 if gmf_dim is None else gmf_dim
+    if not isinstance(gmf, int) or isinstance(gmf, bool) or not 1 <= gmf <= dim - 1:
+        raise ValueError(f"gmf_dim must be an integer in [1, dim - 1] = [1, {dim - 1}], got {gmf!r}")
+    _check_positive_int("mlp_layers", mlp_layers)
+    mlp = dim - gmf
+    most = mlp.bit_length()
+    if mlp_layers > most:
+        widths = ", ".join(str(mlp >> k) for k in range(most))
+        raise ValueError(
+            f"mlp_layers must be at most {most} for {mlp} MLP columns (widths {widths}), got {mlp_layers}"
+        )
+    return gmf, tuple(mlp >> k for k in range(mlp_layers))
+
+
+def gmf_column_mask(dim: int, gmf_dim: int) -> torch.Tensor:
+    """``[D]`` bool: the ``G`` columns that feed NeuMF's GMF branch, spread evenly (the others feed the MLP).
+
+    Column ``d`` is GMF's when ``⌈(d + 1)G / D⌉ > ⌈dG / D⌉``, so every prefix of ``k`` columns holds
+    ``⌈kG / D⌉`` of them: the prefix and nested masks of DSL give both branches their share of each row.
+
+    Example:
+        >>> gmf_column_mask(6, 3).int().tolist()
+        [1, 0, 1, 0, 1, 0]
+    """
+    columns = torch.arange(dim + 1) * gmf_dim
+    ceil = -torch.div(-columns, dim, rounding_mode="floor")
+    return ceil[1:] > ceil[:-1]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Which recommender and how its embedding tables are laid out.
@@ -84,7 +133,7 @@ class ModelConfig:
         ValueError: dim must be a positive integer, got 0
     """
 
-    model: ModelName = field(default="mf", metadata={"help": "mf (MF-BPR) or lightgcn"})
+    model: ModelName = field(default="mf", metadata={"help": "mf (MF-BPR), lightgcn or neumf"})
     dim: int = field(default=64, metadata={"help": "embedding dimension D"})
     layers: int = field(default=3, metadata={"help": "LightGCN: propagation layers K"})
     layout: Layout = field(
@@ -96,11 +145,26 @@ class ModelConfig:
         metadata={"help": "torchrec module: embedding (EmbeddingCollection) or embedding_bag (EBC)"},
     )
     init_std: float = field(default=0.1, metadata={"help": "std of the normal initialization of the tables"})
+    gmf_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "NeuMF: table columns that feed GMF (spread evenly), the rest feed the MLP; None: D // 2"
+        },
+    )
+    mlp_layers: int = field(
+        default=3,
+        metadata={"help": "NeuMF: ReLU layers of the MLP tower, widths M, M/2, M/4, ... (M MLP columns)"},
+    )
 
     def __post_init__(self) -> None:
         _check_choice("model", self.model, MODEL_NAMES)
         _check_positive_int("dim", self.dim)
         _check_positive_int("layers", self.layers)
+        if self.gmf_dim is not None:
+            _check_positive_int("gmf_dim", self.gmf_dim)
+        _check_positive_int("mlp_layers", self.mlp_layers)
+        if self.model == "neumf":
+            neumf_widths(self.dim, self.gmf_dim, self.mlp_layers)
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("collection", self.collection, COLLECTION_KINDS)
         if (
@@ -237,7 +301,10 @@ def bpr_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> to
 
 
 class Recommender(nn.Module):
-    """Shared parts of MF-BPR and LightGCN: the tables, the BPR step loss and full-ranking scores."""
+    """Shared parts of MF-BPR, LightGCN and NeuMF: the tables, the BPR step loss and full-ranking scores.
+
+    The default :meth:`scorer` ranks by dot products of :meth:`final_embeddings`; NeuMF overrides it.
+    """
 
     tables: UserItemTables
     #: Whether training reads the tables outside their lookups (graph propagation). When it does not, sparse
@@ -469,6 +536,195 @@ class LightGCN(Recommender):
         return loss
 
 
+class NeuMFHead(nn.Module):
+    """NeuMF's dense layers over table rows of width ``D``: a GMF branch, an MLP tower and the output layer.
+
+    With ``G`` GMF columns (:func:`gmf_column_mask`), the other ``M`` MLP columns ``e^M`` and
+    ``a = ReLU``, a user and an item score
+
+    ``s(u, i) = w_G · (e_u^G ⊙ e_i^G) + w_M · a(W_L ... a(W_1 [e_u^M ; e_i^M] + b_1) ... + b_L)``,
+
+    with ``W_1 : 2M -> M`` and each later layer halving the width (:func:`neumf_widths`). The output layer has
+    no bias: the BPR loss only sees score differences, so a bias would never get a gradient.
+
+    Full ranking uses that the first layer splits into a user and an item part, ``W_1 [e_u ; e_i] =
+    W_1^u e_u + W_1^i e_i``: the item part is computed once per item (:meth:`item_hidden`), and
+    :meth:`rank_scores` adds the user part and runs the rest of the tower on blocks of items, so memory stays
+    ``O(B · block · M)``. Both accept the item table as a dense tensor or as a sparse CSR matrix (compact
+    serving).
+
+    Args:
+        dim: table width ``D``.
+        gmf_dim: ``G``; ``None`` is ``D // 2``.
+        mlp_layers: ``L``, the ReLU layers of the tower.
+
+    Example:
+        >>> head = NeuMFHead(8)
+        >>> head.gmf_dim, [layer.out_features for layer in head.mlp]
+        (4, [4, 2, 1])
+        >>> users, items = torch.randn(2, 8), torch.randn(5, 8)
+        >>> head.rank_scores(users, items).shape
+        torch.Size([2, 5])
+        >>> pairs = head.pair_scores(users.repeat_interleave(5, 0), items.repeat(2, 1)).reshape(2, 5)
+        >>> torch.allclose(pairs, head.rank_scores(users, items), atol=1e-6)
+        True
+    """
+
+    gmf_columns: torch.Tensor
+    mlp_columns: torch.Tensor
+
+    def __init__(self, dim: int, gmf_dim: int | None = None, mlp_layers: int = 3) -> None:
+        super().__init__()
+        gmf, widths = neumf_widths(dim, gmf_dim, mlp_layers)
+        self.dim, self.gmf_dim, self.mlp_dim = dim, gmf, dim - gmf
+        is_gmf = gmf_column_mask(dim, gmf)
+        self.register_buffer("gmf_columns", is_gmf.nonzero().flatten(), persistent=False)
+        self.register_buffer("mlp_columns", (~is_gmf).nonzero().flatten(), persistent=False)
+        inputs = (2 * self.mlp_dim, *widths[:-1])
+        self.mlp = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in zip(inputs, widths, strict=True))
+        self.output = nn.Linear(gmf + widths[-1], 1, bias=False)
+
+    def _tower(self, first: torch.Tensor) -> torch.Tensor:
+        """``[..., h_1]`` pre-activations of the first layer -> ``[..., h_L]`` output of the tower."""
+        hidden = F.relu(first)
+        for layer in self.mlp[1:]:
+            hidden = F.relu(layer(hidden))
+        return hidden
+
+    def pair_scores(self, user_rows: torch.Tensor, item_rows: torch.Tensor) -> torch.Tensor:
+        """``user_rows [N, D]``, ``item_rows [N, D]`` -> ``[N]``: the score of each (user, item) pair."""
+        gmf = user_rows[:, self.gmf_columns] * item_rows[:, self.gmf_columns]
+        mlp_input = torch.cat([user_rows[:, self.mlp_columns], item_rows[:, self.mlp_columns]], dim=1)
+        mlp = self._tower(self.mlp[0](mlp_input))
+        return self.output(torch.cat([gmf, mlp], dim=1)).squeeze(1)
+
+    def _padded(self, matrix: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """``[n, len(columns)]`` -> ``[n, D]`` with the values in ``columns`` and zeros elsewhere."""
+        out = matrix.new_zeros(matrix.shape[0], self.dim)
+        out[:, columns] = matrix
+        return out
+
+    def item_hidden(self, items: torch.Tensor) -> torch.Tensor:
+        """``items [I, D]`` (dense or sparse CSR) -> ``[I, h_1]``: the item part ``W_1^i e_i^M`` of layer 1."""
+        item_weight = self.mlp[0].weight[:, self.mlp_dim :]
+        return items @ self._padded(item_weight, self.mlp_columns).t()
+
+    def rank_scores(
+        self,
+        user_rows: torch.Tensor,
+        items: torch.Tensor,
+        item_hidden: torch.Tensor | None = None,
+        *,
+        chunk_elements: int = SCORE_CHUNK_ELEMENTS,
+    ) -> torch.Tensor:
+        """Scores of every user against every item, the MLP run on blocks of items.
+
+        Args:
+            user_rows: ``[B, D]``.
+            items: ``[I, D]`` item table, dense or sparse CSR.
+            item_hidden: ``[I, h_1]`` from :meth:`item_hidden` (computed here when None).
+            chunk_elements: most elements of one ``[B, block, h_1]`` activation block.
+
+        Returns:
+            ``[B, I]``.
+        """
+        _check_positive_int("chunk_elements", chunk_elements)
+        if item_hidden is None:
+            item_hidden = self.item_hidden(items)
+        weight = self.output.weight[0]
+        gmf_query = self._padded(user_rows[:, self.gmf_columns] * weight[: self.gmf_dim], self.gmf_columns)
+        scores = (items @ gmf_query.t()).t().contiguous()
+        user_weight, bias = self.mlp[0].weight[:, : self.mlp_dim], self.mlp[0].bias
+        user_hidden = (user_rows[:, self.mlp_columns] @ user_weight.t() + bias).unsqueeze(1)
+        mlp_weight = weight[self.gmf_dim :]
+        block = max(1, chunk_elements // max(1, user_hidden.shape[0] * user_hidden.shape[2]))
+        for start in range(0, item_hidden.shape[0], block):
+            first = user_hidden + item_hidden[start : start + block].unsqueeze(0)
+            scores[:, start : start + block] += self._tower(first) @ mlp_weight
+        return scores
+
+    def to_dict(self) -> dict[str, Any]:
+        """Sizes and weights, for compact export and ``torch.save``."""
+        state = {name: tensor.detach().to("cpu").clone() for name, tensor in self.state_dict().items()}
+        return {"dim": self.dim, "gmf_dim": self.gmf_dim, "mlp_layers": len(self.mlp), "state": state}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> NeuMFHead:
+        """Inverse of :meth:`to_dict`."""
+        head = cls(int(values["dim"]), int(values["gmf_dim"]), int(values["mlp_layers"]))
+        head.load_state_dict(values["state"])
+        return head.eval()
+
+
+class NeuMF(Recommender):
+    """NeuMF (He et al., WWW 2017) on one user and one item table: ``s(u, i)`` of :class:`NeuMFHead`.
+
+    The GMF and MLP embeddings of the paper are two column sets of the same rows (``G`` GMF columns spread
+    evenly, :func:`gmf_column_mask`), so a user or an item has one row and one embedding size, the joint DSL
+    budget, nested masks and compact export apply unchanged, and DSL sparsifies both branches' embeddings; the
+    MLP and the output layer stay dense. Training reads the tables only through ``KeyedJaggedTensor`` lookups.
+
+    Differences from the paper: the loss is BPR with one sampled negative per positive (the paper: pointwise
+    log loss with 4 negatives), so that every model here trains with one sampler and one protocol; no
+    pre-training of GMF and MLP (the paper's NeuMF without pre-training); the L2 penalty is on the batch's
+    looked-up rows as for MF, the dense layers have none.
+
+    Args:
+        n_users, n_items: ``U``, ``I``.
+        config: a :class:`ModelConfig` with ``model="neumf"`` (``gmf_dim``, ``mlp_layers``).
+
+    Example:
+        >>> model = NeuMF(5, 7, ModelConfig(model="neumf", dim=8))
+        >>> loss = model.loss(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]))
+        >>> loss.backward(); model.scorer()(torch.tensor([0, 4])).shape
+        torch.Size([2, 7])
+    """
+
+    def __init__(self, n_users: int, n_items: int, config: ModelConfig | None = None) -> None:
+        config = config or ModelConfig(model="neumf")
+        if isinstance(config, ModelConfig) and config.model != "neumf":
+            raise ValueError(f"NeuMF needs config.model 'neumf', got {config.model!r}")
+        super().__init__(n_users, n_items, config)
+        self.head = NeuMFHead(config.dim, config.gmf_dim, config.mlp_layers)
+
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("NeuMF scores through an MLP, not by dot products: use scorer() or head")
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``users [B]``, ``items [B, M]`` -> scores ``[B, M]`` from one ``KeyedJaggedTensor`` lookup."""
+        user_rows, item_rows = self.tables.lookup(users, items.reshape(-1))
+        scores = self.head.pair_scores(user_rows.repeat_interleave(items.shape[1], 0), item_rows)
+        return scores.reshape(items.shape)
+
+    def loss(
+        self,
+        users: torch.Tensor,
+        positives: torch.Tensor,
+        negatives: torch.Tensor,
+        *,
+        reg_weight: float = 0.0,
+    ) -> torch.Tensor:
+        user_rows, item_rows = self.tables.lookup(users, torch.cat([positives, negatives]))
+        scores = self.head.pair_scores(user_rows.repeat(2, 1), item_rows)
+        positive_scores, negative_scores = scores.split(len(users))
+        loss = bpr_loss(positive_scores, negative_scores)
+        if reg_weight:
+            loss = loss + reg_weight * self._l2(user_rows, item_rows, len(users))
+        return loss
+
+    @torch.no_grad()
+    def scorer(self) -> ScoreFunction:
+        """``users [B] -> scores [B, I]`` over all items; the items' first-layer part is computed once."""
+        users, items = (tensor.detach() for tensor in self.tables.weights())
+        item_hidden = self.head.item_hidden(items)
+
+        def score(ids: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.head.rank_scores(users[ids.to(users.device)], items, item_hidden)
+
+        return score
+
+
 def build_model(
     config: ModelConfig, n_users: int, n_items: int, train_pairs: np.ndarray | torch.Tensor | None = None
 ) -> Recommender:
@@ -482,6 +738,8 @@ def build_model(
         raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     if config.model == "mf":
         return MatrixFactorization(n_users, n_items, config)
+    if config.model == "neumf":
+        return NeuMF(n_users, n_items, config)
     if train_pairs is None:
         raise ValueError("lightgcn needs train_pairs to build its graph, got None")
     return LightGCN(n_users, n_items, train_pairs, config)

@@ -1,4 +1,4 @@
-"""Training MF-BPR and LightGCN, dense or with sparse embedding tables, on a MovieLens split.
+"""Training MF-BPR, LightGCN and NeuMF, dense or with sparse embedding tables, on a MovieLens split.
 
 One :class:`TrainConfig` describes a run; :func:`train` reads it top to bottom: load and split the data, build the
 model and Adam, attach :class:`~sparseapps.recsys.dsl.SparseEmbeddings` (DSL, a static mask or pruning), then
@@ -10,6 +10,9 @@ Early stopping counts evaluations without improvement from that point on.
 With an output directory, a run writes ``checkpoint.pt`` after every epoch (atomically), ``results.json``,
 ``compact.pt`` (the tables in compact storage), ``recall_vs_epoch.png`` and ``embedding_size_vs_popularity.png``;
 ``resume=True`` continues from the checkpoint and refuses one made with another configuration.
+
+``method="pep"`` first runs PEP's threshold search (:func:`~sparseapps.recsys.pep.search_masks`, its state in
+``pep_search.pt``), then trains the tables rewound to step 0 under the mask it found, as a static mask.
 """
 
 from __future__ import annotations
@@ -43,17 +46,20 @@ from sparseapps.recsys.dsl import (
 )
 from sparseapps.recsys.metrics import METRICS, evaluate_split
 from sparseapps.recsys.models import COLLECTION_KINDS, LAYOUTS, MODEL_NAMES, ModelConfig, build_model
+from sparseapps.recsys.pep import GRANULARITIES, PEPConfig, search_masks
 
-Method = Literal["dense", "dsl", "static", "prune"]
-METHODS = ("dense", "dsl", "static", "prune")
+Method = Literal["dense", "dsl", "static", "prune", "pep"]
+METHODS = ("dense", "dsl", "static", "prune", "pep")
 # Tuned on ML-100K validation Recall@20 with dense dim-64 models (docs/recsys.md); every method of a model uses
 # the same values. The TrainConfig field defaults are MF's.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "mf": {"lr": 5e-3, "reg_weight": 0.02, "epochs": 150},
     "lightgcn": {"lr": 5e-3, "reg_weight": 1e-3, "layers": 2, "epochs": 120},
+    "neumf": {"lr": 2e-3, "reg_weight": 0.01, "epochs": 150},
 }
 CHECKPOINT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
+PEP_CHECKPOINT = "pep_search.pt"
 RESULTS = "results.json"
 
 
@@ -82,16 +88,17 @@ class TrainConfig(PlainConfig):
         >>> TrainConfig(method="sparse")
         Traceback (most recent call last):
         ...
-        ValueError: method must be one of 'dense', 'dsl', 'static', 'prune', got 'sparse'
+        ValueError: method must be one of 'dense', 'dsl', 'static', 'prune', 'pep', got 'sparse'
     """
 
     dataset: str = field(default="ml-100k", metadata={"help": f"one of {', '.join(DATASET_NAMES)}"})
     data_root: str | None = field(default=None, metadata={"help": "data cache directory"})
-    model: str = field(default="mf", metadata={"help": "mf (MF-BPR) or lightgcn"})
+    model: str = field(default="mf", metadata={"help": "mf (MF-BPR), lightgcn or neumf"})
     method: str = field(
         default="dense",
         metadata={
-            "help": "dense, dsl (drop/grow), static (fixed mask) or prune (magnitude pruning + fine-tune)"
+            "help": "dense, dsl (drop/grow), static (fixed mask), prune (magnitude pruning + fine-tune) or pep "
+            "(PEP: learned thresholds find a mask, then the rewound tables are retrained under it)"
         },
     )
     density: float = field(default=0.2, metadata={"help": "fraction of table entries kept (sparse methods)"})
@@ -119,6 +126,20 @@ class TrainConfig(PlainConfig):
     )
     prune_fraction: float = field(
         default=0.5, metadata={"help": "prune: fraction of the planned steps trained dense first"}
+    )
+    pep_granularity: str = field(
+        default="row", metadata={"help": "pep: one threshold per row (feature-wise), per dimension or global"}
+    )
+    pep_threshold_init: float = field(
+        default=-6.0,
+        metadata={
+            "help": "pep: initial threshold s (g(s) = sigmoid(s)); sets how fast and how far the search prunes "
+            "(-6: best ML-100K validation Recall@20 of those tried, -15 (official) to -3; see docs/recsys.md)"
+        },
+    )
+    pep_search_fraction: float = field(
+        default=0.5,
+        metadata={"help": "pep: most search steps, as a fraction of the planned steps (then |Ṽ| pruning)"},
     )
     momentum: float = field(default=0.99, metadata={"help": "momentum growth: running-average decay"})
     rescale_init: bool = field(
@@ -152,6 +173,7 @@ class TrainConfig(PlainConfig):
             ("collection", self.collection, COLLECTION_KINDS),
             ("init", self.init, INITIAL_MASKS),
             ("grow", self.grow, GROWTH),
+            ("pep_granularity", self.pep_granularity, GRANULARITIES),
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -172,6 +194,8 @@ class TrainConfig(PlainConfig):
             )
         self.model_config()
         self.dsl_config()
+        _check_number("pep_threshold_init", self.pep_threshold_init, low=-math.inf, low_open=True)
+        _check_number("pep_search_fraction", self.pep_search_fraction, low=0.0, low_open=True, high=1.0)
 
     @classmethod
     def tuned(cls, model: str = "mf", **overrides: Any) -> TrainConfig:
@@ -200,7 +224,7 @@ class TrainConfig(PlainConfig):
         """The sparse part (unused by ``method="dense"``)."""
         return DSLConfig(
             density=self.density,
-            method="dsl" if self.method == "dense" else self.method,  # type: ignore[arg-type]
+            method={"dense": "dsl", "pep": "static"}.get(self.method, self.method),  # type: ignore[arg-type]
             init=self.init,  # type: ignore[arg-type]
             grow=self.grow,  # type: ignore[arg-type]
             nested_exponent=self.nested_exponent,
@@ -211,6 +235,15 @@ class TrainConfig(PlainConfig):
             momentum=self.momentum,
             rescale_init=self.rescale_init,
             seed=self.seed,
+        )
+
+    def pep_config(self) -> PEPConfig:
+        """PEP's search settings (used by ``method="pep"``; its retrain is a static mask)."""
+        return PEPConfig(
+            density=self.density,
+            granularity=self.pep_granularity,  # type: ignore[arg-type]
+            threshold_init=self.pep_threshold_init,
+            search_fraction=self.pep_search_fraction,
         )
 
     def data_config(self) -> DataConfig:
@@ -263,8 +296,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """``{field: (saved, current)}`` for every field on which a saved config differs from ``current``."""
-    now = current.to_dict()
+    """``{field: (saved, current)}`` for every field on which a saved config differs from ``current``.
+
+    A field the saved config lacks (written before the field existed) counts as its default value.
+    """
+    now, defaults = current.to_dict(), type(current)().to_dict()
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v} | {
         k: (v, None) for k, v in saved.items() if k not in now
     }
@@ -355,22 +392,23 @@ def _train(
 ) -> dict[str, Any]:
     out_dir = Path(out) if out is not None else None
     state: dict[str, Any] | None = None
+    search_state: dict[str, Any] | None = None
     if out_dir is not None:
-        checkpoint_path = out_dir / CHECKPOINT
-        if checkpoint_path.exists() or (out_dir / RESULTS).exists():
+        checkpoint_path, search_path = out_dir / CHECKPOINT, out_dir / PEP_CHECKPOINT
+        if checkpoint_path.exists() or search_path.exists() or (out_dir / RESULTS).exists():
             if not resume:
                 raise FileExistsError(
                     f"{out_dir} already holds a run; pass resume=True (--resume) to continue it or choose "
                     "another output directory"
                 )
-            if checkpoint_path.exists():
-                state = load_checkpoint(checkpoint_path)
-                differences = config_differences(state["config"], config)
+            saved = {path: load_checkpoint(path) for path in (checkpoint_path, search_path) if path.exists()}
+            for path, saved_state in saved.items():
+                differences = config_differences(saved_state["config"], config)
                 if differences:
                     raise ValueError(
-                        f"{checkpoint_path} was made with another configuration; (saved, current) differ in "
-                        f"{differences}"
+                        f"{path} was made with another configuration; (saved, current) differ in {differences}"
                     )
+            state, search_state = saved.get(checkpoint_path), saved.get(search_path)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     if split is None:
@@ -382,10 +420,43 @@ def _train(
         )
 
     model = build_model(config.model_config(), split.n_users, split.n_items, split.train)
-    optimizer = make_optimizer(model, config.lr)
     sampler = BPRSampler(split, batch_size=config.batch_size, seed=config.seed)
     steps_per_epoch = len(sampler)
     total_steps = config.epochs * steps_per_epoch
+    search = None
+    if config.method == "pep":  # phase 1: the threshold search; its mask is the retrain's static mask
+
+        def save_search(values: dict[str, Any]) -> None:
+            assert out_dir is not None  # only passed with an output directory
+            _save_torch(
+                out_dir / PEP_CHECKPOINT,
+                {"version": CHECKPOINT_VERSION, "config": config.to_dict(), **values},
+            )
+
+        def evaluate_valid() -> dict[str, float]:
+            model.eval()
+            return evaluate_split(model.scorer(), split, "valid", ks=config.ks)
+
+        search = search_masks(
+            model,
+            make_optimizer(model, config.lr),
+            BPRSampler(split, batch_size=config.batch_size, seed=config.seed),
+            config.pep_config(),
+            lr=config.lr,
+            reg_weight=config.reg_weight,
+            planned_steps=total_steps,
+            state=search_state,
+            save=save_search if out_dir is not None else None,
+            stop_after=stop_after,
+            evaluate=evaluate_valid,
+            progress=progress,
+            description=f"{config.model} pep {config.density:g} search",
+        )
+        if not search.done:
+            return {"config": config.to_dict(), "finished": False, "epoch": search.epochs, "history": []}
+        if stop_after is not None:
+            stop_after -= search.epochs
+    optimizer = make_optimizer(model, config.lr)
     sparse = None
     if config.method != "dense":
         sparse = SparseEmbeddings(
@@ -395,6 +466,7 @@ def _train(
             total_steps,
             user_popularity=split.user_activity(),
             item_popularity=split.item_popularity(),
+            initial_masks=search.masks if search is not None else None,
         )
     settle_step = sparse.settle_step if sparse is not None else 0
     settle_epoch = math.ceil(settle_step / steps_per_epoch)
@@ -521,6 +593,8 @@ def _train(
         "serving": serving,
         "history": history,
     }
+    if search is not None:
+        results["pep"] = search.summary
     if out_dir is not None:
         write_json(out_dir / RESULTS, results)
         _save_torch(out_dir / "compact.pt", compact.to_dict())
@@ -656,12 +730,13 @@ def plot_row_sizes(
 
 
 DEMO_DENSITIES = (0.5, 0.2, 0.1)
+DEMO_MODELS = ("mf", "lightgcn")
 
 
 def demo_configs(seed: int = 0) -> list[TrainConfig]:
     """The runs of ``make demo``: dense vs DSL at densities 0.5 / 0.2 / 0.1, for MF-BPR and LightGCN."""
     configs = []
-    for model in MODEL_NAMES:
+    for model in DEMO_MODELS:
         base = TrainConfig.tuned(model, dataset="ml-100k", seed=seed)
         configs.append(base.replace(method="dense"))
         configs.extend(base.replace(method="dsl", density=d) for d in DEMO_DENSITIES)
@@ -735,7 +810,7 @@ def run_demo(out: Path, *, workers: int = 2) -> list[dict[str, Any]]:
     print(f"\nML-100K test split, model selected on validation Recall@20 (seed 0)\n{table}")
     write_json(out / RESULTS, {"rows": [{k: v for k, v in r.items() if k != "history"} for r in rows]})
     _write_atomic(out / "table.txt", (table + "\n").encode())
-    for model in MODEL_NAMES:
+    for model in DEMO_MODELS:
         plot_recall_curve(
             [r for r in rows if r["config"]["model"] == model],
             out / f"recall_vs_epoch_{model}.png",

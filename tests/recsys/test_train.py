@@ -111,7 +111,10 @@ def test_k_above_the_number_of_items_is_refused(tiny_split: InteractionSplit) ->
         ({"density": 0.0}, "density must be a finite number > 0 and <= 1, got 0.0"),
         ({"density": 1.5}, "density must be a finite number > 0 and <= 1, got 1.5"),
         ({"dataset": "ml-7m"}, "dataset must be one of"),
-        ({"method": "pep"}, "method must be one of 'dense', 'dsl', 'static', 'prune', got 'pep'"),
+        (
+            {"method": "sparse"},
+            "method must be one of 'dense', 'dsl', 'static', 'prune', 'pep', got 'sparse'",
+        ),
         ({"selection_metric": "recall@50"}, "selection_metric must be"),
         ({"epochs": 0}, "epochs must be an integer >= 1, got 0"),
     ],
@@ -189,3 +192,21 @@ def test_seeds_make_runs_reproducible_and_threads_are_restored(tiny_split: Inter
     assert np.isfinite(first["history"][0]["loss"])
     other = train(config.replace(seed=1), None, progress=False, split=tiny_split)
     assert other["history"][0]["loss"] != first["history"][0]["loss"]
+
+
+def test_neumf_trains_dense_and_dsl_resumes_and_serves_like_the_dense_model(
+    tiny_split: InteractionSplit, tmp_path: Path
+) -> None:
+    assert TrainConfig.tuned("neumf").model_config().model == "neumf"
+    dense = train(tiny_config(model="neumf", epochs=2), None, progress=False, split=tiny_split)
+    assert dense["parameters"] == (tiny_split.n_users + tiny_split.n_items) * 8
+    config = tiny_config(model="neumf", method="dsl", density=0.25)
+    partial = train(config, tmp_path / "neumf", progress=False, split=tiny_split, stop_after=2)
+    assert partial["finished"] is False
+    results = train(config, tmp_path / "neumf", resume=True, progress=False, split=tiny_split)
+    straight = train(config, None, progress=False, split=tiny_split)
+    assert results["test"] == straight["test"]
+    assert [h["loss"] for h in results["history"]] == [h["loss"] for h in straight["history"]]
+    assert results["parameters"] == round(0.25 * (tiny_split.n_users + tiny_split.n_items) * 8)
+    assert results["serving"]["max_abs_difference"] < 1e-5
+    assert (tmp_path / "neumf" / "compact.pt").stat().st_size > 0

@@ -299,13 +299,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """``{field: (saved, current)}`` for every field on which a saved config differs from ``current``.
 
-    A field the saved config lacks (written before the field existed) counts as its default value.
+    A field the saved config lacks (written before the field existed) counts as its default value, and PEP's
+    ``pep_*`` settings count only when one of the two runs is a PEP run (no other method reads them).
     """
     now, defaults = current.to_dict(), type(current)().to_dict()
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v} | {
+    differences = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v} | {
         k: (v, None) for k, v in saved.items() if k not in now
     }
+    if "pep" not in (saved.get("method"), current.method):
+        differences = {k: v for k, v in differences.items() if not k.startswith("pep_")}
+    return differences
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -241,9 +241,19 @@ def test_search_refuses_a_foreign_state_and_bad_arguments(tiny_split: Interactio
 
 
 def test_configs_saved_before_the_pep_fields_still_resume() -> None:
-    config = TrainConfig(method="dsl")
+    config = TrainConfig(method="pep")
     saved = {k: v for k, v in config.to_dict().items() if not k.startswith("pep_")}
     assert config_differences(saved, config) == {}  # a missing field counts as its default
     assert config_differences(saved, config.replace(pep_granularity="global")) == {
         "pep_granularity": ("row", "global")
     }
+
+
+def test_pep_settings_do_not_block_the_resume_of_other_methods() -> None:
+    saved = TrainConfig(method="dsl", pep_threshold_init=-3.0).to_dict()
+    assert config_differences(saved, TrainConfig(method="dsl")) == {}
+    assert config_differences(saved, TrainConfig(method="pep")) == {
+        "method": ("dsl", "pep"),
+        "pep_threshold_init": (-3.0, -6.0),
+    }
+    assert config_differences(saved, TrainConfig(method="dsl", density=0.5)) == {"density": (0.2, 0.5)}

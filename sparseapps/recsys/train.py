@@ -774,7 +774,15 @@ def format_table(rows: Sequence[dict[str, Any]], k: int = 20) -> str:
 
 def _demo_job(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
     config_dict, folder = job
-    return train(TrainConfig.from_dict(config_dict), folder, resume=True, progress=False, threads=1)
+    try:
+        return train(TrainConfig.from_dict(config_dict), folder, resume=True, progress=False, threads=1)
+    except ValueError as error:
+        if "another" not in str(error):  # not a run left by another configuration (an older version)
+            raise
+        raise ValueError(
+            f"{error}. The demo reuses the finished runs in {Path(folder).parent}; that directory holds a run "
+            "made with other settings: move it away or pass another --out (nothing was overwritten)"
+        ) from error
 
 
 def run_demo(out: Path, *, workers: int = 2) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import torch
 
 from sparseapps.recsys.cli import add_commands
 from sparseapps.recsys.data import InteractionSplit, split_interactions, synthetic_interactions
-from sparseapps.recsys.train import CHECKPOINT, TrainConfig, demo_configs, format_table, train
+from sparseapps.recsys.train import CHECKPOINT, TrainConfig, _demo_job, demo_configs, format_table, train
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +210,16 @@ def test_neumf_trains_dense_and_dsl_resumes_and_serves_like_the_dense_model(
     assert results["parameters"] == round(0.25 * (tiny_split.n_users + tiny_split.n_items) * 8)
     assert results["serving"]["max_abs_difference"] < 1e-5
     assert (tmp_path / "neumf" / "compact.pt").stat().st_size > 0
+
+
+def test_demo_refuses_a_run_left_by_other_settings_and_keeps_it(tmp_path: Path) -> None:
+    data = write_inter(tmp_path / "tiny.inter")
+    config = TrainConfig(
+        dataset=str(data), dim=8, epochs=1, batch_size=128, ks=(5, 10), selection_metric="recall@10"
+    )
+    folder = tmp_path / "demo" / "mf-dense"
+    _demo_job((config.to_dict(), str(folder)))
+    before = (folder / "results.json").read_bytes()
+    with pytest.raises(ValueError, match=r"'epochs': \(1, 2\).*move it away or pass another --out"):
+        _demo_job((config.replace(epochs=2).to_dict(), str(folder)))
+    assert (folder / "results.json").read_bytes() == before

@@ -311,10 +311,18 @@ class Recommender(nn.Module):
     #: training masks only the looked-up rows each step (``SparsityConfig.embedding_rows="looked_up"``).
     reads_tables_whole: bool = False
 
-    def __init__(self, n_users: int, n_items: int, config: ModelConfig) -> None:
+    #: The ``ModelConfig.model`` name a subclass is built from.
+    model_name: str = ""
+
+    def __init__(self, n_users: int, n_items: int, config: ModelConfig | None = None) -> None:
         super().__init__()
+        config = config or ModelConfig(model=self.model_name)  # type: ignore[arg-type]
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        if config.model != self.model_name:
+            raise ValueError(
+                f"{type(self).__name__} needs config.model {self.model_name!r}, got {config.model!r}"
+            )
         self.config = config
         self.n_users, self.n_items = n_users, n_items
         self.tables = UserItemTables(
@@ -371,11 +379,7 @@ class MatrixFactorization(Recommender):
         torch.Size([2, 7])
     """
 
-    def __init__(self, n_users: int, n_items: int, config: ModelConfig | None = None) -> None:
-        config = config or ModelConfig(model="mf")
-        if isinstance(config, ModelConfig) and config.model != "mf":
-            raise ValueError(f"MatrixFactorization needs config.model 'mf', got {config.model!r}")
-        super().__init__(n_users, n_items, config)
+    model_name = "mf"
 
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tables.weights()
@@ -485,6 +489,8 @@ class LightGCN(Recommender):
 
     adjacency: torch.Tensor
 
+    model_name = "lightgcn"
+
     def __init__(
         self,
         n_users: int,
@@ -492,9 +498,6 @@ class LightGCN(Recommender):
         train_pairs: np.ndarray | torch.Tensor,
         config: ModelConfig | None = None,
     ) -> None:
-        config = config or ModelConfig(model="lightgcn")
-        if isinstance(config, ModelConfig) and config.model != "lightgcn":
-            raise ValueError(f"LightGCN needs config.model 'lightgcn', got {config.model!r}")
         super().__init__(n_users, n_items, config)
         self.register_buffer(
             "adjacency", normalized_adjacency(train_pairs, n_users, n_items), persistent=False
@@ -680,12 +683,11 @@ class NeuMF(Recommender):
         torch.Size([2, 7])
     """
 
+    model_name = "neumf"
+
     def __init__(self, n_users: int, n_items: int, config: ModelConfig | None = None) -> None:
-        config = config or ModelConfig(model="neumf")
-        if isinstance(config, ModelConfig) and config.model != "neumf":
-            raise ValueError(f"NeuMF needs config.model 'neumf', got {config.model!r}")
         super().__init__(n_users, n_items, config)
-        self.head = NeuMFHead(config.dim, config.gmf_dim, config.mlp_layers)
+        self.head = NeuMFHead(self.config.dim, self.config.gmf_dim, self.config.mlp_layers)
 
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError("NeuMF scores through an MLP, not by dot products: use scorer() or head")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sparseapps.recsys import data
+from sparseapps.recsys.data import InteractionSplit, split_interactions, synthetic_interactions
 
 # (user, item, rating, timestamp): user 1 rated three items, user 2 two, user 3 one; one half-star rating.
 RATINGS = [
@@ -86,3 +87,10 @@ def expected_arrays() -> dict[str, np.ndarray]:
         "ratings": table[:, 2].astype(np.float32),
         "timestamps": table[:, 3].astype(np.int64),
     }
+
+
+@pytest.fixture(scope="module")
+def tiny_split() -> InteractionSplit:
+    """40 users, 60 items, 1,200 interactions (at least 10 per user), split 80/10/10."""
+    rows = synthetic_interactions(n_users=40, n_items=60, n_interactions=1200, min_per_user=10, seed=3)
+    return split_interactions(rows, seed=0, description="tiny synthetic")

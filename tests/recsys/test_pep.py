@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparseapps.recsys.data import BPRSampler, InteractionSplit, split_interactions, synthetic_interactions
+from sparseapps.recsys.data import BPRSampler, InteractionSplit
 from sparseapps.recsys.dsl import DSLConfig, SparseEmbeddings
 from sparseapps.recsys.models import ModelConfig, Recommender, build_model
 from sparseapps.recsys.pep import (
@@ -34,12 +34,6 @@ from .test_train import run_cli, write_inter
 
 # On the tiny split these settings make the search reach density 0.25 by itself in about seven epochs.
 SEARCH = dict(lr=0.05, reg_weight=0.2, pep_threshold_init=-4.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_split() -> InteractionSplit:
-    rows = synthetic_interactions(n_users=40, n_items=60, n_interactions=1200, min_per_user=10, seed=3)
-    return split_interactions(rows, seed=0, description="tiny synthetic")
 
 
 def tiny_config(**changes: object) -> TrainConfig:

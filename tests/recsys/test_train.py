@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from sparseapps.recsys.cli import add_commands
-from sparseapps.recsys.data import InteractionSplit, split_interactions, synthetic_interactions
+from sparseapps.recsys.data import InteractionSplit, synthetic_interactions
 from sparseapps.recsys.train import CHECKPOINT, TrainConfig, _demo_job, demo_configs, format_table, train
-
-
-@pytest.fixture(scope="module")
-def tiny_split() -> InteractionSplit:
-    rows = synthetic_interactions(n_users=40, n_items=60, n_interactions=1200, min_per_user=10, seed=3)
-    return split_interactions(rows, seed=0, description="tiny synthetic")
 
 
 def tiny_config(**changes: object) -> TrainConfig:

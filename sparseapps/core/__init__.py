@@ -9,7 +9,7 @@ Example:
 """
 
 from sparseapps.core.accounting import SparsityReport, TensorReport, training_flops_per_step
-from sparseapps.core.config import PRESETS, SparsityConfig
+from sparseapps.core.config import PRESETS, ConfigMismatchError, SparsityConfig
 from sparseapps.core.distributions import target_nnz
 from sparseapps.core.engine import DynamicSparsity, select_tensors
 from sparseapps.core.kernels import CondenseConfig, condense
@@ -18,6 +18,7 @@ from sparseapps.core.masks import get_mask
 __all__ = [
     "PRESETS",
     "CondenseConfig",
+    "ConfigMismatchError",
     "DynamicSparsity",
     "SparsityConfig",
     "SparsityReport",

@@ -33,6 +33,10 @@ EMBEDDING_ROWS = ("all", "looked_up")
 FORESIGHT_METHODS = ("snip", "grasp", "synflow")
 
 
+class ConfigMismatchError(ValueError):
+    """A checkpoint or saved run was made with another configuration than the one resuming it."""
+
+
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

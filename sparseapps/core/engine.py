@@ -19,7 +19,7 @@ from torch import nn
 
 from sparseapps.core import rules, schedules, scoring, structured
 from sparseapps.core.accounting import SparsityReport, TensorReport
-from sparseapps.core.config import FORESIGHT_METHODS, SparsityConfig
+from sparseapps.core.config import FORESIGHT_METHODS, ConfigMismatchError, SparsityConfig
 from sparseapps.core.distributions import target_nnz
 from sparseapps.core.masks import attach_mask
 
@@ -932,7 +932,7 @@ class DynamicSparsity:
                 for k, v in saved.to_dict().items()
                 if self.config.to_dict()[k] != v
             }
-            raise ValueError(
+            raise ConfigMismatchError(
                 f"checkpoint was made with another SparsityConfig; (saved, current) differ in {diff}"
             )
         if state["total_steps"] != self.total_steps:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sparseapps.core.config import PlainConfig
+from sparseapps.core.config import ConfigMismatchError, PlainConfig
 from sparseapps.recsys.data import DATASET_NAMES, BPRSampler, DataConfig, InteractionSplit, load_split
 from sparseapps.recsys.dsl import (
     GROWTH,
@@ -410,7 +410,7 @@ def _train(
             for path, saved_state in saved.items():
                 differences = config_differences(saved_state["config"], config)
                 if differences:
-                    raise ValueError(
+                    raise ConfigMismatchError(
                         f"{path} was made with another configuration; (saved, current) differ in {differences}"
                     )
             state, search_state = saved.get(checkpoint_path), saved.get(search_path)
@@ -776,10 +776,8 @@ def _demo_job(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
     config_dict, folder = job
     try:
         return train(TrainConfig.from_dict(config_dict), folder, resume=True, progress=False, threads=1)
-    except ValueError as error:
-        if "another" not in str(error):  # not a run left by another configuration (an older version)
-            raise
-        raise ValueError(
+    except ConfigMismatchError as error:  # a run left by other settings (an older version's defaults)
+        raise ConfigMismatchError(
             f"{error}. The demo reuses the finished runs in {Path(folder).parent}; that directory holds a run "
             "made with other settings: move it away or pass another --out (nothing was overwritten)"
         ) from error

@@ -66,6 +66,8 @@ METHODS = ("dense", *sorted(name for name, values in PRESETS.items() if values["
 # pairs; every other (algorithm, environment) pair starts from SB3's defaults.
 TUNED: dict[tuple[str, str], dict[str, Any]] = {
     ("sac", "Pendulum-v1"): {"learning_rate": 1e-3},
+    # sac.yml's MuJoCo entries: SB3's defaults with 10k uniformly random steps before learning starts.
+    ("sac", "HalfCheetah-v5"): {"learning_starts": 10_000},
     ("dqn", "CartPole-v1"): {
         "learning_rate": 2.3e-3,
         "batch_size": 64,

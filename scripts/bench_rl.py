@@ -279,14 +279,15 @@ def learning_speed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def paired_difference(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """RigL minus static final return, seed by seed (the same seed gives both the same environment and
-    evaluation start states): mean, 95% interval (Student's t) and whether the interval lies above 0.
+    """RigL minus static, seed by seed, of :func:`summarize`'s final returns or :func:`learning_speed`'s curve
+    means (the same seed gives both the same environment, initial mask and evaluation start states): mean, 95%
+    interval (Student's t) and whether the interval lies above 0.
 
     The criterion for "RigL beats static" fixed before the confirmatory runs (docs/rl.md): a paired interval
     above zero, which pools out the per-seed spread that the unpaired intervals carry.
     """
     by_method = {row["method"]: row for row in rows}
-    if "rigl" not in by_method or "static" not in by_method or by_method["rigl"]["seeds"] < 2:
+    if "rigl" not in by_method or "static" not in by_method or len(by_method["rigl"]["per_seed"]) < 2:
         return None
     differences = [
         r - s for r, s in zip(by_method["rigl"]["per_seed"], by_method["static"]["per_seed"], strict=True)
@@ -439,10 +440,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         if all(r["curve"] for r in mine):
             report[suite.name]["learning_speed"] = learning_speed(mine)
+            paired_speed = paired_difference(report[suite.name]["learning_speed"])
             print("mean evaluation return over the run (per seed):")
             for row in report[suite.name]["learning_speed"]:
                 seeds_text = ", ".join(f"{v:.1f}" for v in row["per_seed"])
                 print(f"  {row['method']:<7} {row['curve_mean']:9.1f} ± {row['ci95']:<7.1f} ({seeds_text})")
+            if paired_speed is not None:
+                report[suite.name]["paired_learning_speed"] = paired_speed
+                print(
+                    f"  paired RigL - static: {paired_speed['mean']:+.1f} ± {paired_speed['ci95']:.1f} (95% CI; "
+                    f"{'above 0' if paired_speed['above_zero'] else 'NOT above 0'})"
+                )
         if suite.drift_parameter is not None:
             report[suite.name]["recovery"] = recovery_table(mine)
             for row in report[suite.name]["recovery"]:

@@ -348,11 +348,25 @@ class Recommender(nn.Module):
     ) -> torch.Tensor:
         """BPR loss of a batch plus ``reg_weight · ½(‖e⁰_u‖² + ‖e⁰_i⁺‖² + ‖e⁰_i⁻‖²) / B`` on layer-0 rows.
 
+        This default scores the batch from its looked-up table rows with :meth:`row_bpr_scores` (MF, NeuMF);
+        LightGCN, which scores propagated embeddings, overrides it.
+
         Args:
             users, positives, negatives: ``[B]`` int64 ids.
             reg_weight: L2 weight on the batch's layer-0 embeddings (looked up by ``KeyedJaggedTensor``).
         """
-        raise NotImplementedError
+        user_rows, item_rows = self.tables.lookup(users, torch.cat([positives, negatives]))
+        loss = bpr_loss(*self.row_bpr_scores(user_rows, item_rows))
+        if reg_weight:
+            loss = loss + reg_weight * self._l2(user_rows, item_rows, len(users))
+        return loss
+
+    def row_bpr_scores(
+        self, user_rows: torch.Tensor, item_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table rows ``user_rows [B, D]`` and ``item_rows [2B, D]`` (positives, then negatives) -> the
+        ``[B]`` positive and ``[B]`` negative scores."""
+        raise NotImplementedError(f"{type(self).__name__} does not score pairs from table rows alone")
 
     def _l2(self, user_rows: torch.Tensor, item_rows: torch.Tensor, batch: int) -> torch.Tensor:
         return 0.5 * (user_rows.pow(2).sum() + item_rows.pow(2).sum()) / batch
@@ -389,20 +403,11 @@ class MatrixFactorization(Recommender):
         user_rows, item_rows = self.tables.lookup(users, items.reshape(-1))
         return torch.einsum("bd,bmd->bm", user_rows, item_rows.reshape(*items.shape, -1))
 
-    def loss(
-        self,
-        users: torch.Tensor,
-        positives: torch.Tensor,
-        negatives: torch.Tensor,
-        *,
-        reg_weight: float = 0.0,
-    ) -> torch.Tensor:
-        user_rows, item_rows = self.tables.lookup(users, torch.cat([positives, negatives]))
-        positive_rows, negative_rows = item_rows.split(len(users))
-        loss = bpr_loss((user_rows * positive_rows).sum(1), (user_rows * negative_rows).sum(1))
-        if reg_weight:
-            loss = loss + reg_weight * self._l2(user_rows, item_rows, len(users))
-        return loss
+    def row_bpr_scores(
+        self, user_rows: torch.Tensor, item_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        positive_rows, negative_rows = item_rows.split(len(user_rows))
+        return (user_rows * positive_rows).sum(1), (user_rows * negative_rows).sum(1)
 
 
 def normalized_adjacency(pairs: np.ndarray | torch.Tensor, n_users: int, n_items: int) -> torch.Tensor:
@@ -698,21 +703,13 @@ class NeuMF(Recommender):
         scores = self.head.pair_scores(user_rows.repeat_interleave(items.shape[1], 0), item_rows)
         return scores.reshape(items.shape)
 
-    def loss(
-        self,
-        users: torch.Tensor,
-        positives: torch.Tensor,
-        negatives: torch.Tensor,
-        *,
-        reg_weight: float = 0.0,
-    ) -> torch.Tensor:
-        user_rows, item_rows = self.tables.lookup(users, torch.cat([positives, negatives]))
-        scores = self.head.pair_scores(user_rows.repeat(2, 1), item_rows)
-        positive_scores, negative_scores = scores.split(len(users))
-        loss = bpr_loss(positive_scores, negative_scores)
-        if reg_weight:
-            loss = loss + reg_weight * self._l2(user_rows, item_rows, len(users))
-        return loss
+    def row_bpr_scores(
+        self, user_rows: torch.Tensor, item_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        positive_scores, negative_scores = self.head.pair_scores(user_rows.repeat(2, 1), item_rows).split(
+            len(user_rows)
+        )
+        return positive_scores, negative_scores
 
     @torch.no_grad()
     def scorer(self) -> ScoreFunction:

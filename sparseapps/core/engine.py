@@ -940,7 +940,7 @@ class DynamicSparsity:
                 f"checkpoint has total_steps={state['total_steps']}, this run {self.total_steps}"
             )
         shapes = {fqn: t.mask.shape for fqn, t in self.tensors.items()}
-        self._check_masks(state["masks"], shapes, "masks")
+        self._check_budgets(state, self._check_masks(state["masks"], shapes, "masks"))
         for fqn, t in self.tensors.items():
             t.mask.copy_(state["masks"][fqn].to(t.mask.device))
             t.budget = int(state["budgets"][fqn])
@@ -972,6 +972,43 @@ class DynamicSparsity:
             self.step + 1, self.config, self.total_steps
         )
         self.apply_masks()
+
+    def _check_budgets(self, state: Mapping[str, Any], nnz: Mapping[str, int]) -> None:
+        """Refuses a checkpoint whose masks hold more entries than this configuration allows.
+
+        Budgets are fixed when the engine is built (from the config's density and distribution, or the initial
+        masks) and never change, so a saved budget must equal this engine's. Sparse-from-scratch methods keep
+        the total nnz within the total budget (DSR/SNFS move entries between tensors, ablation may leave fewer);
+        dense-to-sparse methods start dense and reach the budget only at the end of their schedule.
+        """
+        budgets = state.get("budgets")
+        if not isinstance(budgets, Mapping) or set(budgets) != set(self.tensors):
+            raise ValueError(
+                f"checkpoint budgets name {sorted(budgets or [])}, the sparse tensors {sorted(self.tensors)}"
+            )
+        differ = {
+            fqn: (int(budgets[fqn]), t.budget)
+            for fqn, t in self.tensors.items()
+            if int(budgets[fqn]) != t.budget
+        }
+        if differ:
+            raise ConfigMismatchError(
+                f"checkpoint budgets (saved, this config's) differ in {differ}: it was made for another density "
+                f"than {self.config.density:g} or another model"
+            )
+        if self.config.method in ("dst", "static"):
+            total, budget = sum(nnz.values()), sum(t.budget for t in self.tensors.values())
+            if total > budget:
+                over = {
+                    fqn: (n, self.tensors[fqn].budget)
+                    for fqn, n in nnz.items()
+                    if n > self.tensors[fqn].budget
+                }
+                raise ValueError(
+                    f"checkpoint masks hold {total} active entries, more than the budget of {budget} that density "
+                    f"{self.config.density:g} allows (nnz, budget) per tensor over it: {over}; the file is damaged "
+                    "or was edited"
+                )
 
     @staticmethod
     def _check_masks(

@@ -17,13 +17,10 @@ With an output directory, a run writes ``checkpoint.pt`` after every epoch (atom
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import multiprocessing
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +32,14 @@ import torch
 from tqdm.auto import tqdm
 
 from sparseapps.core.config import ConfigMismatchError, PlainConfig
+from sparseapps.core.io import (
+    CorruptFileError,
+    load_torch,
+    remove_temporaries,
+    save_torch,
+    write_atomic,
+    write_json,
+)
 from sparseapps.recsys.data import DATASET_NAMES, BPRSampler, DataConfig, InteractionSplit, load_split
 from sparseapps.recsys.dsl import (
     GROWTH,
@@ -256,40 +261,15 @@ class TrainConfig(PlainConfig):
 # Files
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _save_torch(path: Path, obj: Any) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    _write_atomic(path, buffer.getvalue())
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON, atomically."""
-    _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Reads a checkpoint written by :func:`train`; a damaged or foreign file raises ``ValueError``."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise ValueError(
-            f"{path} is not a readable checkpoint (expected a torch.save file written by sparseapps recsys "
-            f"train): {type(error).__name__}: {error}"
-        ) from error
+    """Reads a checkpoint written by :func:`train` (tensors and plain data only: no code runs from it).
+
+    Raises:
+        CorruptFileError: a damaged or foreign file, or one that holds anything but tensors and plain data.
+    """
+    state = load_torch(path, "a checkpoint written by sparseapps recsys train")
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
+        raise CorruptFileError(
             f"{path} is not a sparseapps recsys checkpoint of version {CHECKPOINT_VERSION} "
             f"(expected a dict with 'version': {CHECKPOINT_VERSION})"
         )
@@ -399,12 +379,18 @@ def _train(
     state: dict[str, Any] | None = None
     search_state: dict[str, Any] | None = None
     if out_dir is not None:
+        remove_temporaries(out_dir)  # left by a run killed while writing
         checkpoint_path, search_path = out_dir / CHECKPOINT, out_dir / PEP_CHECKPOINT
         if checkpoint_path.exists() or search_path.exists() or (out_dir / RESULTS).exists():
             if not resume:
                 raise FileExistsError(
                     f"{out_dir} already holds a run; pass resume=True (--resume) to continue it or choose "
                     "another output directory"
+                )
+            if not checkpoint_path.exists() and not search_path.exists():
+                raise FileExistsError(
+                    f"{out_dir} holds {RESULTS} but no {CHECKPOINT} to resume from; refusing to retrain over "
+                    "those results: choose another output directory or move them away"
                 )
             saved = {path: load_checkpoint(path) for path in (checkpoint_path, search_path) if path.exists()}
             for path, saved_state in saved.items():
@@ -433,7 +419,7 @@ def _train(
 
         def save_search(values: dict[str, Any]) -> None:
             assert out_dir is not None  # only passed with an output directory
-            _save_torch(
+            save_torch(
                 out_dir / PEP_CHECKPOINT,
                 {"version": CHECKPOINT_VERSION, "config": config.to_dict(), **values},
             )
@@ -533,7 +519,7 @@ def _train(
         history.append(entry)
         finished = last or bad_evals >= config.patience
         if out_dir is not None:
-            _save_torch(
+            save_torch(
                 out_dir / CHECKPOINT,
                 {
                     "version": CHECKPOINT_VERSION,
@@ -602,7 +588,7 @@ def _train(
         results["pep"] = search.summary
     if out_dir is not None:
         write_json(out_dir / RESULTS, results)
-        _save_torch(out_dir / "compact.pt", compact.to_dict())
+        save_torch(out_dir / "compact.pt", compact.to_dict())
         plot_recall_curve([results], out_dir / "recall_vs_epoch.png", metric=metric)
         plot_row_sizes(
             user_sizes.numpy(),
@@ -659,9 +645,7 @@ def _pyplot() -> Any:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    _write_atomic(path, buffer.getvalue())
+    write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=110))
 
 
 def plot_recall_curve(
@@ -820,7 +804,7 @@ def run_demo(out: Path, *, workers: int = 2) -> list[dict[str, Any]]:
     table = format_table(rows)
     print(f"\nML-100K test split, model selected on validation Recall@20 (seed 0)\n{table}")
     write_json(out / RESULTS, {"rows": [{k: v for k, v in r.items() if k != "history"} for r in rows]})
-    _write_atomic(out / "table.txt", (table + "\n").encode())
+    write_atomic(out / "table.txt", (table + "\n").encode())
     for model in DEMO_MODELS:
         plot_recall_curve(
             [r for r in rows if r["config"]["model"] == model],

@@ -46,6 +46,16 @@ from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import VecEnv
 
 from sparseapps.core import PRESETS, SparsityConfig
+from sparseapps.core.io import (
+    MANIFEST,
+    load_json,
+    load_torch,
+    save_torch,
+    verify_manifest,
+    write_atomic,
+    write_json,
+    write_manifest,
+)
 from sparseapps.rl.callback import CALLBACK_METHODS, DynamicSparsityCallback
 from sparseapps.rl.diagnostics import find_dormant_neurons, shift_recovery
 from sparseapps.rl.drift import INFO_ENV_STEP, INFO_PHASE, DriftSchedule, make_drifting_env
@@ -108,12 +118,6 @@ def mean_confidence_interval(values: Sequence[float]) -> tuple[float, float]:
         return mean, 0.0
     quantile = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
     return mean, quantile * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
 
 
 def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> None:
@@ -392,10 +396,11 @@ class _RunTracker(BaseCallback):
         if isinstance(self.model, OffPolicyAlgorithm):
             self.model.save_replay_buffer(fresh / "replay_buffer.pkl")
         if self.sparsity is not None:
-            torch.save(self.sparsity.state_dict(), fresh / "sparsity.pt")
-        _write_json(fresh / "run.json", self.run.to_dict())
+            save_torch(fresh / "sparsity.pt", self.sparsity.state_dict())
+        write_json(fresh / "run.json", self.run.to_dict())
         train_seconds = self.train_seconds_before + self.elapsed_training()
-        _write_json(fresh / "progress.json", {**self.state(), "train_seconds": train_seconds})
+        write_json(fresh / "progress.json", {**self.state(), "train_seconds": train_seconds})
+        write_manifest(fresh, sorted(path.name for path in fresh.iterdir() if path.is_file()))
         if self.checkpoint_dir.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.checkpoint_dir, old)
@@ -413,7 +418,7 @@ class _RunTracker(BaseCallback):
 
 def _checkpoint_dir(out: Path) -> Path | None:
     for name in ("checkpoint", "checkpoint.old"):
-        if (out / name / "progress.json").exists():
+        if (out / name / MANIFEST).exists():  # written last: a checkpoint without it is incomplete
             return out / name
     return None
 
@@ -482,7 +487,7 @@ def train_run(run: RLRun, out: Path, *, progress: Any | None = None) -> dict[str
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / "result.json"
     if result_path.exists():
-        result = json.loads(result_path.read_text())
+        result = load_json(result_path, "a finished run's result")
         _refuse_other(result_path, result["run"], run)
         if progress is not None:
             progress.update(run.steps)
@@ -498,15 +503,19 @@ def train_run(run: RLRun, out: Path, *, progress: Any | None = None) -> dict[str
     checkpoint = _checkpoint_dir(out)
     algorithm = ALGORITHM_CLASSES[run.algo]
     if checkpoint is not None:
-        _refuse_other(checkpoint / "run.json", json.loads((checkpoint / "run.json").read_text()), run)
+        # model.zip and the replay buffer are cloudpickle: read only what this run wrote (the manifest's hashes).
+        verify_manifest(
+            checkpoint, sorted(path.name for path in checkpoint.iterdir() if path.name != MANIFEST)
+        )
+        _refuse_other(checkpoint / "run.json", load_json(checkpoint / "run.json", "the run's settings"), run)
         model = algorithm.load(
             checkpoint / "model.zip", env=env, device=run.device, tensorboard_log=str(out / "tb")
         )
         if isinstance(model, OffPolicyAlgorithm):
             model.load_replay_buffer(checkpoint / "replay_buffer.pkl")
         if sparsity is not None:
-            sparsity.load_state_dict(torch.load(checkpoint / "sparsity.pt", weights_only=False))
-        saved = json.loads((checkpoint / "progress.json").read_text())
+            sparsity.load_state_dict(load_torch(checkpoint / "sparsity.pt", "the sparsity engines' state"))
+        saved = load_json(checkpoint / "progress.json", "the run's progress")
         tracker.restore(saved, saved["train_seconds"])
         if progress is not None:
             progress.update(model.num_timesteps)
@@ -565,10 +574,8 @@ def train_run(run: RLRun, out: Path, *, progress: Any | None = None) -> dict[str
         result["recovery"] = [
             dataclasses.asdict(r) | {"steps_to_recover": r.steps_to_recover} for r in recoveries
         ]
-    temporary = out / "model.tmp.zip"
-    model.save(temporary)
-    os.replace(temporary, out / "model.zip")
-    _write_json(result_path, result)
+    write_atomic(out / "model.zip", lambda temporary: model.save(temporary))
+    write_json(result_path, result)
     for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
         shutil.rmtree(out / name, ignore_errors=True)
     env.close()
@@ -710,6 +717,6 @@ def train_many(
         "rows": rows,
         "runs": [{k: v for k, v in r.items() if k not in ("episodes", "sparsity_report")} for r in results],
     }
-    _write_json(out / "results.json", summary)
+    write_json(out / "results.json", summary)
     plot_curves(results, out / "curves.png", title or f"{runs[0].algo.upper()} on {runs[0].env}")
     return summary

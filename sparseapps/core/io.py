@@ -1,0 +1,206 @@
+"""Files the package writes and reads back: atomic writes, tensor-only loading, and SHA-256 manifests.
+
+The trust boundary (docs/reliability.md):
+
+- ``.pt`` files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so a
+  planted file cannot run code. A file that needs more is refused and named.
+- Files in a format that can run code when it is read (Stable-Baselines3's ``model.zip`` and replay buffers, which
+  are cloudpickle) are read only after :func:`verify_manifest` has matched the SHA-256 of every file against the
+  ``MANIFEST.json`` that the same run wrote next to them. Only your own checkpoints can be resumed that way: a
+  manifest is an integrity check against damage and mix-ups, not a signature. A file from someone else is as
+  trustworthy as its sender.
+
+Every file is written through :func:`write_atomic`: a temporary file in the same directory, ``fsync``, then
+``os.replace``, so a reader sees the old file or the new one, never a half-written one. Temporary files left by a
+killed run match :data:`TEMPORARY_GLOB` and are removed by :func:`remove_temporaries` on the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "MANIFEST",
+    "TEMPORARY_GLOB",
+    "CorruptFileError",
+    "load_json",
+    "load_torch",
+    "remove_temporaries",
+    "save_torch",
+    "sha256",
+    "verify_manifest",
+    "write_atomic",
+    "write_json",
+    "write_manifest",
+]
+
+MANIFEST = "MANIFEST.json"
+MANIFEST_VERSION = 1
+TEMPORARY_SUFFIX = ".sparseapps-tmp"
+TEMPORARY_GLOB = f".*{TEMPORARY_SUFFIX}"
+
+
+class CorruptFileError(ValueError):
+    """A file the package wrote is damaged, foreign, or does not match its run's manifest (a ``ValueError``)."""
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: Path) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        with open(temporary, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a directory be opened
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | Callable[[Path], None]) -> None:
+    """Writes ``data`` (bytes, or a function that writes a given path) to ``path`` atomically.
+
+    A temporary file in the same directory is written, flushed to disk and renamed over ``path``; on any error
+    ``path`` keeps its old contents and the temporary file is removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+        >>> write_atomic(target, b"hello")
+        >>> target.read_bytes()
+        b'hello'
+    """
+    with _temporary_beside(Path(path)) as temporary:
+        if isinstance(data, bytes | bytearray | memoryview):
+            temporary.write_bytes(data)
+        else:
+            data(temporary)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Writes ``obj`` as indented JSON, atomically."""
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_torch(path: str | os.PathLike[str], obj: Any) -> None:
+    """``torch.save`` of ``obj`` to ``path``, atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def load_torch(path: str | os.PathLike[str], what: str = "a sparseapps checkpoint") -> Any:
+    """Reads a ``torch.save`` file with ``weights_only=True`` (no code runs); a bad file raises :class:`CorruptFileError`.
+
+    Raises:
+        CorruptFileError: the file is missing, truncated, not a torch file, or holds objects other than tensors,
+            numbers, strings and containers (a pickle that would run code is refused, not run).
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise CorruptFileError(f"{path}: no such file (expected {what})") from error
+    except Exception as error:  # torch raises many types for a damaged or unsafe file
+        raise CorruptFileError(
+            f"{path} is not a readable file of {what}: {type(error).__name__}: {str(error).splitlines()[0]}. "
+            "sparseapps reads only tensors, numbers and strings from .pt files (weights_only=True) and never runs "
+            "code from them; if this is your run's file, it is damaged: remove the directory or pass --overwrite "
+            "to start afresh"
+        ) from error
+
+
+def load_json(path: str | os.PathLike[str], what: str = "a sparseapps file") -> Any:
+    """``json.loads`` of ``path``; a missing, truncated or non-JSON file raises :class:`CorruptFileError`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise CorruptFileError(f"{path}: no such file (expected {what})") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({what}): {error}; it is damaged (a run killed while writing it, or "
+            "edited by hand): remove it, or the directory with --overwrite, to start afresh"
+        ) from error
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike[str], names: Iterable[str]) -> None:
+    """Writes ``MANIFEST.json`` in ``directory``: the SHA-256 and size of each named file there."""
+    directory = Path(directory)
+    files = {
+        name: {"sha256": sha256(directory / name), "bytes": (directory / name).stat().st_size}
+        for name in names
+    }
+    write_json(directory / MANIFEST, {"version": MANIFEST_VERSION, "files": files})
+
+
+def verify_manifest(directory: str | os.PathLike[str], names: Iterable[str]) -> None:
+    """Checks that each named file in ``directory`` matches the ``MANIFEST.json`` written with it.
+
+    Call it before reading any file whose format can run code (pickle, cloudpickle).
+
+    Raises:
+        CorruptFileError: the manifest is missing or damaged, does not list a file, or a file's hash differs.
+    """
+    directory = Path(directory)
+    manifest = load_json(directory / MANIFEST, "the checkpoint's manifest of SHA-256 hashes")
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or manifest.get("version") != MANIFEST_VERSION:
+        raise CorruptFileError(
+            f"{directory / MANIFEST} is not a sparseapps manifest of version {MANIFEST_VERSION}"
+        )
+    for name in names:
+        path = directory / name
+        entry = listed.get(name)
+        if not isinstance(entry, dict):
+            raise CorruptFileError(f"{directory / MANIFEST} does not list {name}; refusing to read {path}")
+        if not path.is_file():
+            raise CorruptFileError(f"{path}: no such file, though {directory / MANIFEST} lists it")
+        if sha256(path) != entry.get("sha256"):
+            raise CorruptFileError(
+                f"{path} differs from the SHA-256 recorded in {directory / MANIFEST} when this run wrote it, so it "
+                "is not read (its format can run code). Only checkpoints written by your own runs can be resumed; "
+                "remove the directory or pass --overwrite to start afresh"
+            )
+
+
+def remove_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Removes the temporary files a killed run left in ``directory`` (not recursive); returns what it removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = [path for path in directory.glob(TEMPORARY_GLOB) if path.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed

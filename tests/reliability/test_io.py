@@ -1,0 +1,98 @@
+"""The trust boundary of files the package reads back: no code runs from a planted checkpoint."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparseapps.core import DynamicSparsity, SparsityConfig
+from sparseapps.core.io import (
+    CorruptFileError,
+    load_json,
+    load_torch,
+    remove_temporaries,
+    save_torch,
+    verify_manifest,
+    write_atomic,
+    write_manifest,
+)
+
+
+class _Planted:
+    """Unpickling it would create the file named by its argument."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_is_refused_and_never_run(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    planted = tmp_path / "checkpoint.pt"
+    torch.save({"version": 1, "payload": _Planted(marker)}, planted)
+    with pytest.raises(CorruptFileError, match="checkpoint.pt"):
+        load_torch(planted)
+    assert not marker.exists()
+
+
+def test_truncated_files_name_themselves(tmp_path: Path) -> None:
+    path = tmp_path / "state.pt"
+    save_torch(path, {"a": torch.arange(100)})
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CorruptFileError, match="state.pt"):
+        load_torch(path)
+    broken = tmp_path / "progress.json"
+    broken.write_text('{"step": 1')
+    with pytest.raises(CorruptFileError, match="progress.json"):
+        load_json(broken)
+
+
+def test_manifest_refuses_a_changed_file_and_an_unlisted_one(tmp_path: Path) -> None:
+    (tmp_path / "model.zip").write_bytes(b"written by this run")
+    write_manifest(tmp_path, ["model.zip"])
+    verify_manifest(tmp_path, ["model.zip"])
+    (tmp_path / "model.zip").write_bytes(pickle.dumps("replaced"))
+    with pytest.raises(CorruptFileError, match="model.zip differs"):
+        verify_manifest(tmp_path, ["model.zip"])
+    (tmp_path / "extra.pkl").write_bytes(b"x")
+    with pytest.raises(CorruptFileError, match="does not list extra.pkl"):
+        verify_manifest(tmp_path, ["extra.pkl"])
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "results.json"
+    write_atomic(target, b"old")
+
+    def fail(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(target, fail)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    (tmp_path / ".results.json.abc.sparseapps-tmp").write_bytes(b"left by SIGKILL")
+    assert [p.name for p in remove_temporaries(tmp_path)] == [".results.json.abc.sparseapps-tmp"]
+
+
+def test_a_checkpoint_cannot_claim_a_sparsity_it_does_not_have() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = SparsityConfig.preset("rigl", sparsity=0.8)
+    sparsity = DynamicSparsity(model, optimizer, config, total_steps=100)
+    state = sparsity.state_dict()
+    state["masks"] = {fqn: torch.ones_like(mask) for fqn, mask in state["masks"].items()}
+    with pytest.raises(ValueError, match="more than the budget"):
+        sparsity.load_state_dict(state)
+    state = sparsity.state_dict()
+    state["budgets"] = {fqn: mask.numel() for fqn, mask in state["masks"].items()}
+    with pytest.raises(ValueError, match="budgets"):
+        sparsity.load_state_dict(state)
+    sparsity.load_state_dict(sparsity.state_dict())  # its own checkpoint still loads

@@ -36,7 +36,7 @@ def test_a_planted_pickle_is_refused_and_never_run(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     planted = tmp_path / "checkpoint.pt"
     torch.save({"version": 1, "payload": _Planted(marker)}, planted)
-    with pytest.raises(CorruptFileError, match="checkpoint.pt"):
+    with pytest.raises(CorruptFileError, match=r"checkpoint.pt"):
         load_torch(planted)
     assert not marker.exists()
 
@@ -45,11 +45,11 @@ def test_truncated_files_name_themselves(tmp_path: Path) -> None:
     path = tmp_path / "state.pt"
     save_torch(path, {"a": torch.arange(100)})
     path.write_bytes(path.read_bytes()[:50])
-    with pytest.raises(CorruptFileError, match="state.pt"):
+    with pytest.raises(CorruptFileError, match=r"state.pt"):
         load_torch(path)
     broken = tmp_path / "progress.json"
     broken.write_text('{"step": 1')
-    with pytest.raises(CorruptFileError, match="progress.json"):
+    with pytest.raises(CorruptFileError, match=r"progress.json"):
         load_json(broken)
 
 
@@ -58,10 +58,10 @@ def test_manifest_refuses_a_changed_file_and_an_unlisted_one(tmp_path: Path) -> 
     write_manifest(tmp_path, ["model.zip"])
     verify_manifest(tmp_path, ["model.zip"])
     (tmp_path / "model.zip").write_bytes(pickle.dumps("replaced"))
-    with pytest.raises(CorruptFileError, match="model.zip differs"):
+    with pytest.raises(CorruptFileError, match=r"model.zip differs"):
         verify_manifest(tmp_path, ["model.zip"])
     (tmp_path / "extra.pkl").write_bytes(b"x")
-    with pytest.raises(CorruptFileError, match="does not list extra.pkl"):
+    with pytest.raises(CorruptFileError, match=r"does not list extra.pkl"):
         verify_manifest(tmp_path, ["extra.pkl"])
 
 

@@ -89,7 +89,7 @@ def test_existing_run_needs_resume_and_the_same_configuration(
     with pytest.raises(ValueError, match=r"another configuration.*'density': \(0.25, 0.5\)"):
         train(config.replace(density=0.5), tmp_path, resume=True, progress=False, split=tiny_split)
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=f"{CHECKPOINT} is not a readable checkpoint"):
+    with pytest.raises(ValueError, match=f"{CHECKPOINT} is not a readable file"):
         train(config, tmp_path, resume=True, progress=False, split=tiny_split)
 
 

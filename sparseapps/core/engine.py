@@ -943,7 +943,6 @@ class DynamicSparsity:
         self._check_budgets(state, self._check_masks(state["masks"], shapes, "masks"))
         for fqn, t in self.tensors.items():
             t.mask.copy_(state["masks"][fqn].to(t.mask.device))
-            t.budget = int(state["budgets"][fqn])
             if fqn in state["active_rows"]:
                 t.active_rows = state["active_rows"][fqn].to(t.mask.device).clone()
         device_of = {fqn: t.mask.device for fqn, t in self.tensors.items()}

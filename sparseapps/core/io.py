@@ -1,6 +1,6 @@
 """Files the package writes and reads back: atomic writes, tensor-only loading, and SHA-256 manifests.
 
-The trust boundary (docs/reliability.md):
+The trust boundary:
 
 - ``.pt`` files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so a
   planted file cannot run code. A file that needs more is refused and named.
@@ -127,8 +127,8 @@ def load_torch(path: str | os.PathLike[str], what: str = "a sparseapps checkpoin
         raise CorruptFileError(
             f"{path} is not a readable file of {what}: {type(error).__name__}: {str(error).splitlines()[0]}. "
             "sparseapps reads only tensors, numbers and strings from .pt files (weights_only=True) and never runs "
-            "code from them; if this is your run's file, it is damaged: remove the directory or pass --overwrite "
-            "to start afresh"
+            "code from them; if this is your run's file, it is damaged: remove it or choose another output "
+            "directory to start afresh"
         ) from error
 
 
@@ -142,7 +142,7 @@ def load_json(path: str | os.PathLike[str], what: str = "a sparseapps file") -> 
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CorruptFileError(
             f"{path} is not valid JSON ({what}): {error}; it is damaged (a run killed while writing it, or "
-            "edited by hand): remove it, or the directory with --overwrite, to start afresh"
+            "edited by hand): remove it or choose another output directory to start afresh"
         ) from error
 
 
@@ -174,7 +174,11 @@ def verify_manifest(directory: str | os.PathLike[str], names: Iterable[str]) -> 
         CorruptFileError: the manifest is missing or damaged, does not list a file, or a file's hash differs.
     """
     directory = Path(directory)
-    manifest = load_json(directory / MANIFEST, "the checkpoint's manifest of SHA-256 hashes")
+    manifest = load_json(
+        directory / MANIFEST,
+        "the manifest of SHA-256 hashes that sparseapps writes with every checkpoint; a checkpoint without one "
+        "was written before version checks existed or by another tool, and is not read",
+    )
     listed = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict) or manifest.get("version") != MANIFEST_VERSION:
         raise CorruptFileError(
@@ -191,7 +195,7 @@ def verify_manifest(directory: str | os.PathLike[str], names: Iterable[str]) -> 
             raise CorruptFileError(
                 f"{path} differs from the SHA-256 recorded in {directory / MANIFEST} when this run wrote it, so it "
                 "is not read (its format can run code). Only checkpoints written by your own runs can be resumed; "
-                "remove the directory or pass --overwrite to start afresh"
+                "remove the directory or choose another output directory to start afresh"
             )
 
 

@@ -418,7 +418,8 @@ class _RunTracker(BaseCallback):
 
 def _checkpoint_dir(out: Path) -> Path | None:
     for name in ("checkpoint", "checkpoint.old"):
-        if (out / name / MANIFEST).exists():  # written last: a checkpoint without it is incomplete
+        # A checkpoint directory is swapped in only when complete; verify_manifest refuses one without a manifest.
+        if (out / name / "progress.json").exists():
             return out / name
     return None
 

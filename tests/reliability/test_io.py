@@ -96,3 +96,15 @@ def test_a_checkpoint_cannot_claim_a_sparsity_it_does_not_have() -> None:
     with pytest.raises(ValueError, match="budgets"):
         sparsity.load_state_dict(state)
     sparsity.load_state_dict(sparsity.state_dict())  # its own checkpoint still loads
+
+
+def test_an_rl_checkpoint_without_a_manifest_is_refused_not_retrained_over(tmp_path: Path) -> None:
+    from sparseapps.rl.train import RLRun, train_run
+
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "progress.json").write_text("{}")
+    (checkpoint / "model.zip").write_bytes(b"older checkpoint")
+    with pytest.raises(CorruptFileError, match=r"MANIFEST\.json"):
+        train_run(RLRun(env="CartPole-v1", algo="ppo", steps=64), tmp_path)
+    assert (checkpoint / "model.zip").read_bytes() == b"older checkpoint"

@@ -13,6 +13,10 @@ The trust boundary:
 Every file is written through :func:`write_atomic`: a temporary file in the same directory, ``fsync``, then
 ``os.replace``, so a reader sees the old file or the new one, never a half-written one. Temporary files left by a
 killed run match :data:`TEMPORARY_GLOB` and are removed by :func:`remove_temporaries` on the next start.
+
+Every output directory is claimed through :func:`claim_output`: it records which tool and settings wrote it
+(``sparseapps-run.json``) and refuses a run of another tool or other settings into it, naming the directory, the
+file and what differs, unless the user passes ``overwrite`` (which removes only the files that tool writes).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,10 @@ import torch
 __all__ = [
     "MANIFEST",
     "TEMPORARY_GLOB",
+    "OWNER_FILE",
     "CorruptFileError",
+    "OutputConflictError",
+    "claim_output",
     "load_json",
     "load_torch",
     "remove_temporaries",
@@ -48,10 +56,16 @@ MANIFEST = "MANIFEST.json"
 MANIFEST_VERSION = 1
 TEMPORARY_SUFFIX = ".sparseapps-tmp"
 TEMPORARY_GLOB = f".*{TEMPORARY_SUFFIX}"
+OWNER_FILE = "sparseapps-run.json"
+OWNER_VERSION = 1
 
 
 class CorruptFileError(ValueError):
     """A file the package wrote is damaged, foreign, or does not match its run's manifest (a ``ValueError``)."""
+
+
+class OutputConflictError(FileExistsError):
+    """An output directory holds results that a run would overwrite (another tool, other settings, or foreign)."""
 
 
 @contextlib.contextmanager
@@ -208,3 +222,101 @@ def remove_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
+
+
+def _differences(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {
+        key: (saved.get(key), requested.get(key))
+        for key in sorted(set(saved) | set(requested))
+        if saved.get(key) != requested.get(key)
+    }
+
+
+def claim_output(
+    directory: str | os.PathLike[str],
+    *,
+    tool: str,
+    settings: Mapping[str, Any],
+    outputs: Iterable[str],
+    overwrite: bool = False,
+) -> bool:
+    """Claims ``directory`` for a run of ``tool`` with ``settings``; refuses to write over anything else.
+
+    The directory is created if needed, temporary files of a killed run are removed, and ``sparseapps-run.json``
+    records ``tool`` and ``settings`` (JSON values). A later claim with the same tool and settings finds the run
+    (the caller resumes or reuses it); any other claim raises :class:`OutputConflictError`, as does a directory
+    that holds one of ``outputs`` without the record (another program's files, or a run of a sparseapps version
+    that wrote none).
+
+    Args:
+        directory: the output directory.
+        tool: which command writes it, e.g. ``"recsys train"``.
+        settings: everything that changes what the run computes (seed, method, configuration), JSON values.
+        outputs: the names of the files and folders ``tool`` writes there; ``overwrite`` removes these only.
+        overwrite: replace a conflicting run: remove its ``outputs`` and record, keep any other file.
+
+    Returns:
+        ``True`` when the directory already held a run of ``tool`` with ``settings``, ``False`` when it is new
+        (or was just cleared by ``overwrite``).
+
+    Raises:
+        OutputConflictError: the directory holds results of another tool or other settings, or foreign outputs.
+
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> claim_output(out, tool="demo", settings={"seed": 0}, outputs=["results.json"])
+        False
+        >>> claim_output(out, tool="demo", settings={"seed": 0}, outputs=["results.json"])
+        True
+        >>> try:
+        ...     claim_output(out, tool="demo", settings={"seed": 1}, outputs=["results.json"])
+        ... except OutputConflictError as error:
+        ...     print(str(error).split("; ")[1].split(".")[0])
+        (saved, requested) differ in {'seed': (0, 1)}
+    """
+    directory = Path(directory)
+    outputs = list(outputs)
+    requested = json.loads(json.dumps(dict(settings)))  # compare as JSON would store it (tuples -> lists)
+    record = directory / OWNER_FILE
+    remove_temporaries(directory)
+    problem = None
+    held = False
+    if record.exists():
+        saved = load_json(record, "the record of which sparseapps tool and settings wrote this directory")
+        if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+            problem = f"{record} is not a sparseapps run record"
+        elif saved.get("tool") != tool:
+            problem = f"{directory} holds a run of `sparseapps {saved.get('tool')}` ({record}), not `sparseapps {tool}`"
+        else:
+            differences = _differences(saved["settings"], requested)
+            if differences:
+                problem = (
+                    f"{directory} holds a run of other settings ({record}); (saved, requested) differ in "
+                    f"{differences}"
+                )
+            else:
+                held = True
+    else:
+        present = [name for name in outputs if (directory / name).exists()]
+        if present:
+            problem = (
+                f"{directory} holds {directory / present[0]} but no {OWNER_FILE}: it was written by another "
+                "program or by a sparseapps version that did not record its settings"
+            )
+    if problem is not None:
+        if not overwrite:
+            raise OutputConflictError(
+                f"{problem}. Nothing was changed. Choose another output directory, or pass --overwrite "
+                f"(overwrite=True) to replace it"
+            )
+        for name in outputs:
+            path = directory / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+    if not held:
+        write_json(record, {"version": OWNER_VERSION, "tool": tool, "settings": requested})
+    return held

@@ -15,10 +15,12 @@ MODULES = [
     "sparseapps.core.structured",
     "sparseapps.core.accounting",
     "sparseapps.core.engine",
+    "sparseapps.core.io",
 ]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no docstring example to run"
     assert result.failed == 0

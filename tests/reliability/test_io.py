@@ -108,3 +108,31 @@ def test_an_rl_checkpoint_without_a_manifest_is_refused_not_retrained_over(tmp_p
     with pytest.raises(CorruptFileError, match=r"MANIFEST\.json"):
         train_run(RLRun(env="CartPole-v1", algo="ppo", steps=64), tmp_path)
     assert (checkpoint / "model.zip").read_bytes() == b"older checkpoint"
+
+
+def test_claim_output_refuses_other_settings_tools_and_foreign_files(tmp_path: Path) -> None:
+    from sparseapps.core.io import OWNER_FILE, OutputConflictError, claim_output
+
+    out = tmp_path / "run"
+    outputs = ["results.json", "checkpoint.pt"]
+    assert claim_output(out, tool="recsys train", settings={"seed": 0}, outputs=outputs) is False
+    (out / "results.json").write_text("{}")
+    (out / "notes.txt").write_text("the user's own file")
+    assert claim_output(out, tool="recsys train", settings={"seed": 0}, outputs=outputs) is True
+    with pytest.raises(OutputConflictError, match=r"differ in \{'seed': \(0, 1\)\}"):
+        claim_output(out, tool="recsys train", settings={"seed": 1}, outputs=outputs)
+    with pytest.raises(OutputConflictError, match=r"sparseapps recsys train.*not `sparseapps rl train`"):
+        claim_output(out, tool="rl train", settings={"seed": 0}, outputs=outputs)
+    assert (out / "results.json").read_text() == "{}"  # refusals change nothing
+    # --overwrite removes the tool's outputs and record, never the user's other files
+    assert claim_output(out, tool="recsys train", settings={"seed": 1}, outputs=outputs, overwrite=True) is False
+    assert not (out / "results.json").exists()
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert load_json(out / OWNER_FILE)["settings"] == {"seed": 1}
+    # a directory with the tool's outputs but no record (another program, an older version) is refused
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "checkpoint.pt").write_bytes(b"not ours")
+    with pytest.raises(OutputConflictError, match=r"checkpoint.pt but no sparseapps-run.json"):
+        claim_output(foreign, tool="recsys train", settings={}, outputs=outputs)
+    assert (foreign / "checkpoint.pt").read_bytes() == b"not ours"

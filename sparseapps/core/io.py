@@ -36,8 +36,8 @@ import torch
 
 __all__ = [
     "MANIFEST",
-    "TEMPORARY_GLOB",
     "OWNER_FILE",
+    "TEMPORARY_GLOB",
     "CorruptFileError",
     "OutputConflictError",
     "claim_output",

@@ -11,7 +11,7 @@ Example:
 from sparseapps.core.accounting import SparsityReport, TensorReport, training_flops_per_step
 from sparseapps.core.config import PRESETS, ConfigMismatchError, SparsityConfig
 from sparseapps.core.distributions import target_nnz
-from sparseapps.core.engine import DynamicSparsity, select_tensors
+from sparseapps.core.engine import DynamicSparsity, NonFiniteGradientError, select_tensors
 from sparseapps.core.kernels import CondenseConfig, condense
 from sparseapps.core.masks import get_mask
 
@@ -20,6 +20,7 @@ __all__ = [
     "CondenseConfig",
     "ConfigMismatchError",
     "DynamicSparsity",
+    "NonFiniteGradientError",
     "SparsityConfig",
     "SparsityReport",
     "TensorReport",

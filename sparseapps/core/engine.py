@@ -27,6 +27,12 @@ STATE_VERSION = 1
 logger = logging.getLogger(__name__)
 _FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg")
 _MULTIPLIER_LIMIT = 1 << 24
+
+
+class NonFiniteGradientError(FloatingPointError, ValueError):
+    """A gradient holds NaN or Inf at an optimizer step; the step was not taken (a ``ValueError`` too)."""
+
+
 # embedding_rows="looked_up" works on rows when at most 1/_ROW_MODE_SHARE of a table's rows were looked up, and
 # only for tables of _ROW_MODE_MIN_ROWS rows or more (below that a whole-table pass costs microseconds, less than
 # recording the lookups).
@@ -103,6 +109,9 @@ class DynamicSparsity:
         total_steps: optimizer steps of the whole run (schedules are fractions of it).
         initial_masks: optional ``{fqn: bool tensor}`` to start from instead of random masks; each tensor's
             budget becomes its mask's nnz.
+        check_finite: before each optimizer step, check every gradient it would apply for NaN/Inf and raise
+            :class:`NonFiniteGradientError` naming the parameter (the step is not taken). One fused pass over
+            the gradients; with ``embedding_rows="looked_up"``, only the looked-up rows of the large tables.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
@@ -124,6 +133,7 @@ class DynamicSparsity:
         total_steps: int,
         *,
         initial_masks: Mapping[str, torch.Tensor] | None = None,
+        check_finite: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -135,6 +145,7 @@ class DynamicSparsity:
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
         self.model = model
         self.optimizer = optimizer
+        self.check_finite = check_finite
         self.config = config
         self.total_steps = total_steps
         self.step = 0
@@ -229,6 +240,16 @@ class DynamicSparsity:
             if config.embedding_rows == "looked_up"
             else ()
         )
+        row_params = {id(self.tensors[fqn].param) for fqn in self._row_tensors}
+        names = {id(p): name for name, p in model.named_parameters()}
+        # Every parameter the optimizer steps, by name, for the finite-gradient check of each step (row-mode
+        # tables are checked on their looked-up rows in _row_step instead of whole).
+        self._checked_params: list[tuple[str, nn.Parameter]] = [
+            (names.get(id(p), f"param_groups[{g}]['params'][{i}]"), p)
+            for g, group in enumerate(optimizer.param_groups)
+            for i, p in enumerate(group["params"])
+            if id(p) not in row_params
+        ]
         self._looked_up: dict[str, torch.Tensor] = {}  # per row-mode table: bool flags of the rows looked up
         self._row_stepped: set[str] = set()  # row-mode tables that need no re-masking after this step
         self._checking_rows = False
@@ -392,6 +413,8 @@ class DynamicSparsity:
         (SGD, Adam, AdamW, RMSprop, Adagrad, ...) leaves them at zero; every full step checks that it did.
         """
         rows_grad = grad.index_select(0, rows)
+        if self.check_finite:
+            self._raise_if_non_finite(fqn, rows_grad, step)
         if fqn in self.momentum_base:
             beta = self.config.momentum
             if beta == 0.0:  # the average is the last gradient
@@ -432,6 +455,35 @@ class DynamicSparsity:
                 "embedding_rows='all' for it"
             )
 
+    def _check_finite_gradients(self, step: int) -> None:
+        """Raises :class:`NonFiniteGradientError` naming the first parameter whose gradient holds NaN or Inf.
+
+        One fused max-abs pass over the gradients (NaN propagates through it) and one synchronization per step;
+        the names are looked up only when something is wrong.
+        """
+        named = [(name, p.grad) for name, p in self._checked_params if p.grad is not None]
+        grads = [g.coalesce().values() if g.is_sparse else g for _, g in named]
+        if not grads:
+            return
+        largest = torch._foreach_norm(grads, float("inf"))
+        if bool(torch.isfinite(torch.stack([m.float() for m in largest])).all()):
+            return
+        for (name, _), grad in zip(named, grads, strict=True):
+            self._raise_if_non_finite(name, grad, step)
+
+    def _raise_if_non_finite(self, name: str, grad: torch.Tensor, step: int) -> None:
+        finite = torch.isfinite(grad)
+        if bool(finite.all()):
+            return
+        n_nan = int(torch.isnan(grad).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise NonFiniteGradientError(
+            f"the gradient of {name!r} holds {n_nan} NaN and {n_inf} Inf entries at step {step}; the optimizer "
+            "step was not taken, so the weights are still finite. Check the loss and the inputs for NaN/Inf, "
+            "lower the learning rate or clip gradients (torch.nn.utils.clip_grad_norm_); "
+            "DynamicSparsity(..., check_finite=False) turns this check off"
+        )
+
     def _needs_dense_gradient(self) -> bool:
         c = self.config
         return c.grow == "gradient" or c.drop == "weight_gradient"
@@ -443,6 +495,8 @@ class DynamicSparsity:
                 "prune_at_initialization(inputs, targets, loss_fn) before the first optimizer step"
             )
         upcoming = self.step + 1
+        if self.check_finite:
+            self._check_finite_gradients(upcoming)
         update = schedules.is_update_step(upcoming, self.config, self.total_steps)
         capture = update and self._needs_dense_gradient()
         # The first step is a full one too: a table that is also read outside its module's forward is refused
@@ -468,6 +522,8 @@ class DynamicSparsity:
                     self._row_stepped.add(fqn)
                     continue
                 if dense_grad and full_step:
+                    if self.check_finite:
+                        self._raise_if_non_finite(fqn, grad, upcoming)
                     self._check_looked_up(fqn, grad, rows)
                 elif dense_grad:
                     self._row_stepped.add(fqn)  # masked whole below; keeps its zeros as in _row_step

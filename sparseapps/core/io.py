@@ -68,8 +68,17 @@ class OutputConflictError(FileExistsError):
     """An output directory holds results that a run would overwrite (another tool, other settings, or foreign)."""
 
 
+def _default_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_DEFAULT_MODE = _default_mode()  # what open() would give a new file (mkstemp alone gives 0o600)
+
+
 @contextlib.contextmanager
-def _temporary_beside(path: Path) -> Iterator[Path]:
+def _temporary_beside(path: Path, mode: int) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     os.close(handle)
@@ -78,6 +87,7 @@ def _temporary_beside(path: Path) -> Iterator[Path]:
         yield temporary
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
         _fsync_directory(path.parent)
     finally:
@@ -93,11 +103,14 @@ def _fsync_directory(directory: Path) -> None:
             os.close(handle)
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | Callable[[Path], None]) -> None:
+def write_atomic(
+    path: str | os.PathLike[str], data: bytes | Callable[[Path], None], *, mode: int | None = None
+) -> None:
     """Writes ``data`` (bytes, or a function that writes a given path) to ``path`` atomically.
 
     A temporary file in the same directory is written, flushed to disk and renamed over ``path``; on any error
-    ``path`` keeps its old contents and the temporary file is removed.
+    ``path`` keeps its old contents and the temporary file is removed. ``mode`` sets the permission bits
+    (default: those of a new file under the process's umask).
 
     Example:
         >>> import tempfile, pathlib
@@ -106,7 +119,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Callable[[Path], No
         >>> target.read_bytes()
         b'hello'
     """
-    with _temporary_beside(Path(path)) as temporary:
+    with _temporary_beside(Path(path), _DEFAULT_MODE if mode is None else mode) as temporary:
         if isinstance(data, bytes | bytearray | memoryview):
             temporary.write_bytes(data)
         else:

@@ -13,16 +13,14 @@ pragmas and chosen at run time from the CPU's flags, so the library also runs on
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels import formats, library, reference
 
 CFLAGS = [
@@ -35,18 +33,6 @@ CFLAGS = [
     "-Wno-maybe-uninitialized",
 ]
 LDFLAGS = ["-fopenmp"]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.chmod(tmp, 0o755 if path.suffix == ".so" else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _self_check() -> None:
@@ -128,13 +114,13 @@ def build(*, verbose: bool = False) -> Path:
         is_python_module=False,
     )
     _self_check()
-    _write_atomic(library.LIBRARY_FILE, Path(str(built)).read_bytes())
+    write_atomic(library.LIBRARY_FILE, Path(str(built)).read_bytes(), mode=0o755)
     info = {
         **library.fingerprint(),
         "cflags": " ".join(CFLAGS),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_atomic(library.INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    write_json(library.INFO_FILE, info)
     shutil.rmtree(work, ignore_errors=True)
     return library.LIBRARY_FILE
 

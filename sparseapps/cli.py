@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from sparseapps import __version__
+from sparseapps.core import ConfigMismatchError, NonFiniteGradientError
+from sparseapps.core.io import CorruptFileError, OutputConflictError
 
 # Domain subpackages add their own subcommands: module path -> function(subparsers) registering them.
 DOMAIN_COMMANDS = ("sparseapps.recsys.cli", "sparseapps.rl.cli", "sparseapps.continual.cli")
@@ -180,7 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one ``sparseapps`` command; returns its exit code (2 for a refused input, file or output directory)."""
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (CorruptFileError, OutputConflictError, ConfigMismatchError, NonFiniteGradientError) as error:
+        # The domains catch these themselves; this keeps any path that does not from ending in a traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: checkpoints written so far are kept; run the same command again (with --resume where "
+            "the command has it) to continue",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "info":
         data = info()
         if args.json:

@@ -29,3 +29,22 @@ def test_bad_arguments_exit_non_zero(tmp_path: Path) -> None:
 def test_console_entry_point_runs() -> None:
     done = subprocess.run([sys.executable, "-m", "sparseapps", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and "sparseapps" in done.stdout
+
+
+def test_a_refused_file_or_directory_is_one_error_line_not_a_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    import sparseapps.cli as cli
+    from sparseapps.core.io import CorruptFileError
+
+    def refuse(args) -> int:
+        raise CorruptFileError(f"{tmp_path / 'checkpoint.pt'} is damaged")
+
+    monkeypatch.setattr(cli, "_dispatch", refuse)
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'checkpoint.pt'} is damaged\n"
+
+    def interrupt(args) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", interrupt)
+    assert main(["info"]) == 130
+    assert "run the same command again" in capsys.readouterr().err

@@ -65,7 +65,9 @@ def test_row_mode_tables_are_checked_on_their_looked_up_rows() -> None:
         table(torch.tensor([3, 5, 7])).sum().backward()
         if step == 3:
             table.weight.grad[5, 0] = float("nan")
-            with pytest.raises(NonFiniteGradientError, match=r"'weight' holds 1 NaN and 0 Inf entries at step 3"):
+            with pytest.raises(
+                NonFiniteGradientError, match=r"'weight' holds 1 NaN and 0 Inf entries at step 3"
+            ):
                 optimizer.step()
         else:
             optimizer.step()

@@ -51,7 +51,9 @@ sys.path.insert(0, str(ROOT))
 from sparseapps.core.io import load_torch, write_json  # noqa: E402
 
 # JSON keys whose values are wall-clock measurements or environment facts, not results of the computation.
-WALL_CLOCK_WORDS = ("second", "time", "elapsed", "date", "version", "fps", "per_s", "duration", "started")
+WALL_CLOCK_WORDS = (
+    "second", "time", "elapsed", "date", "version", "fps", "per_s", "duration", "started", "_ms", "rss",
+)
 SKIPPED_SUFFIXES = (".png", ".txt", ".log", ".pkl")
 SKIPPED_PARTS = ("tb",)
 

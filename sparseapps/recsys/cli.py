@@ -5,8 +5,10 @@ Example:
 
 writes ``runs/x/checkpoint.pt`` (every epoch), ``results.json`` (valid/test metrics, parameters, bytes, seconds
 per epoch, seed, config), ``compact.pt``, ``recall_vs_epoch.png`` and ``embedding_size_vs_popularity.png``.
-``--resume`` continues an interrupted run from its checkpoint and refuses one made with other settings. Every
-field of :class:`~sparseapps.recsys.train.TrainConfig` is an option (``--update-interval``, ``--grow``, ...).
+``--resume`` continues an interrupted run from its checkpoint and refuses one made with other settings; a --out
+holding anything else (another run, another tool's, foreign files) is refused unless ``--overwrite``. Errors of
+input, data or --out print one line and exit with status 2. Every field of
+:class:`~sparseapps.recsys.train.TrainConfig` is an option (``--update-interval``, ``--grow``, ...).
 """
 
 from __future__ import annotations
@@ -75,7 +77,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_config_options(train_parser)
     train_parser.add_argument("--out", type=Path, required=True, help="output directory")
     train_parser.add_argument(
-        "--resume", action="store_true", help="continue from --out's checkpoint (same settings only)"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (same settings only); an empty --out simply starts",
+    )
+    train_parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what --out holds (another run, another tool's, foreign files): removes only the files this "
+        "command writes; with --resume, a run of the same settings is continued instead",
     )
     train_parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train_parser.add_argument(
@@ -87,6 +97,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="ML-100K: dense vs DSL at 0.5 / 0.2 / 0.1 for MF-BPR and LightGCN, with a table and plots",
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo/recsys"), help="output directory")
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what --out holds that is not this demo's (its own runs are still resumed)",
+    )
     demo.set_defaults(handler=_demo_command)
 
 
@@ -94,9 +109,14 @@ def _train_command(args: argparse.Namespace) -> int:
     try:
         config = _config_from(args)
         results = train(
-            config, args.out, resume=args.resume, progress=not args.no_progress, threads=args.threads
+            config,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            threads=args.threads,
         )
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:  # bad input, a conflicting --out, missing data
         print(f"error: {error}", file=sys.stderr)
         return 2
     test, k = results["test"], max(config.ks)
@@ -114,8 +134,8 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def _demo_command(args: argparse.Namespace) -> int:
     try:
-        run_demo(args.out)
-    except (ValueError, FileNotFoundError) as error:
+        run_demo(args.out, overwrite=args.overwrite)
+    except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -34,17 +34,17 @@ ml-32m      32,000,204  ``ml-32m/ratings.csv``
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.metadata
 import importlib.util
 import io
 import math
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -53,6 +53,8 @@ from typing import IO, Any, Literal
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from sparseapps.core.io import write_atomic
 
 RatingsFormat = Literal["u.data", "dat", "csv"]
 SplitMethod = Literal["random", "leave_one_out", "temporal"]
@@ -267,18 +269,8 @@ class Interactions:
         )
 
 
-def _convert_columns(table: np.ndarray, *, source: str, expected: str) -> Interactions:
-    """``[N, 4]`` float64 (user, item, rating, timestamp) -> :class:`Interactions`, checking ids are integers."""
-    for column, name in ((0, "user id"), (1, "item id"), (3, "timestamp")):
-        values = table[:, column]
-        bad = ~(np.isfinite(values) & (values == np.floor(values)))
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{source}: expected {expected}; row {row + 1} has a non-integer {name} {values[row]!r}"
-            )
-    if not np.all(np.isfinite(table[:, 2])):
-        raise ValueError(f"{source}: expected {expected}; found a non-finite rating")
+def _convert_columns(table: np.ndarray, *, source: str) -> Interactions:
+    """``[N, 4]`` float64 (user, item, rating, timestamp), checked by :func:`_rating_problems` -> Interactions."""
     return Interactions(
         table[:, 0].astype(np.int64),
         table[:, 1].astype(np.int64),
@@ -308,6 +300,85 @@ def _iter_text_blocks(stream: IO[bytes], first_line: int) -> Iterator[tuple[str,
         yield remainder.decode("latin-1"), line
 
 
+_RATING_COLUMNS = ("user id", "item id", "rating", "timestamp")
+
+
+class _NotNumericError(ValueError):
+    """A field of a numeric table is not a number (an atomic file then retries its tokens as strings)."""
+
+
+def _rating_problems(table: np.ndarray) -> tuple[int, int, str] | None:
+    """``(row, column, what is wrong)`` of the first bad row of ``[N, 4]`` ratings, or ``None``.
+
+    Ids must be non-negative integers, timestamps integers, ratings finite numbers.
+    """
+    finite = np.isfinite(table)
+    integral = finite & (table == np.floor(table))
+    problems = (
+        (0, ~integral[:, 0], "is not an integer"),
+        (0, table[:, 0] < 0, "is negative (ids are non-negative integers)"),
+        (1, ~integral[:, 1], "is not an integer"),
+        (1, table[:, 1] < 0, "is negative (ids are non-negative integers)"),
+        (2, ~finite[:, 2], "is not a finite number"),
+        (3, ~integral[:, 3], "is not an integer (Unix seconds)"),
+    )
+    bad = np.zeros(len(table), dtype=bool)
+    for _, mask, _ in problems:
+        bad |= mask
+    if not bad.any():
+        return None
+    row = int(np.argmax(bad))
+    column, _, reason = next(problem for problem in problems if problem[1][row])
+    return row, column, reason
+
+
+def _describe_bad_line(
+    text: str,
+    first_line: int,
+    *,
+    delimiter: str,
+    n_columns: int,
+    numeric: bool,
+    check: Callable[[np.ndarray], tuple[int, int, str] | None] | None,
+    column_names: tuple[str, ...] | None,
+) -> tuple[int, str, bool] | None:
+    """``(line number, what is wrong, whether a field is not a number)`` for the first bad line of a block.
+
+    Only called once the fast parse of the block failed: reads the block line by line in Python.
+    """
+    for offset, raw in enumerate(text.split("\n")):
+        line = raw.rstrip("\r")
+        if not line.strip():
+            continue
+        shown = line.replace("\t", "::") if delimiter == "::" else line
+        fields = line.split("\t" if delimiter == "::" else delimiter)
+        number = first_line + offset
+        if len(fields) != n_columns:
+            return (
+                number,
+                f"{shown!r} has {len(fields)} fields, expected {n_columns} (a line cut short, e.g. by an "
+                "interrupted download or copy?)",
+                False,
+            )
+        if not numeric:
+            continue
+        values = []
+        for position, value in enumerate(fields):
+            try:
+                values.append(float(value))
+            except ValueError:
+                name = column_names[position] if column_names else f"field {position + 1}"
+                if not value.strip():
+                    return number, f"{name} is empty in {shown!r} (a line cut short?)", True
+                return number, f"{name} {value!r} in {shown!r} is not a number", True
+        problem = check(np.array([values])) if check is not None else None
+        if problem is not None:
+            _, column, reason = problem
+            name = column_names[column] if column_names else f"field {column + 1}"
+            return number, f"{name} {fields[column].strip()!r} in {shown!r} {reason}", False
+    return None
+
+
 def _parse_table(
     stream: IO[bytes],
     *,
@@ -317,8 +388,18 @@ def _parse_table(
     expected: str,
     first_line: int,
     dtype: type = np.float64,
+    check: Callable[[np.ndarray], tuple[int, int, str] | None] | None = None,
+    column_names: tuple[str, ...] | None = None,
 ) -> np.ndarray:
-    """Parses delimited text block by block into ``[N, n_columns]``; every row must have ``n_columns`` fields."""
+    """Parses delimited text block by block into ``[N, n_columns]``.
+
+    Every row must have ``n_columns`` fields and (numeric ``dtype``) pass ``check`` (``(row, column, reason)`` of
+    the first bad row, or ``None``). The first bad line is refused by number, with its text and the bad field.
+
+    Raises:
+        ValueError: a bad line (:class:`_NotNumericError` when a field is not a number), or no rows at all.
+    """
+    numeric = dtype is not str
     parts = []
     for text, line in _iter_text_blocks(stream, first_line):
         if delimiter == "::":
@@ -327,6 +408,7 @@ def _parse_table(
             text = text.replace("::", "\t")
         if not text.strip():
             continue
+        failure = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
@@ -339,16 +421,31 @@ def _parse_table(
                     quotechar=None,
                 )
         except ValueError as error:
-            raise ValueError(
-                f"{source}: expected {expected}; could not parse the rows starting at line {line}: {error}"
-            ) from error
-        if block.shape[0] == 0:
-            continue
-        if block.shape[1] != n_columns:
-            raise ValueError(
-                f"{source}: expected {expected}; found {block.shape[1]} fields per row near line {line}, "
-                f"expected {n_columns}"
+            failure = str(error)
+        else:
+            if block.shape[0] == 0:
+                continue
+            if block.shape[1] != n_columns:
+                failure = f"found {block.shape[1]} fields per row, expected {n_columns}"
+            elif numeric and check is not None and check(block) is not None:
+                failure = "a bad value"
+        if failure is not None:
+            found = _describe_bad_line(
+                text,
+                line,
+                delimiter=delimiter,
+                n_columns=n_columns,
+                numeric=numeric,
+                check=check,
+                column_names=column_names,
             )
+            if found is None:  # numpy and Python disagree on what parses: report numpy's reason
+                raise ValueError(
+                    f"{source}: expected {expected}; could not parse the lines from {line}: {failure}"
+                )
+            number, problem, not_numeric = found
+            kind = _NotNumericError if not_numeric else ValueError
+            raise kind(f"{source}: line {number}: {problem}; expected {expected}")
         parts.append(block)
     if not parts:
         raise ValueError(f"{source}: expected {expected}; the file holds no rows")
@@ -367,7 +464,9 @@ def parse_ratings(stream: IO[bytes], format: RatingsFormat, *, source: str = "<s
         The rows in file order, with ratings and timestamps.
 
     Raises:
-        ValueError: the content does not follow ``format`` (the message names ``source`` and the layout).
+        ValueError: the content does not follow ``format``: a line cut short (a missing rating or timestamp, as
+            an interrupted download or copy leaves), a field that is not a number, a negative or non-integer id
+            or timestamp. The message names ``source``, the line number, the line and the layout.
 
     Example:
         >>> rows = parse_ratings(io.BytesIO(b"1::10::5::978300760\\n2::10::3::978302109\\n"), "dat")
@@ -390,8 +489,10 @@ def parse_ratings(stream: IO[bytes], format: RatingsFormat, *, source: str = "<s
         source=source,
         expected=expected,
         first_line=first_line,
+        check=_rating_problems,
+        column_names=_RATING_COLUMNS,
     )
-    return _convert_columns(table, source=source, expected=expected)
+    return _convert_columns(table, source=source)
 
 
 def _token_codes(values: np.ndarray) -> np.ndarray:
@@ -449,9 +550,7 @@ def read_atomic_inter(path: str | os.PathLike[str]) -> Interactions:
         }
         try:
             table = _parse_table(stream, **parse)
-        except ValueError as error:
-            if "could not convert" not in str(error):
-                raise
+        except _NotNumericError:  # tokens that are not numbers: read every column as text
             stream.seek(body_start)
             table = _parse_table(stream, dtype=str, **parse)
     users = _token_codes(table[:, columns["user_id"]])
@@ -518,6 +617,20 @@ def file_md5(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+class DataNotFoundError(FileNotFoundError):
+    """A dataset has no local copy and could not be downloaded; the message says which file to place where."""
+
+
+def _where_to_place(spec: MovieLensArchive, root: Path) -> str:
+    """Every local copy :func:`load_interactions` reads, in its order, with the archive's URL and MD5."""
+    return (
+        f"place one of these (read in this order): {root / spec.name / f'{spec.name}.inter'} "
+        f"({FORMAT_DESCRIPTIONS['inter']}); {root / spec.member} ({FORMAT_DESCRIPTIONS[spec.format]}); or "
+        f"{root / spec.filename}, the GroupLens archive from {spec.url} (its MD5 {spec.md5} is checked before "
+        "use). --data-root (DataConfig.data_root) or $SPARSEAPPS_DATA sets the directory"
+    )
+
+
 def download_movielens(
     name: str,
     data_root: str | os.PathLike[str] | None = None,
@@ -527,13 +640,14 @@ def download_movielens(
 ) -> Path:
     """Downloads a GroupLens archive into ``data_root`` once and returns its path.
 
-    The file is streamed to a temporary file in the same directory, its MD5 compared with the published one, and
-    only then renamed into place, so an interrupted or corrupt download never leaves ``<name>.zip`` behind. An
-    archive already present is checked, not downloaded again.
+    The file is streamed to a temporary file in the same directory (:func:`~sparseapps.core.io.write_atomic`), its
+    MD5 compared with the published one, and only then renamed into place, so an interrupted or corrupt download
+    never leaves ``<name>.zip`` behind. An archive already present is checked, not downloaded again.
 
     Raises:
-        ValueError: unknown name, or a checksum that does not match (the file is removed).
-        OSError: the download failed (the message says where to place the archive by hand).
+        ValueError: unknown name, or a checksum that does not match (nothing is kept).
+        DataNotFoundError: the download failed, e.g. offline (a ``FileNotFoundError``; the message says where to
+            place the archive by hand, its URL and MD5).
 
     Example:
         >>> path = download_movielens("ml-1m", "/tmp/movielens")  # doctest: +SKIP
@@ -544,11 +658,12 @@ def download_movielens(
     if target.is_file():
         _check_archive_md5(target, spec)
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=root)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            digest = _stream_to(spec.url, out, progress=progress, timeout=timeout, manual_path=target)
+
+    def fetch(temporary: Path) -> None:
+        with open(temporary, "wb") as out:
+            digest = _stream_to(
+                spec.url, out, progress=progress, timeout=timeout, manual_path=target, md5=spec.md5
+            )
         if digest != spec.md5:
             raise ValueError(
                 f"{spec.url}: downloaded archive has MD5 {digest}, expected {spec.md5} (the published checksum); "
@@ -564,14 +679,14 @@ def download_movielens(
             ) from error
         if spec.member not in members:
             raise ValueError(f"{spec.url}: the archive lacks {spec.member}; nothing was kept")
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    write_atomic(target, fetch)
     return target
 
 
-def _stream_to(url: str, out: IO[bytes], *, progress: bool, timeout: float, manual_path: Path) -> str:
+def _stream_to(
+    url: str, out: IO[bytes], *, progress: bool, timeout: float, manual_path: Path, md5: str
+) -> str:
     """Copies ``url`` into ``out`` and returns the MD5 of what was written."""
     digest = hashlib.md5(usedforsecurity=False)
     try:
@@ -585,9 +700,10 @@ def _stream_to(url: str, out: IO[bytes], *, progress: bool, timeout: float, manu
                     out.write(block)
                     digest.update(block)
                     bar.update(len(block))
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-        raise OSError(
-            f"could not download {url}: {error}; place the archive at {manual_path} by hand"
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise DataNotFoundError(
+            f"could not download {url}: {reason}; place the archive at {manual_path} by hand (MD5 {md5})"
         ) from error
     return digest.hexdigest()
 
@@ -659,7 +775,8 @@ def load_interactions(
 
     Raises:
         ValueError: unknown dataset name, or a file in the wrong format.
-        FileNotFoundError: no local copy and ``download=False`` (the message lists where it looked).
+        DataNotFoundError: no local copy, and ``download=False`` or the download failed (offline): a
+            ``FileNotFoundError`` whose message lists each file to place where, the archive's URL and its MD5.
 
     Example:
         >>> rows = load_interactions("ml-100k", download=False)  # doctest: +SKIP
@@ -691,15 +808,19 @@ def load_interactions(
         bundled = find_recbole_ml100k()
         if bundled is not None:
             return read_atomic_inter(bundled)
-    if download:
-        return read_movielens_archive(
-            download_movielens(dataset, root, progress=progress), dataset, verify=False
+    if not download:
+        raise DataNotFoundError(
+            f"{dataset}: no local copy, and downloads are off (download=False): pass download=True or "
+            f"{_where_to_place(spec, root)}"
         )
-    raise FileNotFoundError(
-        f"{dataset}: no local copy; looked for {atomic} ({FORMAT_DESCRIPTIONS['inter']}), {extracted} "
-        f"({FORMAT_DESCRIPTIONS[spec.format]}) and {archive} (the GroupLens archive, MD5 {spec.md5}); "
-        f"pass download=True or place one of them there"
-    )
+    try:
+        downloaded = download_movielens(dataset, root, progress=progress)
+    except DataNotFoundError as error:
+        raise DataNotFoundError(
+            f"{dataset}: no local copy, and the download failed ({error.__cause__ or error}); "
+            f"{_where_to_place(spec, root)}"
+        ) from error
+    return read_movielens_archive(downloaded, dataset, verify=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ Early stopping counts evaluations without improvement from that point on.
 
 With an output directory, a run writes ``checkpoint.pt`` after every epoch (atomically), ``results.json``,
 ``compact.pt`` (the tables in compact storage), ``recall_vs_epoch.png`` and ``embedding_size_vs_popularity.png``;
-``resume=True`` continues from the checkpoint and refuses one made with another configuration.
+``resume=True`` continues from the checkpoint and refuses one made with another configuration. The directory is
+claimed (:func:`~sparseapps.core.io.claim_output`, ``sparseapps-run.json``): a run of other settings, another
+tool's run or foreign files there are refused unless ``overwrite=True``, which removes only :data:`OUTPUTS`.
 
 ``method="pep"`` first runs PEP's threshold search (:func:`~sparseapps.recsys.pep.search_masks`, its state in
 ``pep_search.pt``), then trains the tables rewound to step 0 under the mask it found, as a static mask.
@@ -17,6 +19,7 @@ With an output directory, a run writes ``checkpoint.pt`` after every epoch (atom
 
 from __future__ import annotations
 
+import io
 import math
 import multiprocessing
 import os
@@ -33,9 +36,12 @@ from tqdm.auto import tqdm
 
 from sparseapps.core.config import ConfigMismatchError, PlainConfig
 from sparseapps.core.io import (
+    OWNER_FILE,
     CorruptFileError,
+    OutputConflictError,
+    claim_output,
+    load_json,
     load_torch,
-    remove_temporaries,
     save_torch,
     write_atomic,
     write_json,
@@ -67,6 +73,14 @@ CHECKPOINT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
 PEP_CHECKPOINT = "pep_search.pt"
 RESULTS = "results.json"
+COMPACT = "compact.pt"
+RECALL_PLOT = "recall_vs_epoch.png"
+SIZE_PLOT = "embedding_size_vs_popularity.png"
+TOOL = "recsys train"
+# Every file :func:`train` writes to its output directory (``overwrite`` removes these, and only these).
+OUTPUTS = (CHECKPOINT, PEP_CHECKPOINT, RESULTS, COMPACT, RECALL_PLOT, SIZE_PLOT)
+# Test hook: seconds to pause halfway through writing each checkpoint, so that a kill lands inside the write.
+SLOW_CHECKPOINT_VARIABLE = "SPARSEAPPS_TEST_SLOW_CHECKPOINT"
 
 
 def _check_number(name: str, value: object, *, low: float, low_open: bool, high: float | None = None) -> None:
@@ -292,6 +306,175 @@ def config_differences(saved: dict[str, Any], current: TrainConfig) -> dict[str,
     return differences
 
 
+def _read_record(out_dir: Path, *, overwrite: bool) -> tuple[bool, str | None, dict[str, Any] | None]:
+    """``(present, tool, settings)`` of the record in ``out_dir``: ``(False, None, None)`` when there is none, a
+    ``None`` tool and settings for a record that is not a sparseapps one (damaged: an error unless ``overwrite``)."""
+    record = out_dir / OWNER_FILE
+    if not record.exists():
+        return False, None, None
+    try:
+        saved = load_json(record, "the record of which sparseapps tool and settings wrote this directory")
+    except CorruptFileError:
+        if overwrite:
+            return True, None, None
+        raise
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        return True, None, None
+    return True, saved.get("tool"), saved["settings"]
+
+
+@dataclass(frozen=True)
+class _OutputPlan:
+    """What :func:`_plan_output` found in an output directory and what :meth:`claim` will do there.
+
+    Attributes:
+        checkpoint: the saved training state to continue from, or ``None`` to start.
+        search: the saved PEP search state to continue from, or ``None``.
+        settings: the settings to record (the recorded ones when they equal the configuration's).
+        replace: remove the files of the run there first (``overwrite``, or a record with nothing else).
+        adopt: record a run of a version that recorded no settings (its checkpoint matched).
+    """
+
+    checkpoint: dict[str, Any] | None
+    search: dict[str, Any] | None
+    settings: dict[str, Any]
+    replace: bool
+    adopt: bool
+
+    def claim(self, out_dir: Path) -> None:
+        """Records the run in ``out_dir`` (:func:`~sparseapps.core.io.claim_output`), first removing the files
+        of the run it replaces."""
+        if self.replace:  # without a record, claim_output(overwrite=True) removes every file of a run
+            (out_dir / OWNER_FILE).unlink(missing_ok=True)
+        claim_output(
+            out_dir,
+            tool=TOOL,
+            settings=self.settings,
+            outputs=() if self.adopt else OUTPUTS,
+            overwrite=self.replace,
+        )
+
+
+def _plan_output(out_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> _OutputPlan:
+    """Checks what ``out_dir`` holds against a run of ``config``, writing nothing; returns what to resume.
+
+    A directory holding a run of ``config`` is continued with ``resume`` and refused without it; one holding
+    anything else (another configuration, another tool's run, files without a record) is refused, naming what
+    differs, unless ``overwrite``, which removes the files :func:`train` writes (:data:`OUTPUTS`) and starts
+    afresh. ``resume`` into an empty or missing directory simply starts, as does any run into a directory that
+    holds only the record of a run that wrote nothing. A configuration that differs only in fields added since
+    the run was recorded (at their defaults), or in PEP settings that neither run reads, counts as the same. A run
+    of a version that recorded no settings is continued (and recorded) when its checkpoint's configuration matches.
+    :func:`train` checks first and claims (:meth:`_OutputPlan.claim`) once the data has loaded, so a run that fails
+    before it starts leaves the directory as it was.
+
+    Raises:
+        ConfigMismatchError: the run there (its record or checkpoint) has another configuration (a ValueError).
+        FileExistsError: a run is there and ``resume`` is False, or results but no checkpoint to resume from;
+            :class:`~sparseapps.core.io.OutputConflictError` for another tool's run or foreign files.
+        CorruptFileError: a damaged checkpoint or record (a ValueError).
+    """
+    has_record, tool, recorded = _read_record(out_dir, overwrite=overwrite)
+    present = [name for name in (CHECKPOINT, PEP_CHECKPOINT, RESULTS) if (out_dir / name).exists()]
+    written = [name for name in OUTPUTS if (out_dir / name).exists()]
+    if not overwrite:  # what claim_output would refuse, refused before the data is loaded
+        problem = None
+        if has_record and tool != TOOL:
+            problem = (
+                f"{out_dir} holds a run of `sparseapps {tool}` ({out_dir / OWNER_FILE}), not `sparseapps {TOOL}`"
+                if tool is not None
+                else f"{out_dir / OWNER_FILE} is not a sparseapps run record"
+            )
+        elif not has_record and written and not present:  # (a checkpoint or results: an older version's run?)
+            problem = (
+                f"{out_dir} holds {out_dir / written[0]} but no {OWNER_FILE}: it was written by another program or "
+                "by a sparseapps version that did not record its settings"
+            )
+        if problem is not None:
+            raise OutputConflictError(
+                f"{problem}. Nothing was changed. Choose another output directory, or pass --overwrite "
+                "(overwrite=True) to replace it"
+            )
+    if tool != TOOL:
+        recorded = None
+    settings: dict[str, Any] = config.to_dict()
+    states: dict[str, dict[str, Any]] = {}
+    empty_run = recorded is not None and not written
+    if (recorded is not None or not has_record) and not empty_run:
+        differences = config_differences(recorded, config) if recorded is not None else {}
+        if differences and not overwrite:
+            raise ConfigMismatchError(
+                f"{out_dir} holds a run of another configuration ({out_dir / OWNER_FILE}); (saved, current) "
+                f"differ in {differences}. Nothing was changed: choose another output directory, or pass "
+                "--overwrite (overwrite=True) to replace it"
+            )
+        if recorded is not None and not differences:
+            settings = recorded  # equal to config, up to fields added since and PEP settings no run reads
+        if present and not resume and not overwrite:
+            what = (
+                "a run"
+                if has_record
+                else f"{', '.join(present)} but no {OWNER_FILE} (a run of a sparseapps version that did not "
+                "record its settings, or another program's files)"
+            )
+            raise FileExistsError(
+                f"{out_dir} already holds {what}; pass resume=True (--resume) to continue it, overwrite=True "
+                "(--overwrite) to replace it, or choose another output directory"
+            )
+        if present and resume and not differences:
+            paths = [out_dir / name for name in (CHECKPOINT, PEP_CHECKPOINT) if (out_dir / name).exists()]
+            if not paths and not overwrite:
+                raise FileExistsError(
+                    f"{out_dir} holds {RESULTS} but no {CHECKPOINT} to resume from; refusing to retrain over "
+                    "those results: choose another output directory, move them away or pass --overwrite"
+                )
+            for path in paths:
+                saved = load_checkpoint(path)
+                mismatch = config_differences(saved["config"], config)
+                if mismatch and not overwrite:
+                    raise ConfigMismatchError(
+                        f"{path} was made with another configuration; (saved, current) differ in {mismatch}. "
+                        "Nothing was changed: choose another output directory, or pass --overwrite "
+                        "(overwrite=True) to replace it"
+                    )
+                if mismatch:
+                    states = {}
+                    break
+                states[path.name] = saved
+    return _OutputPlan(
+        checkpoint=states.get(CHECKPOINT),
+        search=states.get(PEP_CHECKPOINT),
+        settings=settings,
+        replace=(overwrite and not states) or empty_run,
+        adopt=bool(states) and not has_record,
+    )
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``save_torch`` (atomic); with ``$SPARSEAPPS_TEST_SLOW_CHECKPOINT`` set, pauses that many seconds halfway
+    through writing the temporary file (a test hook: a kill then lands inside the write)."""
+    pause = os.environ.get(SLOW_CHECKPOINT_VARIABLE)
+    if not pause:
+        save_torch(path, state)
+        return
+    try:
+        seconds = float(pause)
+    except ValueError:
+        raise ValueError(f"${SLOW_CHECKPOINT_VARIABLE} must be a number of seconds, got {pause!r}") from None
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+
+    def write_slowly(temporary: Path) -> None:
+        with open(temporary, "wb") as stream:
+            stream.write(data[: len(data) // 2])
+            stream.flush()
+            time.sleep(seconds)
+            stream.write(data[len(data) // 2 :])
+
+    write_atomic(path, write_slowly)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -326,6 +509,7 @@ def train(
     out: str | os.PathLike[str] | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     split: InteractionSplit | None = None,
     stop_after: int | None = None,
@@ -336,7 +520,11 @@ def train(
     Args:
         config: the run.
         out: output directory, or ``None`` to keep everything in memory.
-        resume: continue from ``out/checkpoint.pt``; a checkpoint of another configuration is refused.
+        resume: continue the run in ``out`` from its checkpoint (a run of another configuration is refused); an
+            empty or missing ``out`` simply starts.
+        overwrite: replace whatever run ``out`` holds (another configuration, another tool's, foreign files):
+            the files ``train`` writes there are removed first, other files are kept. With ``resume``, a run of
+            the same configuration is continued and anything else replaced.
         progress: show a tqdm bar.
         split: an already loaded split of ``config``'s data (skips loading; must match ``config.seed``).
         stop_after: stop (as if interrupted) once this many epochs are done in total, leaving the checkpoint to
@@ -350,8 +538,11 @@ def train(
         ``bytes`` (compact storage), ``dense_bytes``, ``seconds_per_epoch``, ``history`` and more.
 
     Raises:
-        FileExistsError: ``out`` already holds a run and ``resume`` is False.
-        ValueError: a checkpoint of another configuration, a damaged checkpoint, or a K above the number of items.
+        FileExistsError: ``out`` already holds a run and ``resume`` is False, or holds another tool's run or
+            foreign files (:class:`~sparseapps.core.io.OutputConflictError`), and ``overwrite`` is False.
+        ValueError: a run of another configuration in ``out`` (unless ``overwrite``), a damaged checkpoint, or a
+            K above the number of items.
+        DataNotFoundError: no local copy of the data and the download failed (a ``FileNotFoundError``).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -361,7 +552,15 @@ def train(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _train(config, out, resume=resume, progress=progress, split=split, stop_after=stop_after)
+        return _train(
+            config,
+            out,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            split=split,
+            stop_after=stop_after,
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -371,35 +570,15 @@ def _train(
     out: str | os.PathLike[str] | None,
     *,
     resume: bool,
+    overwrite: bool,
     progress: bool,
     split: InteractionSplit | None,
     stop_after: int | None,
 ) -> dict[str, Any]:
     out_dir = Path(out) if out is not None else None
-    state: dict[str, Any] | None = None
-    search_state: dict[str, Any] | None = None
-    if out_dir is not None:
-        remove_temporaries(out_dir)  # left by a run killed while writing
-        checkpoint_path, search_path = out_dir / CHECKPOINT, out_dir / PEP_CHECKPOINT
-        if checkpoint_path.exists() or search_path.exists() or (out_dir / RESULTS).exists():
-            if not resume:
-                raise FileExistsError(
-                    f"{out_dir} already holds a run; pass resume=True (--resume) to continue it or choose "
-                    "another output directory"
-                )
-            if not checkpoint_path.exists() and not search_path.exists():
-                raise FileExistsError(
-                    f"{out_dir} holds {RESULTS} but no {CHECKPOINT} to resume from; refusing to retrain over "
-                    "those results: choose another output directory or move them away"
-                )
-            saved = {path: load_checkpoint(path) for path in (checkpoint_path, search_path) if path.exists()}
-            for path, saved_state in saved.items():
-                differences = config_differences(saved_state["config"], config)
-                if differences:
-                    raise ConfigMismatchError(
-                        f"{path} was made with another configuration; (saved, current) differ in {differences}"
-                    )
-            state, search_state = saved.get(checkpoint_path), saved.get(search_path)
+    plan = _plan_output(out_dir, config, resume=resume, overwrite=overwrite) if out_dir is not None else None
+    state = plan.checkpoint if plan is not None else None
+    search_state = plan.search if plan is not None else None
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     if split is None:
@@ -409,6 +588,8 @@ def _train(
         raise ValueError(
             f"every K in ks must be at most the number of items ({split.n_items}), got {too_large}"
         )
+    if plan is not None and out_dir is not None:
+        plan.claim(out_dir)
 
     model = build_model(config.model_config(), split.n_users, split.n_items, split.train)
     sampler = BPRSampler(split, batch_size=config.batch_size, seed=config.seed)
@@ -419,7 +600,7 @@ def _train(
 
         def save_search(values: dict[str, Any]) -> None:
             assert out_dir is not None  # only passed with an output directory
-            save_torch(
+            _save_checkpoint(
                 out_dir / PEP_CHECKPOINT,
                 {"version": CHECKPOINT_VERSION, "config": config.to_dict(), **values},
             )
@@ -519,7 +700,7 @@ def _train(
         history.append(entry)
         finished = last or bad_evals >= config.patience
         if out_dir is not None:
-            save_torch(
+            _save_checkpoint(
                 out_dir / CHECKPOINT,
                 {
                     "version": CHECKPOINT_VERSION,
@@ -588,14 +769,14 @@ def _train(
         results["pep"] = search.summary
     if out_dir is not None:
         write_json(out_dir / RESULTS, results)
-        save_torch(out_dir / "compact.pt", compact.to_dict())
-        plot_recall_curve([results], out_dir / "recall_vs_epoch.png", metric=metric)
+        save_torch(out_dir / COMPACT, compact.to_dict())
+        plot_recall_curve([results], out_dir / RECALL_PLOT, metric=metric)
         plot_row_sizes(
             user_sizes.numpy(),
             item_sizes.numpy(),
             split.user_activity(),
             split.item_popularity(),
-            out_dir / "embedding_size_vs_popularity.png",
+            out_dir / SIZE_PLOT,
             title=_label(config),
         )
     return results
@@ -756,36 +937,66 @@ def format_table(rows: Sequence[dict[str, Any]], k: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _demo_job(job: tuple[dict[str, Any], str]) -> dict[str, Any]:
-    config_dict, folder = job
+def _demo_job(job: tuple[dict[str, Any], str, bool]) -> dict[str, Any]:
+    config_dict, folder, overwrite = job
     try:
-        return train(TrainConfig.from_dict(config_dict), folder, resume=True, progress=False, threads=1)
+        return train(
+            TrainConfig.from_dict(config_dict),
+            folder,
+            resume=True,
+            overwrite=overwrite,
+            progress=False,
+            threads=1,
+        )
     except ConfigMismatchError as error:  # a run left by other settings (an older version's defaults)
         raise ConfigMismatchError(
             f"{error}. The demo reuses the finished runs in {Path(folder).parent}; that directory holds a run "
-            "made with other settings: move it away or pass another --out (nothing was overwritten)"
+            "made with other settings: move it away, pass another --out, or pass --overwrite to replace it "
+            "(nothing was overwritten)"
         ) from error
 
 
-def run_demo(out: Path, *, workers: int = 2) -> list[dict[str, Any]]:
+def demo_run_name(config: TrainConfig) -> str:
+    """The folder of one demo run, e.g. ``mf-dense`` or ``lightgcn-dsl-0.2``."""
+    name = f"{config.model}-{config.method}"
+    return name if config.method == "dense" else f"{name}-{config.density:g}"
+
+
+def run_demo(out: Path, *, workers: int = 2, overwrite: bool = False) -> list[dict[str, Any]]:
     """``make demo``'s recsys job: ML-100K, dense vs DSL at 0.5 / 0.2 / 0.1 for MF-BPR and LightGCN.
 
     Prints a table of test Recall@20, NDCG@20, parameters, bytes and time; writes ``out/results.json``,
     ``out/table.txt``, ``out/recall_vs_epoch_<model>.png`` and, per run, ``out/<run>/`` with its own results,
-    checkpoint and plots (embedding size vs popularity among them). Finished runs found in ``out`` are reused.
+    checkpoint and plots (embedding size vs popularity among them). ``out`` and each run's folder are claimed
+    (:func:`~sparseapps.core.io.claim_output`): runs found there are resumed (finished ones reused), and a
+    directory holding anything else is refused unless ``overwrite``.
 
     Args:
         out: output directory.
         workers: runs trained at once, each in its own process on one thread.
+        overwrite: replace what ``out`` and the run folders hold that is not this demo's (its summary files are
+            rewritten; runs of the demo's settings are still resumed, and any other run folder is replaced).
+
+    Raises:
+        FileExistsError: ``out`` holds another tool's files (:class:`~sparseapps.core.io.OutputConflictError`).
+        ValueError: a run folder holds a run of other settings (:class:`ConfigMismatchError`).
     """
     _check_int("workers", workers, low=1)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     out = Path(out)
-    jobs = []
-    for config in demo_configs():
-        name = f"{config.model}-{config.method}"
-        if config.method != "dense":
-            name += f"-{config.density:g}"
-        jobs.append((config.to_dict(), str(out / name)))
+    configs = demo_configs()
+    names = [demo_run_name(config) for config in configs]
+    claim_output(
+        out,
+        tool="recsys demo",
+        settings={"runs": names},
+        outputs=[RESULTS, "table.txt", *(f"recall_vs_epoch_{model}.png" for model in DEMO_MODELS)],
+        overwrite=overwrite,
+    )
+    jobs = [
+        (config.to_dict(), str(out / name), overwrite) for config, name in zip(configs, names, strict=True)
+    ]
     print(f"recsys demo: {len(jobs)} runs on ML-100K, {workers} at a time", flush=True)
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")

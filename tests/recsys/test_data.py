@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -68,16 +70,16 @@ def test_parse_ratings_without_trailing_newline() -> None:
 @pytest.mark.parametrize(
     ("format", "content", "message"),
     [
-        ("u.data", b"1\t10\t5\n2\t10\t4\n", "found 3 fields"),
-        ("u.data", b"1,10,5,978300760\n", "tab-separated"),
-        ("dat", b"1::10::5::978300760\n2::x::4::978300761\n", "could not parse the rows starting at line 1"),
-        ("dat", b"1::10::5::978300760\n2::10::4\n", "UserID::MovieID::Rating::Timestamp"),
+        ("u.data", b"1\t10\t5\n2\t10\t4\n", r"line 1: '1\t10\t5' has 3 fields, expected 4"),
+        ("u.data", b"1,10,5,978300760\n", "line 1: '1,10,5,978300760' has 1 fields, expected 4"),
+        ("dat", b"1::10::5::978300760\n2::x::4::978300761\n", "line 2: item id 'x' in '2::x::4::978300761' is not a number"),
+        ("dat", b"1::10::5::978300760\n2::10::4\n", "line 2: '2::10::4' has 3 fields, expected 4"),
         ("dat", b"1\t10\t5\t978300760\n", "found a tab near line 1"),
         ("csv", b"movieId,userId,rating,timestamp\n10,1,5,978300760\n", "got the header 'movieId,userId"),
-        ("csv", b"userId,movieId,rating,timestamp\n1.5,10,5,978300760\n", "non-integer user id"),
+        ("csv", b"userId,movieId,rating,timestamp\n1.5,10,5,978300760\n", "line 2: user id '1.5' in '1.5,10,5,978300760' is not an integer"),
         ("csv", b"userId,movieId,rating,timestamp\n", "holds no rows"),
     ],
-)
+)  # fmt: skip
 def test_parse_ratings_rejects_wrong_layouts(format: str, content: bytes, message: str) -> None:
     with pytest.raises(ValueError, match="bad-file") as error:
         parse_ratings(io.BytesIO(content), format, source="bad-file")
@@ -87,10 +89,53 @@ def test_parse_ratings_rejects_wrong_layouts(format: str, content: bytes, messag
 def test_parse_ratings_reports_line_of_later_block(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(data, "_BLOCK_BYTES", 30)
     rows = "".join(f"{u}::{u}::3::97830076{u}\n" for u in range(1, 10)) + "10::oops::3::978300760\n"
-    with pytest.raises(ValueError, match="could not parse") as error:
-        parse_ratings(io.BytesIO(rows.encode()), "dat")
-    line = int(str(error.value).split("starting at line ")[1].split(":")[0])
-    assert 2 <= line <= 10
+    with pytest.raises(
+        ValueError, match=r"^ratings: line 10: item id 'oops' in '10::oops::3::978300760' is not a"
+    ):
+        parse_ratings(io.BytesIO(rows.encode()), "dat", source="ratings")
+
+
+DELIMITERS = {"u.data": "\t", "dat": "::", "csv": ","}
+
+# The last line of RATINGS, (2, 30, 2, 978302268), cut short or with a bad value: (fields, what is wrong).
+BAD_LAST_LINES = [
+    (["2", "30", "2"], "{line!r} has 3 fields, expected 4 (a line cut short"),
+    (["2", "30", "2", ""], "timestamp is empty in {line!r} (a line cut short?)"),
+    (["2", "30", ""], "{line!r} has 3 fields, expected 4"),
+    (["2", "30", "", "978302268"], "rating is empty in {line!r}"),
+    (["-2", "30", "2", "978302268"], "user id '-2' in {line!r} is negative (ids are non-negative integers)"),
+    (["2", "-30", "2", "978302268"], "item id '-30' in {line!r} is negative"),
+    (["2", "30.5", "2", "978302268"], "item id '30.5' in {line!r} is not an integer"),
+    (["2.0e-1", "30", "2", "978302268"], "user id '2.0e-1' in {line!r} is not an integer"),
+    (["2", "30", "2", "97830.5"], "timestamp '97830.5' in {line!r} is not an integer"),
+    (["2", "30", "nan", "978302268"], "rating 'nan' in {line!r} is not a finite number"),
+]
+
+
+@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize(("fields", "problem"), BAD_LAST_LINES)
+def test_a_cut_last_line_or_a_bad_id_names_the_file_line_and_value(
+    format: str, fields: list[str], problem: str
+) -> None:
+    line = DELIMITERS[format].join(fields)
+    content = ratings_text(format, RATINGS[:-1]) + line.encode()  # no newline: the file ends inside the line
+    line_number = len(RATINGS) + (format == "csv")
+    with pytest.raises(ValueError) as error:
+        parse_ratings(io.BytesIO(content), format, source="bad-file")
+    expected = f"bad-file: line {line_number}: {problem.format(line=line)}"
+    assert str(error.value).startswith(expected), str(error.value)
+    assert data.FORMAT_DESCRIPTIONS[format] in str(error.value)
+
+
+def test_a_cut_extracted_ratings_file_is_refused_by_path(tmp_path: Path) -> None:
+    ratings = tmp_path / "ml-1m" / "ratings.dat"
+    ratings.parent.mkdir()
+    ratings.write_bytes(ratings_text("dat")[: -len("978302268\n")])
+    with pytest.raises(ValueError) as error:
+        load_interactions("ml-1m", tmp_path, download=False)
+    assert str(error.value).startswith(
+        f"{ratings}: line 6: timestamp is empty in '2::30::2::' (a line cut short?)"
+    )
 
 
 def test_parse_ratings_unknown_format() -> None:
@@ -206,6 +251,28 @@ def test_missing_local_copy_lists_files_and_formats(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["ml-1m", "ml-25m"])
+def test_offline_without_a_local_copy_says_what_to_place_where(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    spec = data.MOVIELENS_ARCHIVES[name]
+    with pytest.raises(data.DataNotFoundError) as error:
+        load_interactions(name, tmp_path, download=True, progress=False)
+    assert isinstance(error.value, FileNotFoundError)
+    assert str(error.value) == (
+        f"{name}: no local copy, and the download failed (<urlopen error [Errno -3] Temporary failure in name "
+        f"resolution>); place one of these (read in this order): {tmp_path / name / f'{name}.inter'} "
+        f"({data.FORMAT_DESCRIPTIONS['inter']}); {tmp_path / spec.member} ({data.FORMAT_DESCRIPTIONS[spec.format]}); "
+        f"or {tmp_path / f'{name}.zip'}, the GroupLens archive from {spec.url} (its MD5 {spec.md5} is checked "
+        "before use). --data-root (DataConfig.data_root) or $SPARSEAPPS_DATA sets the directory"
+    )
+    assert list(tmp_path.iterdir()) == []  # no partial archive, no temporary file
+
+
 def test_missing_archive_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no such file; expected the GroupLens ml-1m\.zip archive"):
         read_movielens_archive(tmp_path / "ml-1m.zip", "ml-1m")
@@ -276,7 +343,11 @@ def test_atomic_file_by_path_with_string_tokens_and_extra_columns(tmp_path: Path
     [
         ("user_id:token\trating:float", ["1\t3"], "lacks item_id"),
         ("user_id\titem_id:token", ["1\t3"], "is not 'name:type'"),
-        ("user_id:token\titem_id:token\trating:float", ["1\t2\t3", "1\t3"], "the number of columns changed"),
+        (
+            "user_id:token\titem_id:token\trating:float",
+            ["1\t2\t3", "1\t3"],
+            r"line 3: '1\t3' has 2 fields, expected 3",
+        ),
         ("user_id:token\titem_id:token\trating:float", ["1\t2\tgood"], "column 'rating' is not numeric"),
         ("user_id:token\titem_id:token", [], "holds no rows"),
     ],

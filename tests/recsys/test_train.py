@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from sparseapps.core.config import ConfigMismatchError
+from sparseapps.core.io import OWNER_FILE, OutputConflictError, claim_output
 from sparseapps.recsys.cli import add_commands
-from sparseapps.recsys.data import InteractionSplit, synthetic_interactions
-from sparseapps.recsys.train import CHECKPOINT, TrainConfig, _demo_job, demo_configs, format_table, train
+from sparseapps.recsys.data import MOVIELENS_ARCHIVES, InteractionSplit, synthetic_interactions
+from sparseapps.recsys.train import (
+    CHECKPOINT,
+    COMPACT,
+    OUTPUTS,
+    RESULTS,
+    SLOW_CHECKPOINT_VARIABLE,
+    TrainConfig,
+    _demo_job,
+    demo_configs,
+    format_table,
+    load_checkpoint,
+    train,
+)
+
+train_module = importlib.import_module("sparseapps.recsys.train")  # the package exports the function `train`
 
 
 def tiny_config(**changes: object) -> TrainConfig:
@@ -212,8 +232,287 @@ def test_demo_refuses_a_run_left_by_other_settings_and_keeps_it(tmp_path: Path) 
         dataset=str(data), dim=8, epochs=1, batch_size=128, ks=(5, 10), selection_metric="recall@10"
     )
     folder = tmp_path / "demo" / "mf-dense"
-    _demo_job((config.to_dict(), str(folder)))
+    _demo_job((config.to_dict(), str(folder), False))
     before = (folder / "results.json").read_bytes()
-    with pytest.raises(ValueError, match=r"'epochs': \(1, 2\).*move it away or pass another --out"):
-        _demo_job((config.replace(epochs=2).to_dict(), str(folder)))
+    with pytest.raises(
+        ValueError, match=r"'epochs': \(1, 2\).*move it away, pass another --out, or pass --overw"
+    ):
+        _demo_job((config.replace(epochs=2).to_dict(), str(folder), False))
     assert (folder / "results.json").read_bytes() == before
+    replaced = _demo_job((config.replace(epochs=2).to_dict(), str(folder), True))
+    assert replaced["epochs_run"] == 2 and read_record(folder)["settings"]["epochs"] == 2
+
+
+class SerialPool:
+    """A stand-in for ``multiprocessing.Pool``: the demo's jobs run in this process, one after another."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def __enter__(self) -> SerialPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def imap(self, function, jobs):  # type: ignore[no-untyped-def]
+        return map(function, jobs)
+
+    def close(self) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+
+def test_demo_rerun_reuses_its_runs_and_refuses_foreign_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_inter(tmp_path / "tiny.inter")
+    base = TrainConfig(dataset=str(data), dim=8, epochs=1, batch_size=128, update_interval=2)
+    configs = [base, base.replace(model="lightgcn", layers=1, method="dsl", density=0.25)]
+    monkeypatch.setattr(train_module, "demo_configs", lambda seed=0: configs)
+    monkeypatch.setattr(
+        train_module.multiprocessing, "get_context", lambda method: SimpleNamespace(Pool=SerialPool)
+    )
+    out = tmp_path / "demo"
+    first = train_module.run_demo(out, workers=1)
+    runs = [out / "mf-dense", out / "lightgcn-dsl-0.25"]
+    checkpoints = [(run / CHECKPOINT).read_bytes() for run in runs]
+    assert read_record(out) == {
+        "version": 1,
+        "tool": "recsys demo",
+        "settings": {"runs": ["mf-dense", "lightgcn-dsl-0.25"]},
+    }
+    assert [read_record(run)["settings"] for run in runs] == [c.to_dict() for c in configs]
+
+    second = train_module.run_demo(out, workers=1)  # finished runs are reused, not retrained
+    assert [row["test"] for row in second] == [row["test"] for row in first]
+    assert [(run / CHECKPOINT).read_bytes() for run in runs] == checkpoints
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "table.txt").write_text("theirs\n")
+    with pytest.raises(OutputConflictError, match=r"holds .*table\.txt but no sparseapps-run\.json"):
+        train_module.run_demo(foreign, workers=1)
+    assert (foreign / "table.txt").read_text() == "theirs\n" and sorted(foreign.iterdir()) == [
+        foreign / "table.txt"
+    ]
+    capsys.readouterr()
+    assert run_cli(["recsys", "demo", "--out", str(foreign)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and "--overwrite" in error
+    train_module.run_demo(foreign, workers=1, overwrite=True)
+    assert "theirs" not in (foreign / "table.txt").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output directory: claimed, never written over
+
+
+def read_record(directory: Path) -> dict[str, object]:
+    return json.loads((directory / OWNER_FILE).read_text())
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_a_run_records_its_tool_and_settings(tiny_split: InteractionSplit, tmp_path: Path) -> None:
+    config = tiny_config(method="dsl", density=0.25, epochs=1)
+    train(config, tmp_path / "run", progress=False, split=tiny_split)
+    assert read_record(tmp_path / "run") == {
+        "version": 1,
+        "tool": "recsys train",
+        "settings": config.to_dict(),
+    }
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
+        [CHECKPOINT, RESULTS, COMPACT, "recall_vs_epoch.png", "embedding_size_vs_popularity.png", OWNER_FILE]
+    )
+
+
+def test_resume_into_an_empty_or_missing_directory_starts(
+    tiny_split: InteractionSplit, tmp_path: Path
+) -> None:
+    config = tiny_config(epochs=1)
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing" / "deeper"):
+        assert train(config, folder, resume=True, progress=False, split=tiny_split)["finished"] is True
+
+
+def test_another_tools_run_is_refused_and_kept_unless_overwrite(
+    tiny_split: InteractionSplit, tmp_path: Path
+) -> None:
+    config = tiny_config(epochs=1)
+    (tmp_path / OWNER_FILE).write_text(
+        json.dumps({"version": 1, "tool": "rl train", "settings": {"seed": 0}})
+    )
+    (tmp_path / "model.zip").write_bytes(b"an agent")
+    (tmp_path / "results.json").write_text('{"return": 1}')
+    before = snapshot(tmp_path)
+    for resume in (False, True):
+        with pytest.raises(OutputConflictError) as error:
+            train(config, tmp_path, resume=resume, progress=False, split=tiny_split)
+        assert str(error.value) == (
+            f"{tmp_path} holds a run of `sparseapps rl train` ({tmp_path / OWNER_FILE}), not `sparseapps recsys "
+            "train`. Nothing was changed. Choose another output directory, or pass --overwrite (overwrite=True) to "
+            "replace it"
+        )
+        assert snapshot(tmp_path) == before
+    unreadable = config.replace(dataset=str(tmp_path / "missing.inter"))
+    with pytest.raises(OutputConflictError):  # refused before the data is read
+        train(unreadable, tmp_path, resume=True, progress=False)
+    results = train(config, tmp_path, overwrite=True, progress=False, split=tiny_split)
+    assert read_record(tmp_path)["tool"] == "recsys train"
+    assert json.loads((tmp_path / "results.json").read_text())["test"] == results["test"]
+    assert (tmp_path / "model.zip").read_bytes() == b"an agent"  # not a file recsys train writes: kept
+
+
+@pytest.mark.parametrize("name", [COMPACT, RESULTS, CHECKPOINT, "recall_vs_epoch.png"])
+def test_foreign_outputs_are_never_replaced_silently(
+    name: str, tiny_split: InteractionSplit, tmp_path: Path
+) -> None:
+    config = tiny_config(epochs=1)
+    (tmp_path / name).write_bytes(b"someone else's file")
+    for resume in (False, True):
+        with pytest.raises((OutputConflictError, FileExistsError, ValueError)) as error:
+            train(config, tmp_path, resume=resume, progress=False, split=tiny_split)
+        assert str(tmp_path) in str(error.value) and name in str(error.value)
+        assert snapshot(tmp_path) == {name: b"someone else's file"}
+        with pytest.raises((OutputConflictError, FileExistsError, ValueError)):  # before the data is read
+            train(
+                config.replace(dataset=str(tmp_path / "missing.inter")),
+                tmp_path,
+                resume=resume,
+                progress=False,
+            )
+    train(config, tmp_path, overwrite=True, progress=False, split=tiny_split)
+    assert (tmp_path / name).read_bytes() != b"someone else's file" and read_record(tmp_path)[
+        "tool"
+    ] == "recsys train"
+
+
+def test_other_settings_are_refused_naming_the_fields(tiny_split: InteractionSplit, tmp_path: Path) -> None:
+    config = tiny_config(method="static", density=0.25, epochs=2)
+    train(config, tmp_path, progress=False, split=tiny_split, stop_after=1)
+    before = snapshot(tmp_path)
+    for resume in (False, True):
+        with pytest.raises(ConfigMismatchError) as error:
+            train(
+                config.replace(density=0.5, seed=1), tmp_path, resume=resume, progress=False, split=tiny_split
+            )
+        assert str(error.value) == (
+            f"{tmp_path} holds a run of another configuration ({tmp_path / OWNER_FILE}); (saved, current) differ "
+            "in {'density': (0.25, 0.5), 'seed': (0, 1)}. Nothing was changed: choose another output directory, "
+            "or pass --overwrite (overwrite=True) to replace it"
+        )
+        assert snapshot(tmp_path) == before
+    with pytest.raises(FileExistsError, match="already holds a run; pass resume=True"):
+        train(config, tmp_path, progress=False, split=tiny_split)
+    other = config.replace(density=0.5)
+    results = train(other, tmp_path, resume=True, overwrite=True, progress=False, split=tiny_split)
+    assert results["epochs_run"] == 2 and read_record(tmp_path)["settings"] == other.to_dict()
+    # --resume --overwrite continues a run of the same settings instead of replacing it
+    train(other.replace(epochs=3), tmp_path / "b", progress=False, split=tiny_split, stop_after=2)
+    straight = train(other.replace(epochs=3), None, progress=False, split=tiny_split)
+    resumed = train(
+        other.replace(epochs=3), tmp_path / "b", resume=True, overwrite=True, progress=False, split=tiny_split
+    )
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+
+
+def test_overwrite_without_resume_starts_afresh(tiny_split: InteractionSplit, tmp_path: Path) -> None:
+    config = tiny_config(epochs=2)
+    train(config, tmp_path, progress=False, split=tiny_split, stop_after=1)
+    assert load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+    results = train(config, tmp_path, overwrite=True, progress=False, split=tiny_split, stop_after=1)
+    assert results["finished"] is False and results["history"][0]["epoch"] == 1  # epoch 1 again, not epoch 2
+
+
+def test_a_directory_holding_only_the_record_of_a_run_that_wrote_nothing_is_free(
+    tiny_split: InteractionSplit, tmp_path: Path
+) -> None:
+    config = tiny_config(epochs=1)
+    claim_output(tmp_path, tool="recsys train", settings=config.replace(seed=4).to_dict(), outputs=OUTPUTS)
+    train(config, tmp_path, progress=False, split=tiny_split)
+    assert read_record(tmp_path)["settings"] == config.to_dict()
+
+
+def test_runs_written_before_records_and_fields_existed_still_resume(
+    tiny_split: InteractionSplit, tmp_path: Path
+) -> None:
+    config = tiny_config(method="dsl", density=0.25, epochs=3)
+    straight = train(config, None, progress=False, split=tiny_split)
+    train(config, tmp_path, progress=False, split=tiny_split, stop_after=1)
+    (tmp_path / OWNER_FILE).unlink()  # an older version wrote none
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    del (
+        state["config"]["init_std"],
+        state["config"]["pep_granularity"],
+    )  # fields added since, at their defaults
+    torch.save(state, tmp_path / CHECKPOINT)
+    with pytest.raises(
+        FileExistsError, match=rf"already holds {CHECKPOINT} but no {OWNER_FILE}.*pass resume=True"
+    ):
+        train(config, tmp_path, progress=False, split=tiny_split)
+    with pytest.raises(ConfigMismatchError, match=r"'epochs': \(3, 4\)"):
+        train(config.replace(epochs=4), tmp_path, resume=True, progress=False, split=tiny_split)
+    assert not (tmp_path / OWNER_FILE).exists()
+    resumed = train(config, tmp_path, resume=True, progress=False, split=tiny_split)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    assert read_record(tmp_path)["settings"] == config.to_dict()
+
+
+def test_the_slow_checkpoint_test_hook_needs_seconds(
+    tiny_split: InteractionSplit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SLOW_CHECKPOINT_VARIABLE, "soon")
+    with pytest.raises(
+        ValueError, match=r"^\$SPARSEAPPS_TEST_SLOW_CHECKPOINT must be a number of seconds, got 'soon'$"
+    ):
+        train(tiny_config(epochs=1), tmp_path, progress=False, split=tiny_split)
+
+
+def test_cli_conflicts_and_missing_data_print_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_inter(tmp_path / "tiny.inter")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / COMPACT).write_bytes(b"tables someone exported")
+    argv = ["recsys", "train", "--dataset", str(data), "--dim", "8", "--epochs", "1", "--batch-size", "128",
+            "--ks", "5", "10", "--selection-metric", "recall@10", "--no-progress", "--out", str(out)]  # fmt: skip
+    for extra in ([], ["--resume"]):
+        assert run_cli([*argv, *extra]) == 2
+        error = capsys.readouterr().err
+        assert error == (
+            f"error: {out} holds {out / COMPACT} but no {OWNER_FILE}: it was written by another program or by a "
+            "sparseapps version that did not record its settings. Nothing was changed. Choose another output "
+            "directory, or pass --overwrite (overwrite=True) to replace it\n"
+        )
+    assert (out / COMPACT).read_bytes() == b"tables someone exported"
+    assert run_cli([*argv, "--overwrite"]) == 0
+    assert read_record(out)["tool"] == "recsys train"
+    capsys.readouterr()
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root = tmp_path / "data"
+    command = ["recsys", "train", "--dataset", "ml-1m", "--data-root", str(root), "--no-progress"]
+    assert run_cli([*command, "--out", str(tmp_path / "ml-1m")]) == 2
+    error = capsys.readouterr().err
+    spec = MOVIELENS_ARCHIVES["ml-1m"]
+    assert (
+        error.startswith("error: ml-1m: no local copy, and the download failed (") and error.count("\n") == 1
+    )
+    for expected in (
+        str(root / "ml-1m" / "ml-1m.inter"),
+        str(root / spec.member),
+        str(root / "ml-1m.zip"),
+        spec.url,
+        spec.md5,
+    ):
+        assert expected in error
+    assert not (tmp_path / "ml-1m").exists()  # nothing claimed for a run that never started

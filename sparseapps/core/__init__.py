@@ -8,6 +8,7 @@ Example:
     >>> sparsity = DynamicSparsity(model, optimizer, SparsityConfig.preset("rigl", sparsity=0.9), total_steps=100)
 """
 
+from sparseapps.core import rules, scores
 from sparseapps.core.accounting import SparsityReport, TensorReport, training_flops_per_step
 from sparseapps.core.config import PRESETS, ConfigMismatchError, SparsityConfig
 from sparseapps.core.distributions import target_nnz
@@ -26,6 +27,8 @@ __all__ = [
     "TensorReport",
     "condense",
     "get_mask",
+    "rules",
+    "scores",
     "select_tensors",
     "target_nnz",
     "training_flops_per_step",

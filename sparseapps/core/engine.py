@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseapps.core import rules, schedules, scoring, structured
+from sparseapps.core import rules, schedules, scores, scoring, structured
 from sparseapps.core.accounting import SparsityReport, TensorReport
 from sparseapps.core.config import FORESIGHT_METHODS, ConfigMismatchError, SparsityConfig
 from sparseapps.core.distributions import target_nnz
@@ -160,10 +160,18 @@ class DynamicSparsity:
                 f"nothing to sparsify in {type(model).__name__}: no weight of module_types={config.module_types} "
                 f"matches include={config.include} exclude={config.exclude}"
             )
-        if config.grow == "cosine":
+        self._drop_criterion = scores.get("drop", config.drop)
+        self._grow_criterion = scores.get("grow", config.grow) if config.grow != "none" else None
+        self._needs = self._drop_criterion.needs | (
+            self._grow_criterion.needs if self._grow_criterion is not None else frozenset()
+        )
+        if "activations" in self._needs:
             bad = [fqn for fqn, _, _, kind in selected if kind == "embedding"]
             if bad:
-                raise ValueError(f"grow='cosine' needs Linear/Conv layers; embeddings selected: {bad}")
+                raise ValueError(
+                    f"grow={config.grow!r} reads layer activations, which needs Linear/Conv layers; embeddings "
+                    f"selected: {bad}"
+                )
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [fqn for fqn, module, name, _ in selected if id(getattr(module, name)) not in owned]
         if missing:
@@ -199,8 +207,8 @@ class DynamicSparsity:
             elif config.constant_fan_in:
                 mask = structured.constant_fan_in_mask(param.shape, budgets[fqn], self.generator)
             else:
-                scores = torch.rand(param.shape, generator=self.generator)
-                mask = rules.select_top(scores, torch.ones(param.shape, dtype=torch.bool), budgets[fqn])
+                initial = torch.rand(param.shape, generator=self.generator)
+                mask = rules.select_top(initial, torch.ones(param.shape, dtype=torch.bool), budgets[fqn])
             buffer = attach_mask(module, name, mask)
             record = SparseTensor(fqn, module, name, kind, budgets[fqn], buffer)
             if config.constant_fan_in:
@@ -211,15 +219,19 @@ class DynamicSparsity:
         if config.rescale_initialization and not starts_dense:
             self._rescale_initialization()
 
+        # Entries active at any time so far: the ITOP rate of every dynamic run (Liu et al. 2021), and what
+        # criteria that declare "ever_active" read.
         self.ever_active = (
-            {fqn: t.mask.clone() for fqn, t in self.tensors.items()} if config.grow == "unfired" else {}
+            {fqn: t.mask.clone() for fqn, t in self.tensors.items()}
+            if config.dynamic or "ever_active" in self._needs
+            else {}
         )
         self.momentum = (
             {
                 fqn: torch.zeros_like(t.param, memory_format=torch.preserve_format)
                 for fqn, t in self.tensors.items()
             }
-            if config.grow == "momentum" or config.redistribution == "momentum"
+            if "momentum" in self._needs or config.redistribution == "momentum"
             else {}
         )
         self.growth_regions: dict[str, torch.Tensor] = {}
@@ -291,9 +303,19 @@ class DynamicSparsity:
         )
 
     def report(self) -> SparsityReport:
-        """Per tensor: shape, nnz, density and forward FLOPs per sample, dense vs sparse."""
+        """Per tensor: shape, nnz, density, forward FLOPs per sample dense vs sparse, and (dynamic runs) the ITOP
+        rate, the fraction of entries ever active."""
         rows = [
-            TensorReport.of(fqn, t.kind, tuple(t.mask.shape), int(torch.count_nonzero(t.mask)), t.positions)
+            TensorReport.of(
+                fqn,
+                t.kind,
+                tuple(t.mask.shape),
+                int(torch.count_nonzero(t.mask)),
+                t.positions,
+                ever_active=int(torch.count_nonzero(self.ever_active[fqn]))
+                if fqn in self.ever_active
+                else None,
+            )
             for fqn, t in self.tensors.items()
         ]
         return SparsityReport(rows)
@@ -489,8 +511,7 @@ class DynamicSparsity:
         )
 
     def _needs_dense_gradient(self) -> bool:
-        c = self.config
-        return c.grow == "gradient" or c.drop == "weight_gradient"
+        return "grad" in self._needs
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.foresight_done:
@@ -574,44 +595,32 @@ class DynamicSparsity:
             self._prune_by_schedule()
         if config.method == "lottery" and self.lottery_round == 0 and self.step == config.rewind_step:
             self.lottery_snapshot = self._snapshot_weights()
-        self._capturing = config.grow == "cosine" and schedules.is_update_step(
+        self._capturing = "activations" in self._needs and schedules.is_update_step(
             self.step + 1, config, self.total_steps
         )
 
     # ------------------------------------------------------------------ topology updates
+    def _context(self, fqn: str, t: SparseTensor) -> scores.ScoreContext:
+        needs = self._needs
+        return scores.ScoreContext(
+            fqn=fqn,
+            weight=t.param.detach(),
+            mask=t.mask,
+            step=self.step,
+            generator=self.generator,
+            grad=self._gradient_of(fqn) if "grad" in needs else None,
+            momentum=self.momentum.get(fqn),
+            ever_active=self.ever_active.get(fqn),
+            activations=self._activations.get(fqn),
+        )
+
     def _grow_scores(self, fqn: str, t: SparseTensor) -> torch.Tensor:
-        grow = self.config.grow
-        if grow == "random":
-            return scoring.uniform_like(t.mask, self.generator)
-        if grow == "unfired":
-            return scoring.unfired(self.ever_active[fqn], self.generator)
-        if grow == "gradient":
-            scores = scoring.gradient(self._gradient_of(fqn))
-        elif grow == "momentum":
-            scores = scoring.momentum(self.momentum[fqn])
-        elif grow == "cosine":
-            if fqn not in self._activations:
-                raise RuntimeError(
-                    f"no activations were captured for {fqn!r}: cosine growth needs a forward pass through the "
-                    "layer in the step before each update"
-                )
-            inputs, outputs = self._activations[fqn]
-            scores = scoring.cosine_similarity(inputs, outputs, t.mask.shape).to(t.mask.device)
-        else:
-            raise ValueError(f"grow criterion {grow!r} cannot score")
-        return scoring.add_tie_noise(scores, self.config.tie_noise, self.generator)
+        if self._grow_criterion is None:
+            raise ValueError(f"grow criterion {self.config.grow!r} cannot score")
+        return scores.compute(self._grow_criterion, self._context(fqn, t), self.config.tie_noise)
 
     def _drop_scores(self, fqn: str, t: SparseTensor) -> torch.Tensor:
-        drop = self.config.drop
-        if drop == "random":
-            return scoring.uniform_like(t.mask, self.generator)
-        if drop == "signed_magnitude":
-            return scoring.signed_magnitude(t.param, t.mask)
-        if drop == "weight_gradient":
-            scores = scoring.weight_gradient(t.param, self._gradient_of(fqn))
-        else:
-            scores = scoring.magnitude(t.param)
-        return scoring.add_tie_noise(scores, self.config.tie_noise, self.generator)
+        return scores.compute(self._drop_criterion, self._context(fqn, t), self.config.tie_noise)
 
     def _gradient_of(self, fqn: str) -> torch.Tensor:
         if fqn not in self._dense_grads:
@@ -623,17 +632,14 @@ class DynamicSparsity:
         region = self.growth_regions.get(fqn)
         return ~mask if region is None else ~mask & region
 
-    def _grow_into(self, fqn: str, mask: torch.Tensor, scores: torch.Tensor, n_grow: int) -> torch.Tensor:
-        """Grows ``n_grow`` entries: the scored share first, then ``random_grow_fraction`` at random."""
-        candidates = self._grow_candidates(fqn, mask)
-        n_grow = min(n_grow, int(torch.count_nonzero(candidates)))
-        n_random = round(self.config.random_grow_fraction * n_grow) if self.config.grow != "random" else 0
-        grown = rules.select_top(scores, candidates, n_grow - n_random)
-        if n_random:
-            grown |= rules.select_top(
-                scoring.uniform_like(mask, self.generator), candidates & ~grown, n_random
-            )
-        return mask | grown
+    def _explore(self) -> tuple[dict[str, torch.Tensor] | None, float]:
+        """CTRE's exploration: uniform scores for a share ``random_grow_fraction`` of the grown entries."""
+        fraction = self.config.random_grow_fraction if self.config.grow != "random" else 0.0
+        if fraction <= 0:
+            return None, 0.0
+        return {
+            fqn: scoring.uniform_like(t.mask, self.generator) for fqn, t in self.tensors.items()
+        }, fraction
 
     def _update_topology(self) -> None:
         config = self.config
@@ -657,19 +663,25 @@ class DynamicSparsity:
         elif config.redistribution == "dsr":
             new_masks = self._dsr_update(fraction)
         else:
-            after_drop: dict[str, torch.Tensor] = {}
-            n_dropped: dict[str, int] = {}
-            for fqn, t in self.tensors.items():
-                nnz = int(torch.count_nonzero(t.mask))
-                n_drop = min(math.ceil(fraction * nnz), nnz - 1)  # never empty a tensor
-                after_drop[fqn] = rules.drop(t.mask, self._drop_scores(fqn, t), max(n_drop, 0))
-                n_dropped[fqn] = max(n_drop, 0)
-            if config.redistribution == "momentum":
-                n_grow = self._momentum_shares(after_drop, sum(n_dropped.values()))
-            else:
-                n_grow = n_dropped
-            for fqn, t in self.tensors.items():
-                new_masks[fqn] = self._grow_into(fqn, after_drop[fqn], self._grow_scores(fqn, t), n_grow[fqn])
+            masks = self.masks
+            n_drop = rules.drop_counts(masks, fraction)
+            drop_scores = {fqn: self._drop_scores(fqn, t) for fqn, t in self.tensors.items()}
+            grow_scores = {fqn: self._grow_scores(fqn, t) for fqn, t in self.tensors.items()}
+            explore_scores, explore_fraction = self._explore()
+            new_masks, _ = rules.update_masks(
+                masks,
+                drop_scores,
+                grow_scores,
+                n_drop,
+                n_grow=(
+                    (lambda after: self._momentum_shares(after, sum(n_drop.values())))
+                    if config.redistribution == "momentum"
+                    else None
+                ),
+                candidates=self.growth_regions,
+                explore_scores=explore_scores,
+                explore_fraction=explore_fraction,
+            )
         self._commit(new_masks, fraction)
 
     def _momentum_shares(self, after_drop: Mapping[str, torch.Tensor], total: int) -> dict[str, int]:
@@ -740,31 +752,32 @@ class DynamicSparsity:
             while leftover > 0 and shares[fqn] < capacity[fqn]:
                 shares[fqn] += 1
                 leftover -= 1
-        return {
-            fqn: self._grow_into(
-                fqn, after_drop[fqn], scoring.uniform_like(after_drop[fqn], self.generator), shares[fqn]
-            )
-            for fqn in after_drop
-        }
+        uniform = {fqn: scoring.uniform_like(mask, self.generator) for fqn, mask in after_drop.items()}
+        explore_scores, explore_fraction = self._explore()
+        new_masks, _ = rules.update_masks(
+            after_drop,
+            uniform,
+            uniform,
+            {fqn: 0 for fqn in after_drop},
+            n_grow=shares,
+            candidates=self.growth_regions,
+            explore_scores=explore_scores,
+            explore_fraction=explore_fraction,
+        )
+        return new_masks
 
     def _commit(self, new_masks: Mapping[str, torch.Tensor], fraction: float) -> None:
         """Writes new masks: zeroes dropped weights, initializes grown ones, fixes optimizer state."""
         for hook in self.commit_hooks:
             hook(new_masks)
-        stats: dict[str, Any] = {"step": self.step, "drop_fraction": fraction, "tensors": {}}
+        record = rules.UpdateRecord.between(self.masks, new_masks, step=self.step, drop_fraction=fraction)
         grown_masks: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for fqn, new_mask in new_masks.items():
                 t = self.tensors[fqn]
                 old = t.mask
                 grown = new_mask & ~old
-                dropped = old & ~new_mask
                 grown_masks[fqn] = grown
-                stats["tensors"][fqn] = {
-                    "dropped": int(torch.count_nonzero(dropped)),
-                    "grown": int(torch.count_nonzero(grown)),
-                    "nnz": int(torch.count_nonzero(new_mask)),
-                }
                 old.copy_(new_mask)
                 t.param.mul_(old)
                 self._multiplier_cache = None
@@ -779,7 +792,7 @@ class DynamicSparsity:
             self._seed_first_moment(grown_masks)
         self._dense_grads.clear()
         self._activations.clear()
-        self.history.append(stats)
+        self.history.append(record.to_dict())
 
     def _clear_optimizer_state(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Zeroes every optimizer state tensor of a parameter outside its mask."""
@@ -800,12 +813,12 @@ class DynamicSparsity:
                     value.add_(self.momentum[fqn].to(value.dtype) * mask)
 
     # ------------------------------------------------------------------ dense-to-sparse pruning
-    def _prune_to(self, targets: Mapping[str, int], scores: Mapping[str, torch.Tensor]) -> None:
+    def _prune_to(self, targets: Mapping[str, int], keep_scores: Mapping[str, torch.Tensor]) -> None:
         new_masks = {}
         for fqn, t in self.tensors.items():
             nnz = int(torch.count_nonzero(t.mask))
             n_drop = max(nnz - targets[fqn], 0)
-            new_masks[fqn] = rules.drop(t.mask, scores[fqn], n_drop) if n_drop else t.mask.clone()
+            new_masks[fqn] = rules.drop(t.mask, keep_scores[fqn], n_drop) if n_drop else t.mask.clone()
         self._commit(new_masks, 0.0)
 
     def _prune_by_schedule(self) -> None:
@@ -1007,6 +1020,9 @@ class DynamicSparsity:
                 t.active_rows = state["active_rows"][fqn].to(t.mask.device).clone()
         device_of = {fqn: t.mask.device for fqn, t in self.tensors.items()}
         self.ever_active = {fqn: m.to(device_of[fqn]).clone() for fqn, m in state["ever_active"].items()}
+        if self.config.dynamic:  # a checkpoint of a version that tracked it only for 'unfired': from now on
+            for fqn, t in self.tensors.items():
+                self.ever_active.setdefault(fqn, t.mask.clone())
         self.momentum = {
             fqn: m.to(device=device_of[fqn], dtype=self.tensors[fqn].param.dtype).clone()
             for fqn, m in state["momentum"].items()
@@ -1027,7 +1043,7 @@ class DynamicSparsity:
         self.lottery_snapshot = state["lottery_snapshot"]
         self.history = list(state["history"])
         self._multiplier_cache = None
-        self._capturing = self.config.grow == "cosine" and schedules.is_update_step(
+        self._capturing = "activations" in self._needs and schedules.is_update_step(
             self.step + 1, self.config, self.total_steps
         )
         self.apply_masks()

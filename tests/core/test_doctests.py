@@ -10,6 +10,7 @@ MODULES = [
     "sparseapps.core.config",
     "sparseapps.core.distributions",
     "sparseapps.core.rules",
+    "sparseapps.core.scores",
     "sparseapps.core.scoring",
     "sparseapps.core.schedules",
     "sparseapps.core.structured",

@@ -9,6 +9,7 @@ MODULES = [
     "sparseapps.core",
     "sparseapps.core.config",
     "sparseapps.core.distributions",
+    "sparseapps.core.redistribution",
     "sparseapps.core.rules",
     "sparseapps.core.scores",
     "sparseapps.core.scoring",
@@ -16,6 +17,7 @@ MODULES = [
     "sparseapps.core.structured",
     "sparseapps.core.accounting",
     "sparseapps.core.engine",
+    "sparseapps.core.finite",
     "sparseapps.core.io",
 ]
 

@@ -8,12 +8,15 @@ Example:
     >>> sparsity = DynamicSparsity(model, optimizer, SparsityConfig.preset("rigl", sparsity=0.9), total_steps=100)
 """
 
+from sparseapps.core import rules, scores
 from sparseapps.core.accounting import SparsityReport, TensorReport, training_flops_per_step
 from sparseapps.core.config import PRESETS, ConfigMismatchError, SparsityConfig
 from sparseapps.core.distributions import target_nnz
-from sparseapps.core.engine import DynamicSparsity, NonFiniteGradientError, select_tensors
+from sparseapps.core.engine import DynamicSparsity
+from sparseapps.core.finite import NonFiniteGradientError
 from sparseapps.core.kernels import CondenseConfig, condense
 from sparseapps.core.masks import get_mask
+from sparseapps.core.selection import select_tensors
 
 __all__ = [
     "PRESETS",
@@ -26,6 +29,8 @@ __all__ = [
     "TensorReport",
     "condense",
     "get_mask",
+    "rules",
+    "scores",
     "select_tensors",
     "target_nnz",
     "training_flops_per_step",

@@ -50,9 +50,23 @@ class TensorReport:
     flops_sparse: int
     bytes_dense: int
     bytes_sparse: int
+    ever_active: int | None = None  # entries active at any time so far (dynamic runs), for the ITOP rate
+
+    @property
+    def itop_rate(self) -> float | None:
+        """In-time over-parameterization rate (Liu et al. 2021): the fraction of entries ever active."""
+        return None if self.ever_active is None else self.ever_active / math.prod(self.shape)
 
     @classmethod
-    def of(cls, fqn: str, kind: str, shape: tuple[int, ...], nnz: int, positions: int = 1) -> TensorReport:
+    def of(
+        cls,
+        fqn: str,
+        kind: str,
+        shape: tuple[int, ...],
+        nnz: int,
+        positions: int = 1,
+        ever_active: int | None = None,
+    ) -> TensorReport:
         numel = math.prod(shape)
         return cls(
             fqn=fqn,
@@ -64,6 +78,7 @@ class TensorReport:
             flops_sparse=forward_flops(kind, shape, nnz, positions),
             bytes_dense=4 * numel,
             bytes_sparse=compressed_bytes(shape, nnz),
+            ever_active=ever_active,
         )
 
 
@@ -93,27 +108,39 @@ class SparsityReport:
     def flops_sparse(self) -> int:
         return sum(r.flops_sparse for r in self.rows)
 
+    @property
+    def itop_rate(self) -> float | None:
+        """The fraction of all sparse tensors' entries ever active (``None`` where that is not tracked)."""
+        if any(r.ever_active is None for r in self.rows):
+            return None
+        return sum(r.ever_active or 0 for r in self.rows) / self.numel
+
     def to_dict(self) -> dict[str, object]:
         return {
             "density": self.density,
+            "itop_rate": self.itop_rate,
             "nnz": self.nnz,
             "numel": self.numel,
             "flops_dense": self.flops_dense,
             "flops_sparse": self.flops_sparse,
-            "tensors": [r.__dict__ | {"shape": list(r.shape)} for r in self.rows],
+            "tensors": [r.__dict__ | {"shape": list(r.shape), "itop_rate": r.itop_rate} for r in self.rows],
         }
 
     def __str__(self) -> str:
+        itop = self.itop_rate is not None
         header = f"{'tensor':<32} {'shape':>16} {'nnz':>10} {'density':>8} {'MFLOPs dense':>13} {'sparse':>9}"
+        header += f" {'ITOP':>7}" if itop else ""
         lines = [header, "-" * len(header)]
         for r in self.rows:
             lines.append(
                 f"{r.fqn:<32} {'x'.join(map(str, r.shape)):>16} {r.nnz:>10} {r.density:>8.4f} "
                 f"{r.flops_dense / 1e6:>13.3f} {r.flops_sparse / 1e6:>9.3f}"
+                + (f" {r.itop_rate:>7.4f}" if itop else "")
             )
         lines.append(
             f"{'total':<32} {'':>16} {self.nnz:>10} {self.density:>8.4f} "
             f"{self.flops_dense / 1e6:>13.3f} {self.flops_sparse / 1e6:>9.3f}"
+            + (f" {self.itop_rate:>7.4f}" if itop else "")
         )
         return "\n".join(lines)
 

@@ -13,17 +13,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
+from sparseapps.core import scores
+
 Distribution = Literal["uniform", "erk", "er"]
-DropCriterion = Literal["magnitude", "signed_magnitude", "random", "weight_gradient"]
-GrowCriterion = Literal["none", "random", "gradient", "momentum", "cosine", "unfired"]
+# Drop and grow criteria are names in the score registry (sparseapps.core.scores): the built-ins below and any
+# criterion a user registers.
 DropSchedule = Literal["constant", "cosine", "linear"]
 Redistribution = Literal["none", "momentum", "dsr"]
 Method = Literal["dst", "static", "gmp", "one_shot", "snip", "grasp", "synflow", "lottery"]
 ModuleKind = Literal["linear", "conv", "embedding"]
 
 DISTRIBUTIONS = ("uniform", "erk", "er")
-DROP_CRITERIA = ("magnitude", "signed_magnitude", "random", "weight_gradient")
-GROW_CRITERIA = ("none", "random", "gradient", "momentum", "cosine", "unfired")
 DROP_SCHEDULES = ("constant", "cosine", "linear")
 REDISTRIBUTIONS = ("none", "momentum", "dsr")
 METHODS = ("dst", "static", "gmp", "one_shot", "snip", "grasp", "synflow", "lottery")
@@ -101,8 +101,16 @@ class SparsityConfig(PlainConfig):
     distribution: Distribution = field(
         default="erk", metadata={"help": "how the budget is split across tensors: uniform, erk or er"}
     )
-    drop: DropCriterion = field(default="magnitude", metadata={"help": "which active entries are dropped"})
-    grow: GrowCriterion = field(default="gradient", metadata={"help": "which inactive entries are grown"})
+    drop: str = field(
+        default="magnitude",
+        metadata={"help": "which active entries are dropped: a drop criterion of the score registry"},
+    )
+    grow: str = field(
+        default="gradient",
+        metadata={
+            "help": "which inactive entries are grown: a grow criterion of the score registry, or none"
+        },
+    )
     update_interval: int = field(default=100, metadata={"help": "optimizer steps between topology updates"})
     end_fraction: float = field(
         default=0.75, metadata={"help": "fraction of total_steps after which the topology is frozen"}
@@ -201,8 +209,8 @@ class SparsityConfig(PlainConfig):
         _check_fraction("sparsity", self.sparsity, low=0.0, high=1.0, closed_high=False)
         _check_choice("method", self.method, METHODS)
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
-        _check_choice("drop", self.drop, DROP_CRITERIA)
-        _check_choice("grow", self.grow, GROW_CRITERIA)
+        _check_choice("drop", self.drop, scores.drop_names())
+        _check_choice("grow", self.grow, ("none", *scores.grow_names()))
         _check_choice("drop_schedule", self.drop_schedule, DROP_SCHEDULES)
         _check_choice("redistribution", self.redistribution, REDISTRIBUTIONS)
         _check_choice("grow_optimizer_state", self.grow_optimizer_state, GROW_OPTIMIZER_STATES)

@@ -1,11 +1,19 @@
-"""Drop and grow as one top-k selection over scores.
+"""Drop and grow as one top-k selection over scores, and the pure updater every domain uses.
 
-Every method of the field reduces to these pure functions: a criterion (``scoring.py``) gives a score per entry,
+Every method of the field reduces to these pure functions: a criterion (``scores.py``) gives a score per entry,
 ``drop`` removes the ``n_drop`` lowest-scoring active entries and ``grow`` adds the ``n_grow`` highest-scoring
-inactive ones. Row-wise variants serve SRigL's constant fan-in.
+inactive ones. :func:`update_masks` does both for a set of tensors and returns the new masks with an
+:class:`UpdateRecord`; it works on masks and scores only, never on parameters or a storage, so masked-dense
+tensors, continual isolation and sharded embedding tables share it. Row-wise variants serve SRigL's constant
+fan-in.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -113,3 +121,143 @@ def select_top_per_row(scores: torch.Tensor, candidates: torch.Tensor, counts: t
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
     return (ranks < counts.unsqueeze(1)) & candidates
+
+
+@dataclass(frozen=True)
+class TensorUpdate:
+    """What one topology update did to one tensor."""
+
+    dropped: int
+    grown: int
+    nnz: int
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """One topology update (or pruning step) of a set of tensors: the history entry of every domain.
+
+    Example:
+        >>> old = {"w": torch.tensor([True, True, False, False])}
+        >>> new = {"w": torch.tensor([True, False, True, False])}
+        >>> record = UpdateRecord.between(old, new, step=100, drop_fraction=0.5)
+        >>> record.to_dict()
+        {'step': 100, 'drop_fraction': 0.5, 'tensors': {'w': {'dropped': 1, 'grown': 1, 'nnz': 2}}}
+    """
+
+    step: int
+    drop_fraction: float
+    tensors: Mapping[str, TensorUpdate]
+
+    @classmethod
+    def between(
+        cls,
+        old_masks: Mapping[str, torch.Tensor],
+        new_masks: Mapping[str, torch.Tensor],
+        *,
+        step: int,
+        drop_fraction: float,
+    ) -> UpdateRecord:
+        """The record of replacing ``old_masks`` by ``new_masks`` (only the tensors in ``new_masks``)."""
+        return cls(
+            step,
+            drop_fraction,
+            {
+                fqn: TensorUpdate(
+                    dropped=int(torch.count_nonzero(old_masks[fqn] & ~new)),
+                    grown=int(torch.count_nonzero(new & ~old_masks[fqn])),
+                    nnz=int(torch.count_nonzero(new)),
+                )
+                for fqn, new in new_masks.items()
+            },
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form, as ``history`` entries and checkpoints store it."""
+        return {
+            "step": self.step,
+            "drop_fraction": self.drop_fraction,
+            "tensors": {
+                fqn: {"dropped": t.dropped, "grown": t.grown, "nnz": t.nnz} for fqn, t in self.tensors.items()
+            },
+        }
+
+
+def drop_counts(masks: Mapping[str, torch.Tensor], fraction: float) -> dict[str, int]:
+    """``ceil(fraction * nnz)`` per tensor, leaving at least one active entry (a tensor is never emptied).
+
+    Example:
+        >>> drop_counts({"a": torch.tensor([True, True, True]), "b": torch.tensor([True, False])}, 0.5)
+        {'a': 2, 'b': 0}
+    """
+    counts = {}
+    for fqn, mask in masks.items():
+        nnz = int(torch.count_nonzero(mask))
+        counts[fqn] = max(min(math.ceil(fraction * nnz), nnz - 1), 0)
+    return counts
+
+
+def update_masks(
+    masks: Mapping[str, torch.Tensor],
+    drop_scores: Mapping[str, torch.Tensor],
+    grow_scores: Mapping[str, torch.Tensor],
+    n_drop: Mapping[str, int],
+    *,
+    n_grow: Mapping[str, int] | Callable[[Mapping[str, torch.Tensor]], Mapping[str, int]] | None = None,
+    candidates: Mapping[str, torch.Tensor] | None = None,
+    explore_scores: Mapping[str, torch.Tensor] | None = None,
+    explore_fraction: float = 0.0,
+    step: int = 0,
+    drop_fraction: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], UpdateRecord]:
+    """One drop/grow update of several tensors; pure (masks and scores in, new masks and a record out).
+
+    Per tensor ``fqn``: the ``n_drop[fqn]`` lowest ``drop_scores`` among the active entries are dropped, then
+    ``n_grow[fqn]`` entries are grown among ``candidates[fqn] & ~after_drop`` (default: every inactive entry;
+    capped at how many there are): the best ``grow_scores`` first, and a share ``explore_fraction`` of them by
+    ``explore_scores`` instead (CTRE's random exploration). An entry dropped in this update may be grown again.
+
+    Args:
+        masks: ``{fqn: [*S] bool}`` the active entries.
+        drop_scores, grow_scores: ``{fqn: [*S] float}``, higher is better.
+        n_drop: ``{fqn: int}`` entries to drop (see :func:`drop_counts`).
+        n_grow: ``{fqn: int}``, or a function of the masks after the drop that returns it (budget moved across
+            tensors, e.g. SNFS); default ``n_drop`` (nnz unchanged per tensor).
+        candidates: ``{fqn: [*S] bool}`` where growth may happen (continual isolation's free capacity).
+        explore_scores: ``{fqn: [*S] float}`` used for the explored share.
+        explore_fraction: that share, in ``[0, 1]``.
+        step, drop_fraction: written into the record.
+
+    Returns:
+        ``(new_masks, record)``.
+
+    Example (jaxpruner-style, by hand: drop the smallest active score, grow the largest inactive one):
+        >>> masks = {"w": torch.tensor([True, True, False, False])}
+        >>> new, record = update_masks(
+        ...     masks,
+        ...     drop_scores={"w": torch.tensor([0.9, 0.1, 0.0, 0.0])},
+        ...     grow_scores={"w": torch.tensor([0.0, 0.0, 0.2, 0.7])},
+        ...     n_drop={"w": 1},
+        ... )
+        >>> new["w"], record.tensors["w"]
+        (tensor([ True, False, False,  True]), TensorUpdate(dropped=1, grown=1, nnz=2))
+    """
+    if not 0.0 <= explore_fraction <= 1.0:
+        raise ValueError(f"explore_fraction must be in [0, 1], got {explore_fraction!r}")
+    if explore_fraction > 0 and explore_scores is None:
+        raise ValueError("explore_fraction > 0 needs explore_scores")
+    after_drop = {fqn: drop(mask, drop_scores[fqn], n_drop[fqn]) for fqn, mask in masks.items()}
+    if n_grow is None:
+        n_grow = n_drop
+    elif callable(n_grow):
+        n_grow = n_grow(after_drop)
+    new_masks = {}
+    for fqn, mask in after_drop.items():
+        region = ~mask if candidates is None or fqn not in candidates else ~mask & candidates[fqn]
+        count = min(n_grow[fqn], int(torch.count_nonzero(region)))
+        n_explore = round(explore_fraction * count) if explore_fraction > 0 else 0
+        grown = select_top(grow_scores[fqn], region, count - n_explore)
+        if n_explore:
+            assert explore_scores is not None  # checked above
+            grown |= select_top(explore_scores[fqn], region & ~grown, n_explore)
+        new_masks[fqn] = mask | grown
+    return new_masks, UpdateRecord.between(masks, new_masks, step=step, drop_fraction=drop_fraction)

@@ -9,12 +9,15 @@ MODULES = [
     "sparseapps.core",
     "sparseapps.core.config",
     "sparseapps.core.distributions",
+    "sparseapps.core.redistribution",
     "sparseapps.core.rules",
+    "sparseapps.core.scores",
     "sparseapps.core.scoring",
     "sparseapps.core.schedules",
     "sparseapps.core.structured",
     "sparseapps.core.accounting",
     "sparseapps.core.engine",
+    "sparseapps.core.finite",
     "sparseapps.core.io",
 ]
 

@@ -385,3 +385,27 @@ def test_rescale_initialization_restores_the_dense_row_scale() -> None:
     mask = engine.masks["0.weight"]
     assert bool((mask.sum(1) == 10).all())
     assert torch.allclose(layer.weight.detach()[mask], (original * 10**0.5)[mask])
+
+
+def test_report_carries_the_itop_rate_of_dynamic_runs() -> None:
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = SparsityConfig.preset("set", sparsity=0.9, update_interval=2)
+    engine = DynamicSparsity(model, opt, config, total_steps=20)
+    start = engine.report()
+    assert start.itop_rate == pytest.approx(start.density)
+    for _ in range(10):
+        opt.zero_grad()
+        model(torch.randn(4, 12)).sum().backward()
+        opt.step()
+    report = engine.report()
+    ever = sum(int(engine.ever_active[f].sum()) for f in engine.masks)
+    assert report.itop_rate == ever / report.numel > report.density  # SET grew entries never active before
+    assert report.to_dict()["itop_rate"] == report.itop_rate
+    assert "ITOP" in str(report)
+    fixed = tiny_mlp()
+    static = DynamicSparsity(
+        fixed, torch.optim.SGD(fixed.parameters(), lr=0.1), SparsityConfig.preset("static"), total_steps=5
+    )
+    assert static.report().itop_rate is None  # a static mask has no over-parameterization in time

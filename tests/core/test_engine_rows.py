@@ -6,24 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from sparseapps.core import DynamicSparsity, SparsityConfig
-from sparseapps.core import engine as engine_module
+from sparseapps.core import DynamicSparsity, SparsityConfig, embedding_rows
 
 USERS, ITEMS, DIM = 40, 30, 8
 
 
 @pytest.fixture(autouse=True)
 def small_tables_use_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tables are tiny; the engine processes tables below ``_ROW_MODE_MIN_ROWS`` rows whole."""
-    monkeypatch.setattr(engine_module, "_ROW_MODE_MIN_ROWS", 1)
+    """These tables are tiny; the engine processes tables below ``embedding_rows.MIN_ROWS`` rows whole."""
+    monkeypatch.setattr(embedding_rows, "MIN_ROWS", 1)
 
 
 def test_small_tables_are_processed_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        engine_module, "_ROW_MODE_MIN_ROWS", 35
-    )  # users (40 rows) in row mode, items (30) not
+    monkeypatch.setattr(embedding_rows, "MIN_ROWS", 35)  # users (40 rows) in row mode, items (30) not
     _, _, engine = make("looked_up")
-    assert engine._row_tensors == ("users.weight",)
+    assert engine.rows.fqns == ("users.weight",)
 
 
 class TwoTower(nn.Module):
@@ -113,7 +110,7 @@ def test_looked_up_rows_match_whole_tables(grow: str, bag: bool) -> None:
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     if grow == "momentum":
         for fqn, m in dense_engine.momentum.items():
-            row_engine._catch_up_momentum(fqn, row_engine.step)
+            row_engine.rows.catch_up(row_engine.momentum, fqn, row_engine.step)
             torch.testing.assert_close(m, row_engine.momentum[fqn], rtol=1e-5, atol=1e-7)
 
 
@@ -124,11 +121,13 @@ def test_momentum_is_scaled_between_full_steps() -> None:
         optimizer.zero_grad()
         model(users, items).sum().backward()
         optimizer.step()
-    assert engine.momentum_base["users.weight"] == 1  # the stored momentum is scaled by 0.9 ** -(step - 1)
+    assert (
+        engine.rows.momentum_base["users.weight"] == 1
+    )  # the stored momentum is scaled by 0.9 ** -(step - 1)
     untouched = torch.ones(USERS, dtype=torch.bool)
     untouched[[1, 2]] = False
     stored = engine.momentum["users.weight"].clone()
-    engine._catch_up_momentum("users.weight", 3)
+    engine.rows.catch_up(engine.momentum, "users.weight", 3)
     torch.testing.assert_close(engine.momentum["users.weight"][untouched], 0.81 * stored[untouched])
 
 

@@ -178,3 +178,67 @@ def test_select_top_on_large_tensors_is_exact(size, fraction, n_share, seed, zer
     rest = candidates & ~selected
     if bool(rest.any()):
         assert scores[selected].min() >= scores[rest].max()
+
+
+# --- update_masks: hand-computed cases (jaxpruner style) -------------------------------------------------------
+def test_update_masks_drops_lowest_active_and_grows_highest_inactive() -> None:
+    masks = {"a": torch.tensor([True, True, True, False, False, False])}
+    new, record = rules.update_masks(
+        masks,
+        drop_scores={"a": torch.tensor([5.0, 1.0, 3.0, 0.0, 0.0, 0.0])},
+        grow_scores={"a": torch.tensor([0.0, 9.0, 0.0, 2.0, 7.0, 4.0])},
+        n_drop={"a": 1},
+        step=7,
+        drop_fraction=0.33,
+    )
+    # drops index 1 (score 1.0); grows the best inactive: index 1 again (9.0) -- a dropped entry may come back
+    assert new["a"].tolist() == [True, True, True, False, False, False]
+    assert record.to_dict() == {
+        "step": 7,
+        "drop_fraction": 0.33,
+        "tensors": {"a": {"dropped": 0, "grown": 0, "nnz": 3}},
+    }
+    new, record = rules.update_masks(
+        masks,
+        drop_scores={"a": torch.tensor([5.0, 1.0, 3.0, 0.0, 0.0, 0.0])},
+        grow_scores={"a": torch.tensor([0.0, 0.0, 0.0, 2.0, 7.0, 4.0])},
+        n_drop={"a": 2},
+    )
+    assert new["a"].tolist() == [True, False, False, False, True, True]
+    assert record.tensors["a"] == rules.TensorUpdate(dropped=2, grown=2, nnz=3)
+
+
+def test_update_masks_respects_candidates_counts_and_exploration() -> None:
+    masks = {"a": torch.tensor([True, True, False, False, False]), "b": torch.tensor([True, False, False])}
+    drop_scores = {"a": torch.tensor([1.0, 2.0, 0, 0, 0]), "b": torch.tensor([1.0, 0, 0])}
+    grow_scores = {"a": torch.tensor([0.0, 0, 3.0, 2.0, 1.0]), "b": torch.tensor([0.0, 5.0, 6.0])}
+    # growth only inside the candidate region; budget moved from b to a by a function of the dropped masks
+    new, record = rules.update_masks(
+        masks,
+        drop_scores,
+        grow_scores,
+        {"a": 1, "b": 0},
+        n_grow=lambda after: {"a": 2, "b": 0} if not after["a"][0] else {"a": 0, "b": 0},
+        candidates={"a": torch.tensor([True, True, False, True, True])},
+    )
+    assert new["a"].tolist() == [False, True, False, True, True]  # index 0 dropped; 2 is outside the region
+    assert new["b"].tolist() == [True, False, False]
+    assert record.tensors["a"].nnz == 3
+    # half of the grown entries by the exploration scores instead
+    new, _ = rules.update_masks(
+        {"a": torch.tensor([False, False, False, False])},
+        {"a": torch.zeros(4)},
+        {"a": torch.tensor([4.0, 3.0, 2.0, 1.0])},
+        {"a": 0},
+        n_grow={"a": 2},
+        explore_scores={"a": torch.tensor([0.0, 0.0, 0.0, 1.0])},
+        explore_fraction=0.5,
+    )
+    assert new["a"].tolist() == [True, False, False, True]
+
+
+def test_drop_counts_never_empty_a_tensor() -> None:
+    assert rules.drop_counts({"a": torch.tensor([True]), "b": torch.ones(10, dtype=torch.bool)}, 1.0) == {
+        "a": 0,
+        "b": 9,
+    }

@@ -5,7 +5,10 @@ Example:
 
 writes ``runs/x/results.json`` (accuracy matrix ``R[i][j]``, ACC, BWT, forgetting, Avalanche's stream metrics,
 task-agnostic accuracy, capacity per task and layer, seconds per task), ``runs/x/accuracy_matrix.png`` and
-``runs/x/capacity.png``.
+``runs/x/capacity.png``, with ``runs/x/checkpoint.pt`` after every task and every ``--checkpoint-every``
+optimizer steps. The same command with ``--resume`` continues a killed run bit for bit (or prints the results of
+a finished one); a second run into a directory that holds results is refused unless ``--resume`` or
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sparseapps.continual.checkpoint import DEFAULT_CHECKPOINT_EVERY, OUTPUTS
 from sparseapps.continual.isolation import CAPACITIES, DISTRIBUTIONS, GROWTH, IsolationConfig
 
 # The names of sparseapps.continual.benchmarks.BENCHMARK_NAMES (a test keeps them equal): importing that module
@@ -87,12 +91,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--out", type=Path, default=Path("runs/continual"), help="output directory")
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=DEFAULT_CHECKPOINT_EVERY,
+        help="optimizer steps between checkpoints within a task (0: only after each task)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint, or print its results if it finished (an empty "
+        "--out starts it)",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace what --out holds and start the run afresh"
+    )
     run.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
     """Handler of ``sparseapps continual run``; returns the exit code."""
-    from sparseapps.continual.train import ContinualRun, run_continual, write_results
+    from sparseapps.continual.train import ContinualRun, run_continual
 
     try:
         isolation = IsolationConfig(
@@ -126,11 +145,17 @@ def run_command(args: argparse.Namespace) -> int:
             task_agnostic=not args.no_task_agnostic,
             isolation=isolation,
         )
-        result = run_continual(run, progress=not args.no_progress)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+        result = run_continual(
+            run,
+            progress=not args.no_progress,
+            out=args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            checkpoint_every=args.checkpoint_every,
+        )
+    except (ValueError, TypeError, OSError) as error:  # OSError: output conflicts, unreadable files
         print(f"error: {error}", file=sys.stderr)
         return 2
-    paths = write_results(result, args.out)
     n = len(result["accuracy_matrix"])
     print(
         f"\n{args.benchmark}: {n} tasks, sparsity {args.sparsity} per task, {args.init}, growth {args.growth}"
@@ -150,5 +175,5 @@ def run_command(args: argparse.Namespace) -> int:
     used = ", ".join(f"task {t['task']}: {t['fraction']:.3f}" for t in capacity["tasks"])
     print(f"capacity used: {used}; free {capacity['free'] / capacity['total']:.3f}")
     print(f"seconds per task (training): {', '.join(f'{s:.2f}' for s in result['train_seconds'])}")
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print("results in " + ", ".join(str(args.out / name) for name in OUTPUTS if (args.out / name).exists()))
     return 0

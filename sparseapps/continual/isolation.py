@@ -905,6 +905,9 @@ class TaskIsolation:
     ) -> None:
         """Restores :meth:`state_dict` (load the model's state_dict first); ``optimizer`` resumes a task mid-way.
 
+        Finished tasks' own parameters stop requiring gradients again (the model's ``frozen_tasks`` buffers say
+        which), as ``end_task`` left them.
+
         Raises:
             ValueError: another version, configuration or number of tasks.
         """
@@ -928,3 +931,6 @@ class TaskIsolation:
         self._optimizer = optimizer if self.current is not None else None
         self._dense_grads.clear()
         self._multipliers.clear()
+        for module in self.modules:  # requires_grad is not in a state_dict: the frozen_tasks buffers say it
+            for task in module.frozen_tasks.nonzero().flatten().tolist():
+                module.freeze_task(task)

@@ -32,10 +32,13 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+from torch import nn
 
 from sparseapps.continual.isolation import IsolationConfig, TaskIsolation
 
@@ -98,14 +101,55 @@ class SparseIsolationPlugin(SupervisedPlugin):
         self.isolation: TaskIsolation | None = None
         self.trained_classes: dict[int, list[int]] = {}
 
-    def _isolation(self, strategy: Any) -> TaskIsolation:
-        if self.isolation is None or self.isolation.model is not strategy.model:
+    def attach(self, model: nn.Module) -> TaskIsolation:
+        """The :class:`TaskIsolation` of ``model``, built on first use.
+
+        Training calls it; call it before training to check the capacity plan (a ``ValueError`` when the tasks do
+        not fit) before anything runs.
+
+        Raises:
+            ValueError: the plugin has trained tasks on another model, or the capacity plan does not fit.
+        """
+        if self.isolation is None or self.isolation.model is not model:
             if self.isolation is not None and self.isolation.task_order:
                 raise ValueError(
                     "strategy.model: expected the model the plugin has trained tasks on, got another model"
                 )
-            self.isolation = TaskIsolation(strategy.model, self.config, n_tasks=self.n_tasks)
+            self.isolation = TaskIsolation(model, self.config, n_tasks=self.n_tasks)
         return self.isolation
+
+    def _isolation(self, strategy: Any) -> TaskIsolation:
+        return self.attach(strategy.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The plugin's state beside the model's own: the isolation's state and the classes each task trained on."""
+        return {
+            "isolation": None if self.isolation is None else self.isolation.state_dict(),
+            "trained_classes": {task: list(classes) for task, classes in self.trained_classes.items()},
+        }
+
+    def load_state_dict(
+        self, state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Restores :meth:`state_dict` for ``model`` (load the model's ``state_dict`` first).
+
+        Args:
+            state: a :meth:`state_dict`.
+            model: the model the state belongs to.
+            optimizer: the optimizer of the task in training, when the state was saved inside a task.
+
+        Raises:
+            ValueError: not a state of this plugin, or one of another configuration or number of tasks.
+        """
+        if not isinstance(state, Mapping) or not {"isolation", "trained_classes"} <= set(state):
+            raise ValueError(
+                f"state: expected a SparseIsolationPlugin state_dict (isolation, trained_classes), got {state!r:.80}"
+            )
+        if state["isolation"] is not None:
+            self.attach(model).load_state_dict(state["isolation"], optimizer)
+        self.trained_classes = {
+            int(task): [int(c) for c in classes] for task, classes in state["trained_classes"].items()
+        }
 
     def before_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         self._isolation(strategy)

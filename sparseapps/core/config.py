@@ -9,11 +9,11 @@ drop + random growth, and so on. ``SparsityConfig.preset(name, **overrides)`` re
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
 from sparseapps.core import scores
+from sparseapps.core.validation import check_choice, check_int, check_number
 
 Distribution = Literal["uniform", "erk", "er"]
 # Drop and grow criteria are names in the score registry (sparseapps.core.scores): the built-ins below and any
@@ -35,20 +35,6 @@ FORESIGHT_METHODS = ("snip", "grasp", "synflow")
 
 class ConfigMismatchError(ValueError):
     """A checkpoint or saved run was made with another configuration than the one resuming it."""
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _check_fraction(name: str, value: float, *, low: float, high: float, closed_high: bool) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    upper_ok = value <= high if closed_high else value < high
-    if not (low <= value and upper_ok):
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
 
 
 class PlainConfig:
@@ -206,42 +192,35 @@ class SparsityConfig(PlainConfig):
     )
 
     def __post_init__(self) -> None:
-        _check_fraction("sparsity", self.sparsity, low=0.0, high=1.0, closed_high=False)
-        _check_choice("method", self.method, METHODS)
-        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
-        _check_choice("drop", self.drop, scores.drop_names())
-        _check_choice("grow", self.grow, ("none", *scores.grow_names()))
-        _check_choice("drop_schedule", self.drop_schedule, DROP_SCHEDULES)
-        _check_choice("redistribution", self.redistribution, REDISTRIBUTIONS)
-        _check_choice("grow_optimizer_state", self.grow_optimizer_state, GROW_OPTIMIZER_STATES)
+        check_number("sparsity", self.sparsity, low=0.0, high=1.0, high_open=True)
+        check_choice("method", self.method, METHODS)
+        check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        check_choice("drop", self.drop, scores.drop_names())
+        check_choice("grow", self.grow, ("none", *scores.grow_names()))
+        check_choice("drop_schedule", self.drop_schedule, DROP_SCHEDULES)
+        check_choice("redistribution", self.redistribution, REDISTRIBUTIONS)
+        check_choice("grow_optimizer_state", self.grow_optimizer_state, GROW_OPTIMIZER_STATES)
         for name in ("update_interval", "pruning_interval", "foresight_iterations", "lottery_rounds"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.rewind_step, int) or self.rewind_step < 0:
-            raise ValueError(f"rewind_step must be a non-negative integer, got {self.rewind_step!r}")
-        _check_fraction("end_fraction", self.end_fraction, low=0.0, high=1.0, closed_high=True)
-        _check_fraction("start_fraction", self.start_fraction, low=0.0, high=1.0, closed_high=True)
+            check_int(name, getattr(self, name), low=1)
+        check_int("rewind_step", self.rewind_step, low=0)
+        check_number("end_fraction", self.end_fraction, low=0.0, high=1.0, high_open=False)
+        check_number("start_fraction", self.start_fraction, low=0.0, high=1.0, high_open=False)
         if self.start_fraction > self.end_fraction:
             raise ValueError(
                 f"start_fraction must not exceed end_fraction, got {self.start_fraction} > {self.end_fraction}"
             )
-        _check_fraction("drop_fraction", self.drop_fraction, low=0.0, high=1.0, closed_high=True)
-        _check_fraction(
-            "random_grow_fraction", self.random_grow_fraction, low=0.0, high=1.0, closed_high=True
-        )
-        _check_fraction("momentum", self.momentum, low=0.0, high=1.0, closed_high=False)
-        _check_choice("embedding_rows", self.embedding_rows, EMBEDDING_ROWS)
-        _check_fraction("ablation_threshold", self.ablation_threshold, low=0.0, high=1.0, closed_high=True)
+        check_number("drop_fraction", self.drop_fraction, low=0.0, high=1.0, high_open=False)
+        check_number("random_grow_fraction", self.random_grow_fraction, low=0.0, high=1.0, high_open=False)
+        check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        check_choice("embedding_rows", self.embedding_rows, EMBEDDING_ROWS)
+        check_number("ablation_threshold", self.ablation_threshold, low=0.0, high=1.0, high_open=False)
         for name in ("grow_init_range", "tie_noise"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_number(name, getattr(self, name), low=0.0)
         kinds = tuple(self.module_types)
         if not kinds:
             raise ValueError("module_types must name at least one of 'linear', 'conv', 'embedding', got ()")
         for kind in kinds:
-            _check_choice("module_types entry", kind, MODULE_KINDS)
+            check_choice("module_types entry", kind, MODULE_KINDS)
         for name in ("include", "exclude", "module_types"):
             value = getattr(self, name)
             if isinstance(value, str):

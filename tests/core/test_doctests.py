@@ -15,6 +15,7 @@ MODULES = [
     "sparseapps.core.scoring",
     "sparseapps.core.schedules",
     "sparseapps.core.structured",
+    "sparseapps.core.validation",
     "sparseapps.core.accounting",
     "sparseapps.core.engine",
     "sparseapps.core.finite",

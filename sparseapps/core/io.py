@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -150,7 +151,14 @@ def load_torch(path: str | os.PathLike[str], what: str = "a sparseapps checkpoin
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
         raise CorruptFileError(f"{path}: no such file (expected {what})") from error
-    except Exception as error:  # torch raises many types for a damaged or unsafe file
+    except pickle.UnpicklingError as error:  # a pickled object beyond tensors: never unpickled
+        raise CorruptFileError(
+            f"{path} is not a file of {what} that sparseapps wrote: it holds Python objects that only an "
+            "unrestricted unpickler could read, which can run code, so it was refused and nothing in it ran. "
+            "Only checkpoints written by your own runs can be resumed; remove it or choose another output "
+            "directory to start afresh"
+        ) from error
+    except Exception as error:  # torch raises many types for a damaged file
         raise CorruptFileError(
             f"{path} is not a readable file of {what}: {type(error).__name__}: {str(error).splitlines()[0]}. "
             "sparseapps reads only tensors, numbers and strings from .pt files (weights_only=True) and never runs "

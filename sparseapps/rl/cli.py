@@ -6,7 +6,9 @@ Example:
 
 writes ``runs/x/{dense,rigl}/seed{0,1,2}/`` (TensorBoard logs under ``tb/``, ``model.zip`` with its masks,
 ``result.json``), ``runs/x/results.json`` and ``runs/x/curves.png``. Running the same command again resumes
-unfinished runs from their checkpoints and reuses finished ones; other settings in the same ``--out`` are refused.
+unfinished runs from their checkpoints (bit for bit) and reuses finished ones. Another method into the same
+``--out`` (same environment, algorithm, budget, evaluation, drift and hyperparameters) adds its rows to the summary;
+other settings are refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sparseapps.core.io import OutputConflictError
 from sparseapps.rl.presets import RL_PRESETS
 from sparseapps.rl.train import ALGORITHM_CLASSES, METHODS, RLRun, format_table, train_many
 
@@ -84,6 +87,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--threads", type=int, default=1, help="torch threads per run")
     train.add_argument("--device", default="cpu", help="torch device")
     train.add_argument("--out", type=Path, default=Path("runs/rl"), help="output directory")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what --out holds when it conflicts (other settings, another configuration of a run, a "
+        "damaged file) instead of refusing; runs that fit are still reused or resumed",
+    )
+    train.add_argument(
+        "--keep-replay-buffer",
+        action="store_true",
+        help="also write each off-policy run's final replay buffer (replay_buffer.pkl, as large as the buffer)",
+    )
     train.set_defaults(handler=run_train)
 
 
@@ -120,11 +134,13 @@ def run_train(args: argparse.Namespace) -> int:
             if not args.no_dense:
                 runs.append(RLRun(method="dense", preset=args.preset, seed=seed, **common))
             runs.append(RLRun(seed=seed, **common, **sparse))
-        summary = train_many(runs, args.out)
-    except (ValueError, TypeError) as error:
+        summary = train_many(
+            runs, args.out, overwrite=args.overwrite, keep_replay_buffer=args.keep_replay_buffer
+        )
+    except (ValueError, TypeError, OutputConflictError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"\n{args.algo.upper()} on {args.env}, {args.steps} steps, {args.seeds} seed(s)")
+    print(f"\n{args.algo.upper()} on {args.env}, {args.steps} steps, {len(summary['runs'])} run(s)")
     print(format_table(summary["rows"]))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'curves.png'}")
     return 0

@@ -194,7 +194,24 @@ def _env_name(env: gym.Env) -> str:
 
 
 # A writer sets what one parameter scales to ``original * factor``; it captured the originals when it was made.
+# Writers are small classes, not closures, so that a drifting environment pickles (a training checkpoint holds it).
 Writer = Callable[[float], None]
+
+
+class _AttributeWriter:
+    """Sets ``unwrapped.<attribute>`` to ``original * factor`` (CartPole: and its two derived quantities)."""
+
+    def __init__(self, unwrapped: gym.Env, attribute: str) -> None:
+        self.unwrapped = unwrapped
+        self.attribute = attribute
+        self.original = float(getattr(unwrapped, attribute))
+
+    def __call__(self, factor: float) -> None:
+        setattr(self.unwrapped, self.attribute, self.original * factor)
+        if isinstance(self.unwrapped, CartPoleEnv):
+            # CartPole caches two derived quantities in __init__; its step() reads them, not the raw masses.
+            self.unwrapped.total_mass = self.unwrapped.masspole + self.unwrapped.masscart
+            self.unwrapped.polemass_length = self.unwrapped.masspole * self.unwrapped.length
 
 
 def _cartpole_writer(env: gym.Env, unwrapped: CartPoleEnv, parameter: str) -> Writer:
@@ -202,15 +219,7 @@ def _cartpole_writer(env: gym.Env, unwrapped: CartPoleEnv, parameter: str) -> Wr
     for attribute in ("gravity", "length", "masscart", "masspole", "total_mass", "polemass_length"):
         if not hasattr(unwrapped, attribute):
             raise ValueError(f"{name} ({type(unwrapped).__name__}) has no attribute {attribute!r} to drift")
-    original = float(getattr(unwrapped, parameter))
-
-    def write(factor: float) -> None:
-        setattr(unwrapped, parameter, original * factor)
-        # CartPole caches two derived quantities in __init__; its step() reads them, not the raw masses.
-        unwrapped.total_mass = unwrapped.masspole + unwrapped.masscart
-        unwrapped.polemass_length = unwrapped.masspole * unwrapped.length
-
-    return write
+    return _AttributeWriter(unwrapped, parameter)
 
 
 def _pendulum_writer(env: gym.Env, unwrapped: PendulumEnv, parameter: str) -> Writer:
@@ -219,12 +228,7 @@ def _pendulum_writer(env: gym.Env, unwrapped: PendulumEnv, parameter: str) -> Wr
         raise ValueError(
             f"{_env_name(env)} ({type(unwrapped).__name__}) has no attribute {attribute!r} to drift"
         )
-    original = float(getattr(unwrapped, attribute))
-
-    def write(factor: float) -> None:
-        setattr(unwrapped, attribute, original * factor)
-
-    return write
+    return _AttributeWriter(unwrapped, attribute)
 
 
 def _mujoco_rows(env: gym.Env, model: Any, parameter: str, names: Sequence[str] | None) -> np.ndarray | slice:
@@ -246,23 +250,37 @@ def _mujoco_rows(env: gym.Env, model: Any, parameter: str, names: Sequence[str] 
     return np.array([valid.index(n) for n in names], dtype=np.int64)
 
 
+def _model_array(model: Any, path: str) -> np.ndarray:
+    holder: Any = model
+    for part in path.split("."):
+        holder = getattr(holder, part)
+    return holder
+
+
+class _MujocoWriter:
+    """Sets rows of MuJoCo model arrays to ``original * factor``; the arrays are looked up at each write (they are
+    views of the model's memory, which a copy of the model, e.g. a checkpoint's, does not share)."""
+
+    def __init__(self, model: Any, paths: Sequence[str], rows: np.ndarray | slice) -> None:
+        self.model = model
+        self.paths = tuple(paths)
+        self.rows = rows
+        self.originals = [np.array(_model_array(model, path)[rows], copy=True) for path in self.paths]
+
+    def __call__(self, factor: float) -> None:
+        for path, original in zip(self.paths, self.originals, strict=True):
+            _model_array(self.model, path)[self.rows] = original * factor
+
+
 def _mujoco_writer(env: gym.Env, model: Any, parameter: str, names: Sequence[str] | None) -> Writer:
     rows = _mujoco_rows(env, model, parameter, names)
-    arrays: list[np.ndarray] = []
     for path in _MUJOCO_ARRAYS[parameter]:
         holder: Any = model
         for part in path.split("."):
             if not hasattr(holder, part):
                 raise ValueError(f"{_env_name(env)}: the MuJoCo model has no attribute {path!r} to drift")
             holder = getattr(holder, part)
-        arrays.append(holder)
-    originals = [np.array(array[rows], copy=True) for array in arrays]
-
-    def write(factor: float) -> None:
-        for array, original in zip(arrays, originals, strict=True):
-            array[rows] = original * factor
-
-    return write
+    return _MujocoWriter(model, _MUJOCO_ARRAYS[parameter], rows)
 
 
 def _is_mujoco(unwrapped: gym.Env) -> bool:

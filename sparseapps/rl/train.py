@@ -3,14 +3,22 @@
 One :class:`RLRun` is one (environment, algorithm, method, seed). :func:`train_run` trains it into a directory:
 
 * ``tb/`` TensorBoard logs (SB3's, plus ``sparsity/*`` density and mask turnover at each topology update),
-* ``checkpoint/`` while running: ``model.zip`` (masks included), the replay buffer, the sparsity engines'
-  state and the run's progress, written every ``checkpoint_every`` steps at a rollout boundary; running the same
-  :class:`RLRun` again resumes from it, and a different one is refused,
-* ``model.zip`` and ``result.json`` at the end (``result.json`` marks the run done; running it again returns it).
+* ``checkpoint/`` while running, written every ``checkpoint_every`` steps at a rollout boundary: ``model.zip``
+  (networks with their masks, optimizers, SB3's counters and last observation), the replay buffer, the sparsity
+  engines' state, the random generators (``random_state.pt``), the environments mid-episode
+  (``environments.pkl``), the run's settings and progress, and ``MANIFEST.json`` (SHA-256 of each file, checked
+  before anything is unpickled). Running the same :class:`RLRun` again resumes from it **bit for bit**: the
+  resumed run's networks, optimizers, masks, replay buffer and every metric of ``result.json`` but its wall-clock
+  fields equal those of a run never interrupted (on CPU with the same torch threads; see
+  :mod:`sparseapps.rl.resume`). A different :class:`RLRun` is refused,
+* ``model.zip``, ``result.json`` and ``MANIFEST.json`` at the end (``result.json`` marks the run done; running it
+  again returns it), and ``replay_buffer.pkl`` when asked to keep it.
 
 :func:`train_many` runs several (dense and sparse, several seeds) behind one progress bar and writes
 ``results.json`` (mean and 95% confidence interval per method, wall-clock and FLOPs relative to dense) and
-``curves.png``.
+``curves.png``. It claims its output directory (:func:`sparseapps.core.io.claim_output`) for the settings all its
+runs share (:data:`SHARED_FIELDS`), so other methods can be added to it later: the summary covers every finished
+run in the directory, never only the last call's.
 
 Example:
     >>> run = RLRun(env="CartPole-v1", algo="ppo", method="rigl", steps=50_000, seed=0)
@@ -22,19 +30,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import importlib
 import json
 import math
 import os
 import shutil
 import statistics
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium import spaces
 from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
@@ -48,8 +61,11 @@ from stable_baselines3.common.vec_env import VecEnv
 from sparseapps.core import PRESETS, SparsityConfig
 from sparseapps.core.io import (
     MANIFEST,
+    CorruptFileError,
+    claim_output,
     load_json,
     load_torch,
+    remove_temporaries,
     save_torch,
     verify_manifest,
     write_atomic,
@@ -60,6 +76,7 @@ from sparseapps.rl.callback import CALLBACK_METHODS, DynamicSparsityCallback
 from sparseapps.rl.diagnostics import find_dormant_neurons, shift_recovery
 from sparseapps.rl.drift import INFO_ENV_STEP, INFO_PHASE, DriftSchedule, make_drifting_env
 from sparseapps.rl.presets import RL_PRESETS, rl_preset
+from sparseapps.rl.resume import pickle_environments, random_state, restore_environments, set_random_state
 
 ALGORITHM_CLASSES: dict[str, type[BaseAlgorithm]] = {
     "ppo": PPO,
@@ -68,6 +85,15 @@ ALGORITHM_CLASSES: dict[str, type[BaseAlgorithm]] = {
     "td3": TD3,
     "ddpg": DDPG,
     "dqn": DQN,
+}
+# The action spaces each algorithm supports (its constructor's supported_action_spaces in SB3 2.x).
+ACTION_SPACES: dict[str, tuple[type[spaces.Space], ...]] = {
+    "ppo": (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
+    "a2c": (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
+    "sac": (spaces.Box,),
+    "td3": (spaces.Box,),
+    "ddpg": (spaces.Box,),
+    "dqn": (spaces.Discrete,),
 }
 # Core presets the callback can run (sparse from scratch or pruning a dense start).
 METHODS = ("dense", *sorted(name for name, values in PRESETS.items() if values["method"] in CALLBACK_METHODS))
@@ -118,6 +144,61 @@ def mean_confidence_interval(values: Sequence[float]) -> tuple[float, float]:
         return mean, 0.0
     quantile = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
     return mean, quantile * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def check_env_id(env_id: str) -> None:
+    """Checks that ``env_id`` is a registered gymnasium environment (``module:Id`` imports ``module`` first).
+
+    Raises:
+        ValueError: the id is not registered; the message suggests close ids.
+
+    Example:
+        >>> try:
+        ...     check_env_id("CartPol-v1")
+        ... except ValueError as error:
+        ...     print(str(error).split(" List them")[0])
+        env 'CartPol-v1' is not a registered gymnasium environment: ... Close ids: 'CartPole-v1', ...
+    """
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(
+                f"env {env_id!r}: module {module!r} (which should register {name!r}) cannot be imported: {error}"
+            ) from None
+    try:
+        gym.spec(name)
+    except gym.error.Error as error:
+        close = difflib.get_close_matches(name, list(gym.registry), n=3, cutoff=0.6)
+        suggestion = f" Close ids: {', '.join(map(repr, close))}." if close else ""
+        raise ValueError(
+            f"env {env_id!r} is not a registered gymnasium environment: {error}{suggestion} List them all with "
+            "`python -c 'import gymnasium; gymnasium.pprint_registry()'`"
+        ) from None
+
+
+def check_action_space(run: RLRun) -> None:
+    """Makes ``run``'s environment once and checks that ``run.algo`` supports its action space.
+
+    Raises:
+        ValueError: the environment cannot be made, or the algorithm does not support its action space (SAC,
+            TD3 and DDPG need a continuous ``Box``; DQN a ``Discrete`` one).
+    """
+    try:
+        env = gym.make(run.env)
+    except Exception as error:  # gymnasium and the environments' own packages raise many types
+        raise ValueError(f"env {run.env!r} cannot be made: {type(error).__name__}: {error}") from None
+    space = env.action_space
+    env.close()
+    supported = ACTION_SPACES[run.algo]
+    if not isinstance(space, supported):
+        fitting = [name for name, kinds in ACTION_SPACES.items() if isinstance(space, kinds)]
+        raise ValueError(
+            f"algo {run.algo!r} needs a {' or '.join(kind.__name__ for kind in supported)} action space, but "
+            f"{run.env} has {space!r}; the algorithms for a {type(space).__name__} action space are "
+            f"{', '.join(fitting) if fitting else 'none of ' + ', '.join(ACTION_SPACES)}"
+        )
 
 
 def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> None:
@@ -198,6 +279,7 @@ class RLRun:
             rl_preset(self.preset).kwargs_for(self.algo)
         if not isinstance(self.env, str) or not self.env:
             raise ValueError(f"env must be a gymnasium id, got {self.env!r}")
+        check_env_id(self.env)
         for name in ("steps", "n_envs", "eval_episodes", "threads"):
             _positive_int(name, getattr(self, name))
         for name in ("eval_every", "checkpoint_every"):
@@ -311,20 +393,40 @@ def build_model(run: RLRun, env: VecEnv, tensorboard_log: str | None) -> BaseAlg
     )
 
 
+# Files of a run directory that train_run writes (overwrite removes these, never other files).
+RUN_OUTPUTS = (
+    "result.json",
+    "model.zip",
+    "replay_buffer.pkl",
+    MANIFEST,
+    "checkpoint",
+    "checkpoint.old",
+    "checkpoint.tmp",
+    "tb",
+)
+# A finished run's files the run directory's manifest covers (replay_buffer.pkl only when kept).
+FINAL_FILES = ("model.zip", "result.json", "replay_buffer.pkl")
+
+
+class _OtherRun(ValueError):
+    """A run directory holds a run of another configuration (``overwrite`` replaces it)."""
+
+
 class _RunTracker(BaseCallback):
     """Evaluates, records training episodes, advances the progress bar and writes checkpoints."""
 
     def __init__(
         self,
         run: RLRun,
-        eval_env: VecEnv | None,
+        envs: Mapping[str, VecEnv | None],
         checkpoint_dir: Path,
         sparsity: DynamicSparsityCallback | None,
         progress: Any | None,
     ) -> None:
         super().__init__()
         self.run = run
-        self.eval_env = eval_env
+        self.envs = dict(envs)
+        self.eval_env = envs["eval"]
         self.checkpoint_dir = checkpoint_dir
         self.sparsity = sparsity
         self.progress = progress
@@ -335,6 +437,9 @@ class _RunTracker(BaseCallback):
         self.train_seconds_before = 0.0
         self.next_eval = run.eval_every if run.eval_every else math.inf
         self.next_checkpoint = run.checkpoint_every if run.checkpoint_every else math.inf
+        # Random states of a checkpoint, restored where they were saved: the start of the next rollout.
+        self.resumed_random_state: Mapping[str, Any] | None = None
+        self.environments_unpicklable = False
 
     def state(self) -> dict[str, Any]:
         return {
@@ -350,7 +455,10 @@ class _RunTracker(BaseCallback):
         self.train_seconds_before = train_seconds
 
     def evaluate(self) -> tuple[float, float]:
-        assert self.eval_env is not None
+        if self.eval_env is None:
+            raise RuntimeError(
+                "this run has no evaluation environment (a drifting run is scored on its episodes)"
+            )
         started = time.perf_counter()
         mean, std = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.run.eval_episodes)
         self.eval_seconds += time.perf_counter() - started
@@ -380,13 +488,20 @@ class _RunTracker(BaseCallback):
         return True
 
     def _on_rollout_start(self) -> None:
+        if self.resumed_random_state is not None:
+            set_random_state(self.model, self.resumed_random_state)
+            self.resumed_random_state = None
         if self.num_timesteps >= self.next_checkpoint and self.num_timesteps < self.run.steps:
             while self.next_checkpoint <= self.num_timesteps:
                 self.next_checkpoint += self.run.checkpoint_every
             self.save_checkpoint()
 
     def save_checkpoint(self) -> None:
-        """Writes the checkpoint into a fresh directory, then swaps it in (never a half-written checkpoint)."""
+        """Writes the checkpoint into a fresh directory, then swaps it in (never a half-written checkpoint).
+
+        Called at the start of a rollout (SB3's ``on_rollout_start``), after the previous rollout's training: the
+        state saved here is everything the rest of the run depends on.
+        """
         started = time.perf_counter()
         fresh = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".tmp")
         old = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")
@@ -397,6 +512,19 @@ class _RunTracker(BaseCallback):
             self.model.save_replay_buffer(fresh / "replay_buffer.pkl")
         if self.sparsity is not None:
             save_torch(fresh / "sparsity.pt", self.sparsity.state_dict())
+        save_torch(fresh / "random_state.pt", random_state(self.model))
+        try:
+            environments = pickle_environments(self.model, self.envs)
+        except TypeError as error:
+            if not self.environments_unpicklable:
+                warnings.warn(
+                    f"{self.run.env}: the checkpoints hold no environment state ({error}); resuming from one "
+                    "resets the environments, so the resumed run will differ from an uninterrupted one",
+                    stacklevel=2,
+                )
+            self.environments_unpicklable = True
+        else:
+            write_atomic(fresh / "environments.pkl", environments)
         write_json(fresh / "run.json", self.run.to_dict())
         train_seconds = self.train_seconds_before + self.elapsed_training()
         write_json(fresh / "progress.json", {**self.state(), "train_seconds": train_seconds})
@@ -418,7 +546,8 @@ class _RunTracker(BaseCallback):
 
 def _checkpoint_dir(out: Path) -> Path | None:
     for name in ("checkpoint", "checkpoint.old"):
-        # A checkpoint directory is swapped in only when complete; verify_manifest refuses one without a manifest.
+        # A checkpoint directory is swapped in only when complete; a kill between the two renames leaves the
+        # previous one as checkpoint.old. verify_manifest refuses one without a manifest.
         if (out / name / "progress.json").exists():
             return out / name
     return None
@@ -426,24 +555,92 @@ def _checkpoint_dir(out: Path) -> Path | None:
 
 # Settings that do not change what a run computes: resuming with other values is allowed.
 _RESUMABLE_CHANGES = ("threads", "device", "checkpoint_every")
+# Settings every run written into one train_many output directory shares (what makes its rows comparable).
+SHARED_FIELDS = (
+    "env",
+    "algo",
+    "steps",
+    "n_envs",
+    "eval_every",
+    "eval_episodes",
+    "drift_parameter",
+    "drift_shifts",
+    "hyperparameters",
+)
+
+
+def _saved_settings(saved: Mapping[str, Any], run: RLRun) -> dict[str, Any]:
+    """A run's saved settings, with fields added after it was saved set to their defaults."""
+    defaults = RLRun(env=run.env, algo=run.algo).to_dict()
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
 
 
 def _refuse_other(path: Path, saved: Mapping[str, Any], run: RLRun) -> None:
-    current = {k: v for k, v in run.to_dict().items() if k not in _RESUMABLE_CHANGES}
-    saved = {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES}
-    # Fields added after a run was saved count as their defaults (sparsity_overrides: none).
-    defaults = RLRun(env=run.env, algo=run.algo).to_dict()
-    saved = {**{k: defaults[k] for k in current if k not in saved}, **saved}
-    if saved != current:
-        diff = {
-            k: (saved.get(k), current.get(k))
-            for k in set(saved) | set(current)
-            if saved.get(k) != current.get(k)
-        }
-        raise ValueError(
+    current = run.to_dict()
+    keys = sorted(k for k in {*_saved_settings(saved, run), *current} if k not in _RESUMABLE_CHANGES)
+    diff = _differences(_saved_settings(saved, run), current, keys)
+    if diff:
+        raise _OtherRun(
             f"{path} holds a run of another configuration; (saved, requested) differ in {diff}. "
-            "Use another --out directory or the same settings."
+            "Use another --out directory or the same settings, or pass --overwrite (overwrite=True) to retrain it."
         )
+
+
+def _listed(directory: Path) -> list[str]:
+    """The files a directory's manifest lists (none when it is missing or damaged: verify_manifest says which)."""
+    try:
+        manifest = load_json(directory / MANIFEST)
+    except CorruptFileError:
+        return []
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return sorted(files) if isinstance(files, dict) else []
+
+
+def _start_afresh(error: CorruptFileError, out: Path) -> CorruptFileError:
+    return CorruptFileError(f"{error}. To start this run afresh, remove {out} or pass --overwrite")
+
+
+def _remove_run(out: Path) -> None:
+    """Removes what train_run wrote into ``out`` (``overwrite``); other files stay."""
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    remove_temporaries(out)
+
+
+def read_result(out: Path, run: RLRun | None = None) -> dict[str, Any] | None:
+    """The result of the finished run in ``out`` (None when it has not finished), checked against its manifest.
+
+    Args:
+        out: a run directory written by :func:`train_run`.
+        run: when given, a result of another configuration is refused.
+
+    Raises:
+        CorruptFileError: ``result.json`` or ``model.zip`` is damaged or differs from the run's ``MANIFEST.json``.
+        ValueError: the result is of another configuration than ``run``.
+    """
+    out = Path(out)
+    result_path = out / "result.json"
+    if not result_path.exists():
+        return None
+    if (out / MANIFEST).exists():
+        verify_manifest(out, sorted({*_listed(out), "model.zip", "result.json"}))
+    elif (out / "model.zip").exists():
+        # Killed between writing result.json and its manifest (both files were written whole, atomically).
+        write_manifest(out, [name for name in FINAL_FILES if (out / name).exists()])
+    result = load_json(result_path, "a finished run's result")
+    if not isinstance(result, dict) or not isinstance(result.get("run"), dict) or "label" not in result:
+        raise CorruptFileError(f"{result_path} is not the result of a sparseapps RL run")
+    if run is not None:
+        _refuse_other(result_path, result["run"], run)
+    return result
 
 
 def _dormant_fractions(model: BaseAlgorithm, sparsity: DynamicSparsityCallback | None) -> dict[str, float]:
@@ -478,46 +675,131 @@ def _dormant_fractions(model: BaseAlgorithm, sparsity: DynamicSparsityCallback |
     }
 
 
-def train_run(run: RLRun, out: Path, *, progress: Any | None = None) -> dict[str, Any]:
+def _resume(
+    run: RLRun,
+    checkpoint: Path,
+    envs: Mapping[str, VecEnv | None],
+    sparsity: DynamicSparsityCallback | None,
+    tracker: _RunTracker,
+    tensorboard_log: str,
+) -> BaseAlgorithm:
+    """The model of ``checkpoint`` with everything else restored: environments, engines, progress, RNGs."""
+    algorithm = ALGORITHM_CLASSES[run.algo]
+    off_policy = issubclass(algorithm, OffPolicyAlgorithm)
+    required = {"model.zip", "run.json", "progress.json"}
+    required |= {"replay_buffer.pkl"} if off_policy else set()
+    required |= {"sparsity.pt"} if sparsity is not None else set()
+    present = {path.name for path in checkpoint.iterdir() if path.name != MANIFEST}
+    # model.zip, the replay buffer and the environments are pickles: read only what this run wrote.
+    verify_manifest(checkpoint, sorted(present | required | set(_listed(checkpoint))))
+    _refuse_other(checkpoint / "run.json", load_json(checkpoint / "run.json", "the run's settings"), run)
+    saved = load_json(checkpoint / "progress.json", "the run's progress")
+    if not isinstance(saved, dict) or not {"curve", "episodes", "next_eval", "next_checkpoint"} <= set(saved):
+        raise CorruptFileError(f"{checkpoint / 'progress.json'} is not the progress of a sparseapps RL run")
+    exact = (checkpoint / "environments.pkl").exists() and (checkpoint / "random_state.pt").exists()
+    try:
+        model = algorithm.load(
+            checkpoint / "model.zip",
+            env=envs["train"],
+            device=run.device,
+            tensorboard_log=tensorboard_log,
+            force_reset=not exact,
+        )
+        if off_policy:
+            model.load_replay_buffer(checkpoint / "replay_buffer.pkl")
+    except Exception as error:  # SB3 raises many types for an archive it cannot read
+        raise CorruptFileError(
+            f"{checkpoint / 'model.zip'} (or its replay buffer) cannot be loaded by {algorithm.__name__}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    if exact:
+        # After SB3's load, which reseeds the environments and the action space.
+        restore_environments(model, (checkpoint / "environments.pkl").read_bytes(), envs)
+        tracker.resumed_random_state = load_torch(checkpoint / "random_state.pt", "the run's random states")
+    else:
+        warnings.warn(
+            f"{checkpoint} holds no environment or random state (written by an older sparseapps, or for "
+            "environments that cannot be pickled): the environments restart and the resumed run will differ "
+            "from an uninterrupted one",
+            stacklevel=3,
+        )
+    if sparsity is not None:
+        sparsity.load_state_dict(load_torch(checkpoint / "sparsity.pt", "the sparsity engines' state"))
+    tracker.restore(saved, saved.get("train_seconds", 0.0))
+    return model
+
+
+def train_run(
+    run: RLRun,
+    out: Path,
+    *,
+    progress: Any | None = None,
+    overwrite: bool = False,
+    keep_replay_buffer: bool = False,
+) -> dict[str, Any]:
     """Trains ``run`` into ``out`` (resuming a checkpoint there) and returns its result (also ``result.json``).
 
+    A finished run in ``out`` is returned as it is; an unfinished one resumes from its last checkpoint, bit for bit.
+
+    Args:
+        run: what to train.
+        out: the run's directory.
+        progress: a progress bar (``update(n)`` per env step), or None.
+        overwrite: retrain from scratch when ``out`` holds a run of another configuration or a damaged file,
+            instead of refusing; removes only the files :data:`RUN_OUTPUTS` names.
+        keep_replay_buffer: also write the final replay buffer (``replay_buffer.pkl``, off-policy algorithms;
+            as large as the buffer) next to ``model.zip``.
+
     Raises:
-        ValueError: ``out`` holds a checkpoint or result of another configuration.
+        ValueError: the environment cannot be made or ``run.algo`` does not support its action space; ``out``
+            holds a checkpoint or result of another configuration.
+        CorruptFileError: a file of ``out`` is damaged or differs from the manifest written with it (a
+            ``ValueError``).
     """
+    check_action_space(run)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    result_path = out / "result.json"
-    if result_path.exists():
-        result = load_json(result_path, "a finished run's result")
-        _refuse_other(result_path, result["run"], run)
+    remove_temporaries(out)  # of a run killed while writing a file
+    try:
+        finished = read_result(out, run)
+    except (CorruptFileError, _OtherRun) as error:
+        if not overwrite:
+            if isinstance(error, CorruptFileError):
+                raise _start_afresh(error, out) from error
+            raise
+        _remove_run(out)
+        finished = None
+    if finished is not None:
+        # Checkpoints a kill right after finishing left behind.
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+            shutil.rmtree(out / name, ignore_errors=True)
         if progress is not None:
             progress.update(run.steps)
-        return result
+        return finished
+
     torch.set_num_threads(run.threads)
     set_random_seed(run.seed)
+    out.mkdir(parents=True, exist_ok=True)
     env = make_env(run)
     eval_env = (
         None if run.drift_parameter is not None else make_vec_env(run.env, n_envs=1, seed=run.seed + 10_000)
     )
+    envs = {"train": env, "eval": eval_env}
     sparsity = run.callback()
-    tracker = _RunTracker(run, eval_env, out / "checkpoint", sparsity, progress)
+    tracker = _RunTracker(run, envs, out / "checkpoint", sparsity, progress)
     checkpoint = _checkpoint_dir(out)
-    algorithm = ALGORITHM_CLASSES[run.algo]
     if checkpoint is not None:
-        # model.zip and the replay buffer are cloudpickle: read only what this run wrote (the manifest's hashes).
-        verify_manifest(
-            checkpoint, sorted(path.name for path in checkpoint.iterdir() if path.name != MANIFEST)
-        )
-        _refuse_other(checkpoint / "run.json", load_json(checkpoint / "run.json", "the run's settings"), run)
-        model = algorithm.load(
-            checkpoint / "model.zip", env=env, device=run.device, tensorboard_log=str(out / "tb")
-        )
-        if isinstance(model, OffPolicyAlgorithm):
-            model.load_replay_buffer(checkpoint / "replay_buffer.pkl")
-        if sparsity is not None:
-            sparsity.load_state_dict(load_torch(checkpoint / "sparsity.pt", "the sparsity engines' state"))
-        saved = load_json(checkpoint / "progress.json", "the run's progress")
-        tracker.restore(saved, saved["train_seconds"])
+        try:
+            model = _resume(run, checkpoint, envs, sparsity, tracker, str(out / "tb"))
+        except (CorruptFileError, _OtherRun) as error:
+            for opened in (env, eval_env):
+                if opened is not None:
+                    opened.close()
+            if not overwrite:
+                if isinstance(error, CorruptFileError):
+                    raise _start_afresh(error, out) from error
+                raise
+            _remove_run(out)
+            return train_run(run, out, progress=progress, keep_replay_buffer=keep_replay_buffer)
         if progress is not None:
             progress.update(model.num_timesteps)
     else:
@@ -575,8 +857,15 @@ def train_run(run: RLRun, out: Path, *, progress: Any | None = None) -> dict[str
         result["recovery"] = [
             dataclasses.asdict(r) | {"steps_to_recover": r.steps_to_recover} for r in recoveries
         ]
+    final = ["model.zip", "result.json"]
     write_atomic(out / "model.zip", lambda temporary: model.save(temporary))
-    write_json(result_path, result)
+    if keep_replay_buffer and isinstance(model, OffPolicyAlgorithm):
+        write_atomic(out / "replay_buffer.pkl", lambda temporary: model.save_replay_buffer(temporary))
+        final.append("replay_buffer.pkl")
+    else:
+        (out / "replay_buffer.pkl").unlink(missing_ok=True)
+    write_json(out / "result.json", result)
+    write_manifest(out, final)
     for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
         shutil.rmtree(out / name, ignore_errors=True)
     env.close()
@@ -670,10 +959,8 @@ def plot_curves(results: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    temporary = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(temporary, dpi=120)
+    write_atomic(path, lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(temporary, path)
 
 
 def _binned(episodes: Sequence[Sequence[float]], edges: np.ndarray) -> np.ndarray:
@@ -688,36 +975,125 @@ def _binned(episodes: Sequence[Sequence[float]], edges: np.ndarray) -> np.ndarra
     return values
 
 
+def shared_settings(run: RLRun) -> dict[str, Any]:
+    """The settings of ``run`` that every run in one :func:`train_many` directory shares (:data:`SHARED_FIELDS`)."""
+    values = run.to_dict()
+    return {name: values[name] for name in SHARED_FIELDS}
+
+
+# What train_many writes into its directory: the summary and one folder per method label.
+_LABELS = (*METHODS, *RL_PRESETS)
+SUMMARY_OUTPUTS = ("results.json", "curves.png", *_LABELS)
+
+
+def _results_on_disk(
+    out: Path, settings: Mapping[str, Any], skip: set[tuple[str, int]], overwrite: bool
+) -> list[dict[str, Any]]:
+    """The results of runs that finished in ``out`` earlier (other methods or seeds), except the keys in ``skip``."""
+    found = []
+    for path in sorted(out.glob("*/seed*/result.json")):
+        run_dir = path.parent
+        label, seed = run_dir.parent.name, run_dir.name.removeprefix("seed")
+        if label not in _LABELS or not seed.isdigit() or (label, int(seed)) in skip:
+            continue
+        try:
+            result = read_result(run_dir)
+            if result is None:  # removed since the glob
+                continue
+            saved = {name: result["run"].get(name) for name in SHARED_FIELDS}
+            differences = _differences(saved, settings, SHARED_FIELDS)
+            if differences or result["label"] != label or result["run"].get("seed") != int(seed):
+                raise _OtherRun(
+                    f"{path} is not a run of this directory's settings (label {label!r}, seed {seed}); (saved, "
+                    f"requested) differ in {differences or {'label/seed': ((result['label'], result['run'].get('seed')), (label, int(seed)))}}"
+                )
+        except (CorruptFileError, _OtherRun) as error:
+            if not overwrite:
+                raise CorruptFileError(
+                    f"{error}. It is part of the summary of {out}; remove {run_dir}, or pass --overwrite "
+                    "(overwrite=True) to drop it"
+                ) from error
+            warnings.warn(f"removing {run_dir}, which cannot be summarized: {error}", stacklevel=3)
+            _remove_run(run_dir)
+            continue
+        found.append(result)
+    return found
+
+
 def train_many(
-    runs: Sequence[RLRun], out: Path, *, progress: bool = True, title: str | None = None
+    runs: Sequence[RLRun],
+    out: Path,
+    *,
+    progress: bool = True,
+    title: str | None = None,
+    overwrite: bool = False,
+    keep_replay_buffer: bool = False,
 ) -> dict[str, Any]:
     """Trains every run into ``out/<label>/seed<seed>`` behind one progress bar; writes ``results.json`` and
-    ``curves.png`` and returns the summary."""
+    ``curves.png`` over every finished run in ``out`` and returns that summary.
+
+    ``out`` is claimed for the settings the runs share (:func:`shared_settings`): another call with the same
+    settings may add methods or seeds (the summary then holds the earlier runs too; runs of the same method and
+    seed are reused or resumed, never repeated), a call with other settings is refused.
+
+    Args:
+        runs: the runs, all with the same :func:`shared_settings`, each (method label, seed) once.
+        out: the output directory.
+        progress: show a progress bar.
+        title: the plot's title (default: algorithm and environment).
+        overwrite: replace what conflicts instead of refusing: ``out``'s summary and runs when it was written with
+            other shared settings or by another tool, a run directory of another configuration, a damaged run.
+        keep_replay_buffer: also keep each off-policy run's final replay buffer (see :func:`train_run`).
+
+    Raises:
+        ValueError: runs that do not share their settings, a repeated (method, seed), an environment the
+            algorithm cannot train on, a damaged file (:class:`~sparseapps.core.io.CorruptFileError`).
+        OutputConflictError: ``out`` holds results of other settings or of another program.
+    """
     from tqdm import tqdm
 
+    if not runs:
+        raise ValueError("expected at least one run, got none")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    labels = [run.label for run in runs]
     keys = [(run.label, run.seed) for run in runs]
     if len(set(keys)) != len(keys):
         raise ValueError(f"expected distinct (method, seed) pairs, got {keys}")
+    settings = shared_settings(runs[0])
+    for run in runs[1:]:
+        differences = _differences(settings, shared_settings(run), SHARED_FIELDS)
+        if differences:
+            raise ValueError(
+                f"runs written into one directory must share {', '.join(SHARED_FIELDS)}; ({runs[0].label} seed "
+                f"{runs[0].seed}, {run.label} seed {run.seed}) differ in {differences}"
+            )
+    check_action_space(runs[0])
+    claim_output(out, tool="rl train", settings=settings, outputs=SUMMARY_OUTPUTS, overwrite=overwrite)
     bar = tqdm(total=sum(run.steps for run in runs), unit="step", desc="rl train", disable=not progress)
     results = []
     try:
         for run in runs:
             bar.set_postfix_str(f"{run.label} seed {run.seed}")
-            results.append(train_run(run, out / run.label / f"seed{run.seed}", progress=bar))
+            results.append(
+                train_run(
+                    run,
+                    out / run.label / f"seed{run.seed}",
+                    progress=bar,
+                    overwrite=overwrite,
+                    keep_replay_buffer=keep_replay_buffer,
+                )
+            )
     finally:
         bar.close()
-    rows = summarize(results)
+    earlier = _results_on_disk(out, settings, set(keys), overwrite)
+    # Dense first, then the methods found in out (by name), then this call's; seeds in order.
+    order = list(dict.fromkeys(["dense", *(r["label"] for r in earlier), *(r["label"] for r in results)]))
+    merged = sorted([*earlier, *results], key=lambda r: (order.index(r["label"]), r["run"]["seed"]))
     summary = {
-        "env": runs[0].env,
-        "algo": runs[0].algo,
-        "steps": runs[0].steps,
-        "methods": list(dict.fromkeys(labels)),
-        "rows": rows,
-        "runs": [{k: v for k, v in r.items() if k not in ("episodes", "sparsity_report")} for r in results],
+        **settings,
+        "methods": list(dict.fromkeys(r["label"] for r in merged)),
+        "rows": summarize(merged),
+        "runs": [{k: v for k, v in r.items() if k not in ("episodes", "sparsity_report")} for r in merged],
     }
     write_json(out / "results.json", summary)
-    plot_curves(results, out / "curves.png", title or f"{runs[0].algo.upper()} on {runs[0].env}")
+    plot_curves(merged, out / "curves.png", title or f"{runs[0].algo.upper()} on {runs[0].env}")
     return summary

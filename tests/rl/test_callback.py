@@ -10,17 +10,23 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import polyak_update
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sparseapps.core import SparsityConfig
+from sparseapps.core.io import load_torch, save_torch
 from sparseapps.core.masks import get_mask
 from sparseapps.rl.callback import DynamicSparsityCallback, count_optimizer_steps, find_networks
 from sparseapps.rl.policies import MaskAwarePolicy
+from sparseapps.rl.resume import pickle_environments, random_state, restore_environments, set_random_state
+from tests.rl.compare import differences
 
 TINY = {"net_arch": [16, 16]}
 # algorithm -> (class, env, kwargs, timesteps); budgets give a few dozen gradient steps each.
@@ -256,23 +262,97 @@ def test_policy_save_and_load_keep_masks(tmp_path: Path) -> None:
     )
 
 
-def test_callback_state_resumes_engines_bit_for_bit() -> None:
-    model, steps = make_model("sac")
+class Interrupt(Exception):
+    """Stands in for a crash."""
+
+
+class SaveAndCrash(BaseCallback):
+    """A checkpoint then a crash: at the first rollout start at or after ``at`` env steps (where ``train_run``
+    checkpoints), saves what an exact resume needs, then interrupts training."""
+
+    def __init__(self, sparsity: DynamicSparsityCallback, at: int, directory: Path) -> None:
+        super().__init__()
+        self.sparsity, self.at, self.directory = sparsity, at, directory
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        if self.num_timesteps < self.at:
+            return
+        self.model.save(self.directory / "model.zip")
+        self.model.save_replay_buffer(self.directory / "replay_buffer.pkl")
+        save_torch(self.directory / "sparsity.pt", self.sparsity.state_dict())
+        save_torch(self.directory / "random_state.pt", random_state(self.model))
+        environments = pickle_environments(self.model, {"train": self.model.get_env()})
+        (self.directory / "environments.pkl").write_bytes(environments)
+        raise Interrupt
+
+
+class RestoreRandomState(BaseCallback):
+    """Restores the generators where they were saved: the first rollout start after resuming."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        super().__init__()
+        self.state: dict[str, Any] | None = state
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        if self.state is not None:
+            set_random_state(self.model, self.state)
+            self.state = None
+
+
+def sac_state(model: SAC) -> dict[str, Any]:
+    """Every tensor of a SAC run: networks with masks, the three optimizers, the entropy coefficient, the replay
+    buffer, and the global torch generator."""
+    buffer = model.replay_buffer
+    return {
+        "policy": model.policy.state_dict(),
+        "actor.optimizer": model.actor.optimizer.state_dict(),
+        "critic.optimizer": model.critic.optimizer.state_dict(),
+        "ent_coef_optimizer": model.ent_coef_optimizer.state_dict(),
+        "log_ent_coef": model.log_ent_coef.detach(),
+        "replay_buffer": {
+            k: torch.from_numpy(v) for k, v in vars(buffer).items() if isinstance(v, np.ndarray)
+        },
+        "counters": (model.num_timesteps, model._n_updates, buffer.pos, buffer.full),
+        "torch_generator": torch.get_rng_state(),
+    }
+
+
+def test_callback_state_resumes_training_bit_for_bit(tmp_path: Path) -> None:
+    """SAC interrupted mid-run and resumed from the callback's state (with SB3's save and the random and
+    environment states of sparseapps.rl.resume) trains on to exactly the tensors of an uninterrupted run."""
+    reference, steps = make_model("sac")
+    reference_callback = DynamicSparsityCallback(rigl())
+    reference.learn(steps, callback=reference_callback)
+    expected = sac_state(reference)
+
+    interrupted, _ = make_model("sac")
     callback = DynamicSparsityCallback(rigl())
-    model.learn(steps, callback=callback)
-    state = callback.state_dict()
-    resumed = DynamicSparsityCallback(rigl())
-    resumed.load_state_dict(state)
-    resumed.init_callback(model)
-    # the checkpoint's engines ran their whole schedule: nothing remains to train
-    resumed.attach(model, model.num_timesteps)
-    for name, engine in resumed.engines.items():
-        original = callback.engines[name]
+    with pytest.raises(Interrupt):
+        interrupted.learn(steps, callback=[callback, SaveAndCrash(callback, steps // 2, tmp_path)])
+    env = DummyVecEnv([lambda: gym.make("Pendulum-v1")])
+    resumed = SAC.load(tmp_path / "model.zip", env=env, device="cpu", force_reset=False)
+    resumed.load_replay_buffer(tmp_path / "replay_buffer.pkl")
+    restore_environments(resumed, (tmp_path / "environments.pkl").read_bytes(), {"train": env})
+    again = DynamicSparsityCallback(rigl())
+    again.load_state_dict(load_torch(tmp_path / "sparsity.pt"))
+    done = resumed.num_timesteps
+    assert 0 < done < steps
+    restore = RestoreRandomState(load_torch(tmp_path / "random_state.pt"))
+    resumed.learn(steps - done, reset_num_timesteps=False, callback=[again, restore])
+
+    assert differences(expected, sac_state(resumed)) == []
+    for name, engine in again.engines.items():
+        original = reference_callback.engines[name]
         assert engine.step == original.step and engine.total_steps == original.total_steps
-        assert engine.generator.get_state().equal(original.generator.get_state())
-        for fqn, record in engine.tensors.items():
-            assert torch.equal(record.mask, original.tensors[fqn].mask)
-    resumed.detach()
+        assert len(engine.history) > len(load_torch(tmp_path / "sparsity.pt")["engines"][name]["history"])
+        assert differences(original.state_dict(), engine.state_dict()) == []
+    assert_sparse_invariants(again)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -329,7 +409,14 @@ def test_rejects_masks_and_checkpoints_of_another_configuration(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    "module", ["sparseapps.rl", "sparseapps.rl.callback", "sparseapps.rl.policies", "sparseapps.rl.train"]
+    "module",
+    [
+        "sparseapps.rl",
+        "sparseapps.rl.callback",
+        "sparseapps.rl.policies",
+        "sparseapps.rl.resume",
+        "sparseapps.rl.train",
+    ],
 )
 def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from stable_baselines3 import PPO
 
 from sparseapps.cli import main
-from sparseapps.rl.train import RLRun, mean_confidence_interval, summarize, train_run
+from sparseapps.core.io import MANIFEST, OWNER_FILE, CorruptFileError, claim_output, load_json
+from sparseapps.rl.train import (
+    SUMMARY_OUTPUTS,
+    RLRun,
+    mean_confidence_interval,
+    shared_settings,
+    summarize,
+    train_many,
+    train_run,
+)
+from tests.rl.compare import run_differences, without_wall_clock
 
 PPO_TINY = {"n_steps": 64, "batch_size": 32, "n_epochs": 2, "policy_kwargs": {"net_arch": [16, 16]}}
 DQN_TINY = {
@@ -82,30 +94,70 @@ def test_train_run_writes_model_result_and_tensorboard_logs(tmp_path: Path) -> N
     assert train_run(tiny_run(), tmp_path) == json.loads((tmp_path / "result.json").read_text())
 
 
-@pytest.mark.parametrize("algo", ["ppo", "dqn"])
-def test_interrupted_run_resumes_from_its_checkpoint(algo: str, tmp_path: Path) -> None:
-    run = tiny_run(algo, checkpoint_every=64, eval_every=0)
-    with pytest.raises(Interrupt):
-        train_run(run, tmp_path, progress=CrashingProgress(200))
-    checkpoint = tmp_path / "checkpoint"
-    assert {p.name for p in checkpoint.iterdir()} >= {"model.zip", "sparsity.pt", "run.json", "progress.json"}
-    if algo == "dqn":
-        assert (checkpoint / "replay_buffer.pkl").exists()
-    saved = torch.load(checkpoint / "sparsity.pt", weights_only=False)["engines"]
+def random_generators() -> tuple[Any, ...]:
+    """The global generators' states (torch, numpy, Python): equal after two runs that drew the same numbers."""
+    return torch.get_rng_state(), np.random.get_state(legacy=True), random.getstate()
 
-    result = train_run(run, tmp_path)
-    assert result["timesteps"] == 256
-    assert not checkpoint.exists()
-    # the engines continued the checkpoint's schedule: its topology updates are the first of the run
-    name = "policy" if algo == "ppo" else "q_net"
-    before = [
-        sum(t["dropped"] + t["grown"] for t in update["tensors"].values())
-        / (2 * sum(t["nnz"] for t in update["tensors"].values()))
-        for update in saved[name]["history"]
-    ]
-    assert before and result["turnover"][name][: len(before)] == pytest.approx(before)
-    uninterrupted = train_run(run, tmp_path / "uninterrupted")
-    assert result["topology_updates"] == uninterrupted["topology_updates"]
+
+def assert_same_generators(expected: tuple[Any, ...], got: tuple[Any, ...]) -> None:
+    assert torch.equal(expected[0], got[0])
+    assert expected[1][0] == got[1][0] and np.array_equal(expected[1][1], got[1][1])
+    assert expected[1][2:] == got[1][2:]
+    assert expected[2] == got[2]
+
+
+RESUME_CASES: dict[str, dict[str, Any]] = {
+    "ppo": {"steps": 384, "checkpoint_every": 64, "eval_every": 128},
+    "dqn": {"algo": "dqn", "steps": 384, "checkpoint_every": 64, "eval_every": 128},
+    "sac": {
+        "env": "Pendulum-v1",
+        "algo": "sac",
+        "steps": 200,
+        "checkpoint_every": 50,
+        "eval_every": 100,
+        "eval_episodes": 1,
+        "hyperparameters": {"learning_starts": 50, "batch_size": 32, "policy_kwargs": {"net_arch": [16, 16]}},
+    },
+    # gSDE's exploration matrices, two environment copies, a drift schedule mid-way (no evaluation env)
+    "ppo-gsde-drifting-2envs": {
+        "env": "Pendulum-v1",
+        "n_envs": 2,
+        "steps": 512,
+        "checkpoint_every": 128,
+        "eval_every": 0,
+        "drift_parameter": "mass",
+        "drift_shifts": ((150, 2.0),),
+        "hyperparameters": {**PPO_TINY, "n_steps": 32, "use_sde": True, "sde_sample_freq": 8},
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_interrupted_run_resumes_bit_for_bit(case: str, tmp_path: Path) -> None:
+    """Interrupted twice mid-rollout and resumed from its checkpoints, a run ends exactly where an uninterrupted one
+    ends: every tensor of model.zip (weights, masks, optimizer states), the replay buffer, every metric, and the
+    global random generators."""
+    run = tiny_run(**RESUME_CASES[case])
+    reference = train_run(run, tmp_path / "reference", keep_replay_buffer=True)
+    after_reference = random_generators()
+
+    trial = tmp_path / "trial"
+    for limit in (run.steps // 3, 2 * run.steps // 3 + 5):
+        with pytest.raises(Interrupt):
+            train_run(run, trial, progress=CrashingProgress(limit), keep_replay_buffer=True)
+        checkpoint = trial / "checkpoint"
+        assert {"model.zip", "random_state.pt", "environments.pkl", "progress.json", MANIFEST} <= {
+            p.name for p in checkpoint.iterdir()
+        }
+    result = train_run(run, trial, keep_replay_buffer=True)
+    assert_same_generators(after_reference, random_generators())
+    assert result["timesteps"] == reference["timesteps"] == run.steps
+    assert run_differences(tmp_path / "reference", trial) == []
+    assert (trial / "replay_buffer.pkl").exists() == (run.algo != "ppo")
+    assert not (trial / "checkpoint").exists()
+    assert sorted(p.name for p in trial.iterdir()) == sorted(
+        ["tb", "model.zip", "result.json", MANIFEST] + (["replay_buffer.pkl"] if run.algo != "ppo" else [])
+    )
 
 
 def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
@@ -128,7 +180,9 @@ def test_results_saved_before_sparsity_overrides_existed_are_reused(tmp_path: Pa
     saved = json.loads((tmp_path / "result.json").read_text())
     del saved["run"]["sparsity_overrides"]
     (tmp_path / "result.json").write_text(json.dumps(saved))
+    (tmp_path / MANIFEST).unlink()  # nor did runs of that time write a manifest
     assert train_run(run, tmp_path)["final_return"] == result["final_return"]
+    assert set(load_json(tmp_path / MANIFEST)["files"]) == {"model.zip", "result.json"}
     with pytest.raises(ValueError, match="another configuration"):
         train_run(dataclasses.replace(run, sparsity_overrides={"drop_fraction": 0.5}), tmp_path)
 
@@ -229,3 +283,189 @@ def test_cli_trains_dense_and_sparse_and_writes_results(
     assert "is for td3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["rl", "train", "--drift-shift", "nonsense"])
+
+
+# ---------------------------------------------------------------------------------------------- one --out, many calls
+def last_line(stderr: str) -> str:
+    """The CLI's error: the one line after the progress bar, no traceback."""
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert "Traceback" not in stderr and lines and lines[-1].startswith("error: "), stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1, stderr
+    return lines[-1]
+
+
+def cli_options(out: Path, *extra: str) -> list[str]:
+    return [
+        "rl", "train", "--env", "CartPole-v1", "--algo", "ppo", "--sparsity", "0.8", "--steps", "64", "--seeds",
+        "1", "--eval-every", "0", "--eval-episodes", "1", "--hp", "n_steps=64", "--hp", "batch_size=32", "--hp",
+        "policy_kwargs={'net_arch': [16]}", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_another_method_into_the_same_out_adds_its_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(cli_options(tmp_path, "--method", "rigl")) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    dense = (tmp_path / "dense" / "seed0" / "result.json").read_bytes()
+    capsys.readouterr()
+    assert main(cli_options(tmp_path, "--method", "set")) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert [row["method"] for row in summary["rows"]] == ["dense", "rigl", "set"]
+    assert [(r["label"], r["run"]["seed"]) for r in summary["runs"]] == [
+        ("dense", 0),
+        ("rigl", 0),
+        ("set", 0),
+    ]
+    # the earlier rows are kept as they were
+    assert without_wall_clock(summary["rows"][:2]) == without_wall_clock(first["rows"])
+    assert (tmp_path / "dense" / "seed0" / "result.json").read_bytes() == dense  # dense reused, not retrained
+    printed = capsys.readouterr().out
+    assert all(f"\n{method} " in printed for method in ("dense", "rigl", "set"))
+    assert load_json(tmp_path / OWNER_FILE)["settings"] == shared_settings(
+        RLRun(env="CartPole-v1", algo="ppo", steps=64, eval_every=0, eval_episodes=1,
+              hyperparameters={"n_steps": 64, "batch_size": 32, "policy_kwargs": {"net_arch": [16]}})
+    )  # fmt: skip
+    # a plain re-run trains nothing and changes no result
+    results = {p: p.read_bytes() for p in tmp_path.glob("*/seed0/result.json")}
+    assert main(cli_options(tmp_path, "--method", "set")) == 0
+    assert {p: p.read_bytes() for p in tmp_path.glob("*/seed0/result.json")} == results
+
+
+def test_other_settings_are_refused_with_a_one_line_error_until_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(cli_options(tmp_path, "--method", "rigl")) == 0
+    summary = (tmp_path / "results.json").read_bytes()
+    capsys.readouterr()
+    # other shared settings: the whole directory is refused, nothing changes
+    assert main([*cli_options(tmp_path, "--method", "set"), "--steps", "128"]) == 2
+    error = last_line(capsys.readouterr().err)
+    assert "'steps': (64, 128)" in error and "--overwrite" in error
+    assert (tmp_path / "results.json").read_bytes() == summary
+    # the same shared settings but another configuration of one run: that run is refused
+    assert main(cli_options(tmp_path, "--method", "rigl", "--sparsity", "0.5")) == 2
+    error = last_line(capsys.readouterr().err)
+    assert "another configuration" in error and "'sparsity': (0.8, 0.5)" in error and "--overwrite" in error
+    # --overwrite retrains what conflicts and reuses the rest
+    dense = (tmp_path / "dense" / "seed0" / "result.json").read_bytes()
+    assert main(cli_options(tmp_path, "--method", "rigl", "--sparsity", "0.5", "--overwrite")) == 0
+    assert load_json(tmp_path / "rigl" / "seed0" / "result.json")["run"]["sparsity"] == 0.5
+    assert (tmp_path / "dense" / "seed0" / "result.json").read_bytes() == dense
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    assert main([*cli_options(tmp_path, "--method", "set", "--overwrite"), "--steps", "128"]) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert [row["method"] for row in summary["rows"]] == ["dense", "set"] and summary["steps"] == 128
+    assert not (tmp_path / "rigl").exists() and (tmp_path / "notes.txt").exists()
+
+
+def test_train_many_merges_and_overwrites_from_python(tmp_path: Path) -> None:
+    rigl, dense = tiny_run(steps=64, eval_every=0), tiny_run(method="dense", steps=64, eval_every=0)
+    train_many([dense, rigl], tmp_path, progress=False)
+    set_run = tiny_run(method="set", steps=64, eval_every=0)
+    summary = train_many([set_run], tmp_path, progress=False)
+    assert summary["methods"] == ["dense", "rigl", "set"]
+    # an earlier run whose result is damaged is named, never silently left out of the summary
+    damaged = tmp_path / "rigl" / "seed0" / "result.json"
+    damaged.write_text(damaged.read_text()[:100])
+    with pytest.raises(CorruptFileError, match=r"rigl/seed0/result.json .* part of the summary"):
+        train_many([set_run], tmp_path, progress=False)
+    with pytest.warns(UserWarning, match=r"removing .*rigl/seed0"):
+        summary = train_many([set_run], tmp_path, progress=False, overwrite=True)
+    assert summary["methods"] == ["dense", "set"]
+    train_many([rigl], tmp_path, progress=False)
+    with pytest.raises(FileExistsError, match="differ in"):
+        train_many([tiny_run(steps=128, eval_every=0)], tmp_path, progress=False)
+    summary = train_many([tiny_run(steps=128, eval_every=0)], tmp_path, progress=False, overwrite=True)
+    assert summary["methods"] == ["rigl"] and summary["steps"] == 128
+    with pytest.raises(ValueError, match=r"must share .* differ in \{'steps': \(64, 128\)\}"):
+        train_many(
+            [rigl, tiny_run(method="set", steps=128, eval_every=0)], tmp_path / "mixed", progress=False
+        )
+    assert not (tmp_path / "mixed").exists()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_an_unknown_environment_is_named_before_any_directory_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["rl", "train", "--env", "CartPoleX-v9", "--steps", "64", "--seeds", "1", "--out", str(out)]
+    assert main(argv) == 2
+    error = last_line(capsys.readouterr().err)
+    assert "'CartPoleX-v9' is not a registered gymnasium environment" in error and "'CartPole-v1'" in error
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"'Pendulum' is not a registered .* Close ids: 'Pendulum-v1'"):
+        RLRun(env="Pendulum")
+
+
+@pytest.mark.parametrize("algo", ["sac", "td3", "ddpg"])
+def test_continuous_algorithms_on_a_discrete_space_say_which_algorithms_fit(
+    algo: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["rl", "train", "--env", "CartPole-v1", "--algo", algo, "--steps", "64", "--seeds", "1"]
+    assert main([*argv, "--out", str(out)]) == 2
+    error = last_line(capsys.readouterr().err)
+    assert f"algo '{algo}' needs a Box action space, but CartPole-v1 has Discrete(2)" in error
+    assert "the algorithms for a Discrete action space are ppo, a2c, dqn" in error
+    assert not out.exists()
+    with pytest.raises(ValueError, match="Discrete"):
+        train_run(RLRun(env="CartPole-v1", algo=algo, steps=64), out)
+    assert not out.exists()
+    with pytest.raises(
+        ValueError, match=r"'dqn' needs a Discrete action space, .* are ppo, a2c, sac, td3, ddpg"
+    ):
+        train_run(RLRun(env="Pendulum-v1", algo="dqn", steps=64), out)
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        "checkpoint/sparsity.pt",
+        "checkpoint/model.zip",
+        "checkpoint/progress.json",
+        "result.json",
+        "model.zip",
+    ],
+)
+def test_a_truncated_file_is_named_with_how_to_start_afresh(
+    damaged: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        *cli_options(tmp_path, "--method", "rigl", "--no-dense"),
+        "--steps",
+        "256",
+        "--checkpoint-every",
+        "64",
+    ]
+    run = RLRun(  # the run the command trains
+        env="CartPole-v1",
+        algo="ppo",
+        method="rigl",
+        sparsity=0.8,
+        steps=256,
+        eval_every=0,
+        eval_episodes=1,
+        checkpoint_every=64,
+        hyperparameters={"n_steps": 64, "batch_size": 32, "policy_kwargs": {"net_arch": [16]}},
+    )
+    run_dir = tmp_path / "rigl" / "seed0"
+    if damaged.startswith("checkpoint/"):
+        claim_output(tmp_path, tool="rl train", settings=shared_settings(run), outputs=SUMMARY_OUTPUTS)
+        with pytest.raises(Interrupt):
+            train_run(run, run_dir, progress=CrashingProgress(200))
+    else:
+        assert main(argv) == 0
+    path = run_dir / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    capsys.readouterr()
+
+    assert main(argv) == 2
+    error = last_line(capsys.readouterr().err)
+    assert str(path) in error and f"remove {run_dir} or pass --overwrite" in error
+    with pytest.raises(CorruptFileError, match=path.name) as raised:
+        train_run(run, run_dir)
+    assert isinstance(raised.value, ValueError)
+    assert main([*argv, "--overwrite"]) == 0
+    assert load_json(run_dir / "result.json")["timesteps"] == 256

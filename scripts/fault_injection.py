@@ -102,7 +102,12 @@ DOMAINS: dict[str, Domain] = {
             "rl train --env CartPole-v1 --algo ppo --method rigl --sparsity 0.9 --steps 1536 --seeds 1 --no-dense "
             "--eval-every 512 --eval-episodes 2 --checkpoint-every 256 --hp n_steps=128 --hp batch_size=64"
         ),
-        planted=["rigl/seed0/checkpoint/sparsity.pt", "rigl/seed0/checkpoint/model.zip"],
+        planted=[
+            "rigl/seed0/checkpoint/sparsity.pt",
+            "rigl/seed0/checkpoint/model.zip",
+            "rigl/seed0/checkpoint/environments.pkl",
+            "rigl/seed0/checkpoint/random_state.pt",
+        ],
         bad_inputs=[
             (shlex.split("rl train --env CartPoleX-v9 --steps 100 --seeds 1"), "CartPoleX-v9"),
             (shlex.split("rl train --env CartPole-v1 --algo sac --steps 100 --seeds 1"), "Discrete"),
@@ -174,7 +179,7 @@ def _run(arguments: Sequence[str], out: Path | None, kill_after: float | None, t
 
 # ---------------------------------------------------------------------------------------------- comparison
 def _is_wall_clock(key: str) -> bool:
-    key = key.lower()
+    key = key.lower().replace("timestep", "")  # environment steps are results, not clock readings
     return any(word in key for word in WALL_CLOCK_WORDS)
 
 

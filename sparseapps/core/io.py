@@ -58,6 +58,8 @@ MANIFEST_VERSION = 1
 TEMPORARY_SUFFIX = ".sparseapps-tmp"
 TEMPORARY_GLOB = f".*{TEMPORARY_SUFFIX}"
 OWNER_FILE = "sparseapps-run.json"
+# Formats whose reading can run code (pickle, cloudpickle inside SB3's zip archives).
+UNSAFE_SUFFIXES = (".pkl", ".zip", ".pickle")
 OWNER_VERSION = 1
 
 
@@ -227,10 +229,16 @@ def verify_manifest(directory: str | os.PathLike[str], names: Iterable[str]) -> 
         if not path.is_file():
             raise CorruptFileError(f"{path}: no such file, though {directory / MANIFEST} lists it")
         if sha256(path) != entry.get("sha256"):
+            unsafe = path.suffix in UNSAFE_SUFFIXES
             raise CorruptFileError(
                 f"{path} differs from the SHA-256 recorded in {directory / MANIFEST} when this run wrote it, so it "
-                "is not read (its format can run code). Only checkpoints written by your own runs can be resumed; "
-                "remove the directory or choose another output directory to start afresh"
+                "is not read"
+                + (
+                    " (its format can run code: only checkpoints written by your own runs can be resumed)"
+                    if unsafe
+                    else " (damaged, or changed after the run wrote it)"
+                )
+                + "; remove the directory or choose another output directory to start afresh"
             )
 
 

@@ -18,7 +18,7 @@ import torch
 
 from sparseapps import __version__
 from sparseapps.core import ConfigMismatchError, NonFiniteGradientError
-from sparseapps.core.io import CorruptFileError, OutputConflictError
+from sparseapps.core.io import CorruptFileError, OutputConflictError, write_atomic, write_json
 
 # Domain subpackages add their own subcommands: module path -> function(subparsers) registering them.
 DOMAIN_COMMANDS = ("sparseapps.recsys.cli", "sparseapps.rl.cli", "sparseapps.continual.cli")
@@ -101,6 +101,9 @@ def run_demo(
                 "sparsity": runs[0]["sparsity"],
                 "weights_nonzero": runs[0]["weights_nonzero"],
                 "flops_fraction": runs[0]["flops_fraction"],
+                "itop_rate": (
+                    statistics.mean(r["itop_rate"] for r in runs) if runs[0]["itop_rate"] is not None else None
+                ),
                 "seconds": statistics.median(r["seconds"] for r in runs),
                 "curve": [statistics.mean(c) for c in zip(*(r["curve"] for r in runs), strict=True)],
             }
@@ -109,19 +112,21 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     dense = rows[0]["accuracy_mean"]
     lines = [
-        f"{'method':<8} {'test acc':>15} {'vs dense':>9} {'sparsity':>9} {'nonzeros':>9} {'FLOPs':>7} {'s/run':>6}",
+        f"{'method':<8} {'test acc':>15} {'vs dense':>9} {'sparsity':>9} {'nonzeros':>9} {'FLOPs':>7} {'ITOP':>6} "
+        f"{'s/run':>6}",
     ]
     for r in rows:
+        itop = f"{r['itop_rate']:>6.3f}" if r["itop_rate"] is not None else f"{'-':>6}"
         lines.append(
             f"{r['method']:<8} {r['accuracy_mean']:>8.4f} ± {r['accuracy_std']:.4f} {r['accuracy_mean'] / dense:>9.3f} "
-            f"{r['sparsity']:>9.3f} {r['weights_nonzero']:>9d} {r['flops_fraction']:>7.3f} {r['seconds']:>6.1f}"
+            f"{r['sparsity']:>9.3f} {r['weights_nonzero']:>9d} {r['flops_fraction']:>7.3f} {itop} {r['seconds']:>6.1f}"
         )
     table = "\n".join(lines)
     print(
         f"\nMLP 64-128-128-10 on scikit-learn digits, {epochs} epochs, mean ± std over {seeds} seeds\n{table}"
     )
-    (out / "results.json").write_text(json.dumps({"seeds": seeds, "epochs": epochs, "rows": rows}, indent=2))
-    (out / "table.txt").write_text(table + "\n")
+    write_json(out / "results.json", {"seeds": seeds, "epochs": epochs, "rows": rows})
+    write_atomic(out / "table.txt", (table + "\n").encode())
     plot_curves(rows, out / "accuracy.png")
     print(f"\nwrote {out / 'results.json'}, {out / 'table.txt'}, {out / 'accuracy.png'}")
     return rows
@@ -152,7 +157,7 @@ def plot_curves(rows: list[dict[str, object]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=120))
     plt.close(fig)
 
 

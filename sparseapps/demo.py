@@ -102,6 +102,8 @@ def train_digits(run: DigitsRun) -> dict[str, object]:
         "flops_fraction": report.flops_sparse / report.flops_dense if report else 1.0,
         "seconds": seconds,
         "topology_updates": len(sparsity.history) if sparsity else 0,
+        # in-time over-parameterization: the fraction of weights ever active (dynamic methods only)
+        "itop_rate": report.itop_rate if report else None,
     }
 
 

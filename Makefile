@@ -19,4 +19,4 @@ bench: install
 	$(PY) scripts/bench_core.py
 
 clean:
-	rm -rf .venv runs .pytest_cache .ruff_cache
+	rm -rf .venv runs .pytest_cache .ruff_cache .install.log

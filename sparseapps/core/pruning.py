@@ -47,14 +47,7 @@ def prune_by_schedule(engine: DynamicSparsity) -> None:
 
 
 def next_lottery_round(engine: DynamicSparsity) -> float:
-    """Lottery ticket: prune by magnitude toward the target, rewind the survivors, reset the optimizer.
-
-    Round ``r`` (1-based) leaves each tensor at ``final_density ** (r / lottery_rounds)`` of its entries.
-    Call it after each training round; train once more after the last call.
-
-    Returns:
-        the global density after pruning.
-    """
+    """:meth:`DynamicSparsity.next_lottery_round <sparseapps.core.DynamicSparsity.next_lottery_round>`."""
     if engine.config.method != "lottery":
         raise RuntimeError(f"next_lottery_round needs method 'lottery', got {engine.config.method!r}")
     if engine.lottery_round >= engine.config.lottery_rounds:
@@ -91,13 +84,7 @@ def prune_at_initialization(
     targets: torch.Tensor | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """SNIP / GraSP / SynFlow: scores every weight before training and keeps the global top ``budget``.
-
-    Args:
-        inputs: a batch of model inputs ``[B, ...]`` (SynFlow uses only its shape).
-        targets: labels for the loss (SNIP, GraSP).
-        loss_fn: ``loss_fn(model(inputs), targets) -> scalar`` (SNIP, GraSP).
-    """
+    """:meth:`DynamicSparsity.prune_at_initialization <sparseapps.core.DynamicSparsity.prune_at_initialization>`."""
     method = engine.config.method
     if method not in FORESIGHT_METHODS:
         raise RuntimeError(f"prune_at_initialization needs one of {FORESIGHT_METHODS}, got {method!r}")

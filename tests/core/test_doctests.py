@@ -9,6 +9,7 @@ MODULES = [
     "sparseapps.core",
     "sparseapps.core.config",
     "sparseapps.core.distributions",
+    "sparseapps.core.random_state",
     "sparseapps.core.redistribution",
     "sparseapps.core.rules",
     "sparseapps.core.scores",

@@ -17,7 +17,7 @@ every task seen so far) with the same MLP shape, optimizer (Adam), epochs and ba
 Reported: ACC (mean final accuracy over tasks), BWT, and the median training seconds per task; ours' time as a
 ratio to Naive's on the same stream and seed (the same loop; Naive trains a dense model of the same shape).
 
-Part 2 (sweep): ERK vs uniform at 80 / 90 / 95% sparsity per task x growth random / unfired / gradient /
+Part 2 (sweep): ERK vs uniform at 80 / 90 / 95% sparsity per task x grow criterion random / unfired / gradient /
 momentum, on both streams, in two regimes:
 
 - ``strict``: strict isolation with ``capacity='redistribute'`` (a layer gives a task at most its fair share of
@@ -31,7 +31,8 @@ Part 3 (time): Naive and ours interleaved on the first three Permuted-Digits tas
     .venv/bin/python scripts/bench_continual.py --quick     # one seed, two epochs, a small sweep (a few minutes)
     .venv/bin/python scripts/bench_continual.py             # 3 seeds, the full sweep (about an hour on 2 cores)
 
-Writes ``--out``/results.json with every run (accuracy matrices included).
+Writes ``--out``/results.json with every run (accuracy matrices included; ours with its ITOP rate, the share of
+the isolated weights ever active).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ from avalanche.training import EWC, LwF, Naive, PackNet
 from torch import nn
 
 from sparseapps.continual.benchmarks import Benchmark, make_benchmark
-from sparseapps.continual.isolation import IsolationConfig
+from sparseapps.continual.config import IsolationConfig
+from sparseapps.continual.loop import train_and_evaluate
 from sparseapps.continual.models import (
     DenseMultiHeadMLP,
     DensePerTaskMLP,
@@ -63,12 +65,13 @@ from sparseapps.continual.models import (
     mlp_width_for_parameters,
 )
 from sparseapps.continual.plugin import SparseIsolationPlugin, continual_evaluator
-from sparseapps.continual.train import train_and_evaluate, write_json
+from sparseapps.core import SparsityConfig
+from sparseapps.core.io import write_json
 
 METHODS = ("ours", "ours+transfer", "naive", "ewc", "lwf", "packnet", "dense-per-task")
 STREAMS = ("split-digits", "permuted-digits")
 SWEEP_SPARSITIES = (0.8, 0.9, 0.95)
-SWEEP_GROWTH = ("random", "unfired", "gradient", "momentum")
+SWEEP_GROW = ("random", "unfired", "gradient", "momentum")
 SWEEP_DISTRIBUTIONS = ("erk", "uniform")
 SWEEP_REGIMES: dict[str, dict[str, Any]] = {
     # strict separation; a layer gives each task at most its fair share of what is free, the surplus moves
@@ -93,6 +96,16 @@ def update_interval(benchmark: Benchmark, setting: Setting) -> int:
     """About six topology updates per task: an eighth of its steps (updates stop at 75% of them)."""
     steps = setting.epochs * math.ceil(len(benchmark.train_stream[0].dataset) / setting.batch_size)
     return max(1, steps // 8)
+
+
+def isolation_config(
+    sparsity: float, distribution: str, grow: str, interval: int, seed: int, **isolation: Any
+) -> IsolationConfig:
+    """Ours' configuration: the core's SparsityConfig for each task, plus the capacity regime."""
+    core = SparsityConfig(
+        sparsity=sparsity, distribution=distribution, grow=grow, update_interval=interval, seed=seed
+    )
+    return IsolationConfig(sparsity=core, **isolation)
 
 
 def _optimizer(model: nn.Module, setting: Setting) -> torch.optim.Optimizer:
@@ -126,13 +139,13 @@ def build(
     torch.manual_seed(seed)
     n_tasks, shape, n_outputs = benchmark.n_tasks, benchmark.input_shape, benchmark.n_outputs
     if method in ("ours", "ours+transfer"):
-        config = isolation or IsolationConfig(
-            sparsity=1.0 - 1.0 / n_tasks,
-            distribution="uniform",
-            growth="random",
-            update_interval=update_interval(benchmark, setting),
+        config = isolation or isolation_config(
+            1.0 - 1.0 / n_tasks,
+            "uniform",
+            "random",
+            update_interval(benchmark, setting),
+            seed,
             forward_transfer=method == "ours+transfer",
-            seed=seed,
         )
         model: nn.Module = isolated_model(benchmark, setting)
         plugin = SparseIsolationPlugin(config, n_tasks=n_tasks)
@@ -203,6 +216,7 @@ def run_one(
         row["capacity_fraction_per_task"] = [t["fraction"] for t in capacity["tasks"]]
         row["target_weights_per_task"] = sum(capacity["target"].values())
         row["weights_per_task"] = [t["weights"] for t in capacity["tasks"]]
+        row["itop"] = plugin.isolation.itop()
     return row
 
 
@@ -257,17 +271,17 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
 
 def format_sweep(rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'stream':<16} {'regime':<7} {'sparsity':>8} {'growth':<9} {'ERK ACC':>17} {'uniform ACC':>17} "
+        f"{'stream':<16} {'regime':<7} {'sparsity':>8} {'grow':<9} {'ERK ACC':>17} {'uniform ACC':>17} "
         f"{'ERK - uniform':>13}"
     ]
-    groups = sorted({(r["stream"], r["regime"], r["sparsity"], r["growth"]) for r in rows})
-    for stream, regime, sparsity, growth in groups:
+    groups = sorted({(r["stream"], r["regime"], r["sparsity"], r["grow"]) for r in rows})
+    for stream, regime, sparsity, grow in groups:
         cell = {
             dist: [
                 r["acc"]
                 for r in rows
-                if (r["stream"], r["regime"], r["sparsity"], r["growth"], r["distribution"])
-                == (stream, regime, sparsity, growth, dist)
+                if (r["stream"], r["regime"], r["sparsity"], r["grow"], r["distribution"])
+                == (stream, regime, sparsity, grow, dist)
             ]
             for dist in SWEEP_DISTRIBUTIONS
         }
@@ -275,7 +289,7 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
             continue
         diff = statistics.fmean(cell["erk"]) - statistics.fmean(cell["uniform"])
         lines.append(
-            f"{stream:<16} {regime:<7} {sparsity:>8.2f} {growth:<9} {_mean_std(cell['erk']):>17} "
+            f"{stream:<16} {regime:<7} {sparsity:>8.2f} {grow:<9} {_mean_std(cell['erk']):>17} "
             f"{_mean_std(cell['uniform']):>17} {diff:>+13.4f}"
         )
     return "\n".join(lines)
@@ -290,13 +304,7 @@ def time_against_naive(stream: str, epochs: int, hidden: tuple[int, ...], *, rou
     for index in range(rounds):
         order = ("naive", "ours") if index % 2 == 0 else ("ours", "naive")
         for method in order:
-            config = IsolationConfig(
-                sparsity=0.9,
-                distribution="uniform",
-                growth="gradient",
-                update_interval=update_interval(benchmark, setting),
-                seed=index,
-            )
+            config = isolation_config(0.9, "uniform", "gradient", update_interval(benchmark, setting), index)
             strategy, _, _ = build(method, benchmark, setting, index, config if method == "ours" else None)
             for experience in benchmark.train_stream:
                 start = time.perf_counter()
@@ -374,28 +382,24 @@ def main(argv: list[str] | None = None) -> int:
     sweep_rows: list[dict[str, Any]] = []
     if not args.no_sweep:
         sparsities = (0.8, 0.95) if args.quick else SWEEP_SPARSITIES
-        growths = ("random", "gradient") if args.quick else SWEEP_GROWTH
+        grows = ("random", "gradient") if args.quick else SWEEP_GROW
         for stream in args.sweep_streams:
             setting = Setting(stream=stream, epochs=epochs[stream], hidden=hidden)
             for seed in range(sweep_seeds):
                 benchmark = make_benchmark(stream, seed=seed)
                 for regime in args.sweep_regimes:
-                    for sparsity, growth, distribution in itertools.product(
-                        sparsities, growths, SWEEP_DISTRIBUTIONS
+                    for sparsity, grow, distribution in itertools.product(
+                        sparsities, grows, SWEEP_DISTRIBUTIONS
                     ):
-                        config = IsolationConfig(
-                            sparsity=sparsity,
-                            distribution=distribution,
-                            growth=growth,
-                            **SWEEP_REGIMES[regime],
-                            update_interval=update_interval(benchmark, setting),
-                            seed=seed,
+                        interval = update_interval(benchmark, setting)
+                        config = isolation_config(
+                            sparsity, distribution, grow, interval, seed, **SWEEP_REGIMES[regime]
                         )
                         row = run_one("ours", benchmark, setting, seed, config)
-                        row.update(regime=regime, sparsity=sparsity, growth=growth, distribution=distribution)
+                        row.update(regime=regime, sparsity=sparsity, grow=grow, distribution=distribution)
                         sweep_rows.append(row)
                         print(
-                            f"sweep {stream} seed {seed} {regime} {sparsity} {growth:<9} {distribution:<8} "
+                            f"sweep {stream} seed {seed} {regime} {sparsity} {grow:<9} {distribution:<8} "
                             f"ACC {row['acc']:.4f} weights/task {row['weights_per_task']}",
                             flush=True,
                         )
@@ -416,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     elapsed = time.perf_counter() - started
-    path = write_json(
+    path = args.out / "results.json"
+    write_json(
+        path,
         {
             "settings": {
                 "quick": args.quick,
@@ -432,7 +438,6 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": sweep_rows,
             "timing": timing,
         },
-        args.out / "results.json",
     )
     print(f"\nwrote {path} ({elapsed:.0f} s)")
     return 0

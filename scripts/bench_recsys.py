@@ -6,7 +6,8 @@ and LightGCN, each row over several seeds (mean ± std of the test metrics of th
 - dense at dim 64; dense at the reduced dims 13 and 16 (the parameters of density 0.2 and 0.25);
 - a static random mask at 0.2; magnitude pruning after dense training, then fine-tuning, at 0.2; PEP at 0.2
   (learned per-row soft thresholds find a mask, then the tables rewound to step 0 are retrained under it);
-- DSL at 0.5 / 0.25 / 0.2 / 0.1 (defaults: nested initial masks, momentum growth);
+- DSL at 0.5 / 0.25 / 0.2 / 0.1 (defaults: nested initial masks, momentum growth), each with its ITOP rate (the
+  fraction of table entries ever active);
 - MF only, at 0.2, the variants behind the defaults: DSL as published (random masks, current-batch gradient
   growth), random masks with momentum growth, prefix masks, nested masks with gradient growth, a static
   nested mask;
@@ -161,6 +162,10 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
         row["step_ms"] = statistics.median(r["step_ms"] for r in runs)
         row["best_epoch"] = statistics.median(r["best_epoch"] for r in runs)
         row["serving_max_abs_difference"] = max(r["serving"]["max_abs_difference"] for r in runs)
+        itop = [
+            r["itop_rate"] for r in runs if r.get("itop_rate") is not None
+        ]  # drop/grow runs (and not cached
+        row["itop_rate"] = statistics.fmean(itop) if itop else None  # by a version that did not record it)
         rows.append(row)
     return rows
 
@@ -168,19 +173,20 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> list[dict[str,
 def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| run | test Recall@20 | test NDCG@20 | Recall vs dense | NDCG vs dense | valid Recall@20 | parameters "
-        "| bytes | bytes / dense-64 fp32 | s/epoch | best epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bytes | bytes / dense-64 fp32 | ITOP rate | s/epoch | best epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     dense = {r["name"].split()[0]: r for r in rows if r["name"].endswith("dense 64")}
     for r in rows:
         reference = dense.get(r["name"].split()[0])
         ratio_recall = r["test recall@20"][0] / reference["test recall@20"][0] if reference else math.nan
         ratio_ndcg = r["test ndcg@20"][0] / reference["test ndcg@20"][0] if reference else math.nan
+        itop = f"{r['itop_rate']:.3f}" if r.get("itop_rate") is not None else "-"
         lines.append(
             f"| {r['name']} | {r['test recall@20'][0]:.4f} ± {r['test recall@20'][1]:.4f} "
             f"| {r['test ndcg@20'][0]:.4f} ± {r['test ndcg@20'][1]:.4f} | {ratio_recall:.3f} | {ratio_ndcg:.3f} "
             f"| {r['valid recall@20'][0]:.4f} | {r['parameters']:,} | {r['bytes']:,} "
-            f"| {r['bytes'] / r['dense64_bytes']:.3f} | {r['seconds_per_epoch']:.2f} | {r['best_epoch']:g} |"
+            f"| {r['bytes'] / r['dense64_bytes']:.3f} | {itop} | {r['seconds_per_epoch']:.2f} | {r['best_epoch']:g} |"
         )
     return "\n".join(lines)
 

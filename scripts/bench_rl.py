@@ -48,9 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparseapps.core import SparsityConfig
 from sparseapps.rl.train import (
     RLRun,
     format_table,
+    make_sparsity_config,
     mean_confidence_interval,
     plot_curves,
     summarize,
@@ -183,15 +185,24 @@ def suites(quick: bool, slow: bool, slow_steps: int = 200_000) -> list[Suite]:
     return chosen
 
 
+def sparsity_config(suite: Suite, method: str) -> SparsityConfig | None:
+    """The engines' configuration of ``method`` in ``suite``: the core preset at the suite's sparsity; RigL with the
+    suite's interval and overrides on top."""
+    if method == "dense":
+        return None
+    rigl = (
+        {"update_interval": suite.update_interval, **dict(suite.rigl_overrides)} if method == "rigl" else {}
+    )
+    return make_sparsity_config(method, sparsity=suite.sparsity, **rigl)
+
+
 def make_runs(suite: Suite, seeds: Sequence[int], methods: Sequence[str] = METHODS) -> list[RLRun]:
     return [
         RLRun(
             env=suite.env,
             algo=suite.algo,
             method=method,
-            sparsity=None if method == "dense" else suite.sparsity,
-            update_interval=suite.update_interval if method == "rigl" else None,
-            sparsity_overrides=dict(suite.rigl_overrides) if method == "rigl" else {},
+            sparsity=sparsity_config(suite, method),
             steps=suite.steps,
             seed=seed,
             eval_every=suite.eval_every,

@@ -156,7 +156,7 @@ def train_mlp(args: Args, device: torch.device) -> dict[str, Any]:
 def train_mf(args: Args, device: torch.device) -> dict[str, Any]:
     from sparseapps.recsys.data import BPRSampler, DataConfig, load_split
     from sparseapps.recsys.distributed import ShardedSparseEmbeddings, ShardingConfig, shard_model
-    from sparseapps.recsys.dsl import DSLConfig
+    from sparseapps.recsys.dsl import DSL_SPARSITY, DSLConfig
     from sparseapps.recsys.metrics import evaluate_split
     from sparseapps.recsys.models import MatrixFactorization, ModelConfig
 
@@ -187,7 +187,11 @@ def train_mf(args: Args, device: torch.device) -> dict[str, Any]:
     sparse = ShardedSparseEmbeddings(
         dmp,
         optimizer,
-        DSLConfig(density=round(1.0 - args.sparsity, 12), init="nested", grow="gradient", update_interval=50),
+        DSLConfig(
+            density=round(1.0 - args.sparsity, 12),
+            init="nested",
+            sparsity=DSL_SPARSITY.replace(grow="gradient", update_interval=50),
+        ),
         total_steps,
         user_popularity=popularity[0],
         item_popularity=popularity[1],

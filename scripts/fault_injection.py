@@ -119,7 +119,7 @@ DOMAINS: dict[str, Domain] = {
         # 20 short epochs, a checkpoint every 5 steps: most of the run is training, not imports, so kills land
         # inside tasks and inside checkpoint writes.
         command=shlex.split(
-            "continual run --benchmark split-digits --n-tasks 5 --init uniform --epochs 20 --hidden 32,32 "
+            "continual run --benchmark split-digits --n-tasks 5 --distribution uniform --epochs 20 --hidden 32,32 "
             "--sparsity 0.8 --checkpoint-every 5 --no-progress --resume"
         ),
         planted=["checkpoint.pt"],

@@ -1,15 +1,18 @@
 """sparseapps.continual: per-task parameter-isolated sparse subnetworks on Avalanche benchmarks.
 
-One network holds a sparse subnetwork per task, each found by dynamic sparse training in the capacity earlier
-tasks left free; earlier tasks' weights are frozen, so nothing is forgotten (strict isolation: BWT exactly 0).
+One network holds a sparse subnetwork per task, each trained by the core engine (``DynamicSparsity``) in the
+capacity earlier tasks left free; earlier tasks' weights are frozen, so nothing is forgotten (strict isolation:
+BWT exactly 0). An :class:`IsolationConfig` contains the core's ``SparsityConfig``.
 
 Names are imported on first use, so ``import sparseapps.continual.isolation`` (torch only) does not pay for
 Avalanche's import.
 
 Example:
     >>> from sparseapps.continual import ContinualRun, IsolationConfig, run_continual
+    >>> from sparseapps.core import SparsityConfig
+    >>> sparsity = SparsityConfig(sparsity=0.8, distribution="uniform", grow="random")
     >>> result = run_continual(ContinualRun(benchmark="split-digits", epochs=1, hidden=(32, 32),
-    ...                        isolation=IsolationConfig(sparsity=0.8, distribution="uniform")), progress=False)
+    ...                        isolation=IsolationConfig(sparsity=sparsity)), progress=False)
     >>> result["bwt"], result["bwt_exact_zero"]
     (0.0, True)
 """
@@ -21,17 +24,18 @@ from typing import Any
 
 _EXPORTS = {
     "sparseapps.continual.benchmarks": ("BENCHMARK_NAMES", "Benchmark", "make_benchmark"),
-    "sparseapps.continual.isolation": (
+    "sparseapps.continual.capacity": ("plan_capacity",),
+    "sparseapps.continual.config": ("ContinualRun", "IsolationConfig", "continual_sparsity"),
+    "sparseapps.continual.isolation": ("TaskIsolation",),
+    "sparseapps.continual.layers": (
         "FREE",
         "IsolatedConv2d",
         "IsolatedLayer",
         "IsolatedLinear",
-        "IsolationConfig",
-        "TaskIsolation",
         "TaskModule",
-        "plan_capacity",
         "set_active_task",
     ),
+    "sparseapps.continual.loop": ("stream_metrics", "train_and_evaluate"),
     "sparseapps.continual.models": (
         "DenseMultiHeadMLP",
         "DensePerTaskMLP",
@@ -44,13 +48,8 @@ _EXPORTS = {
         "dense_mlp",
     ),
     "sparseapps.continual.plugin": ("SparseIsolationPlugin", "continual_evaluator"),
-    "sparseapps.continual.train": (
-        "ContinualRun",
-        "run_continual",
-        "stream_metrics",
-        "train_and_evaluate",
-        "write_results",
-    ),
+    "sparseapps.continual.plots": ("write_results",),
+    "sparseapps.continual.train": ("run_continual",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -10,7 +10,8 @@ code runs from it). It holds:
 - ``model``: the model's ``state_dict`` (weights, ownership maps, masks, frozen weights, extra state);
   ``known_tasks``: the task labels Avalanche's ``MultiTaskModule`` has trained;
 - ``optimizer``: the optimizer's ``state_dict``; ``plugin``: ``SparseIsolationPlugin.state_dict()`` (the
-  isolation's step, schedule, generator, momentum, history, and the classes of every task);
+  isolation's generator, history and ITOP record, the state of the task's core engine when saved inside a task:
+  step, momentum, growth region, history; and the classes of every task);
 - ``evaluator``: the state Avalanche's forgetting and BWT metrics carry from one evaluation to the next;
 - ``record``: ``accuracy_matrix``, ``avalanche`` (the last stream metrics), and the wall-clock
   ``train_seconds`` and ``task_elapsed_seconds`` (seconds the unfinished task had run);
@@ -46,7 +47,9 @@ OUTPUTS: Final = (RESULTS, CHECKPOINT, "accuracy_matrix.png", "capacity.png")
 DEFAULT_CHECKPOINT_EVERY: Final = 100
 """Optimizer steps between checkpoints within a task (a checkpoint follows every task as well)."""
 FORMAT: Final = "sparseapps continual run checkpoint"
-VERSION: Final = 1
+VERSION: Final = 2
+"""2: each task trained by a core engine, whose state the checkpoint holds; 1: the isolation's own copy of the
+engine's loop (such a checkpoint cannot be resumed)."""
 KEYS: Final = (
     "format",
     "version",
@@ -111,11 +114,17 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level with dotted keys.
+
+    Example:
+        >>> flatten_settings({"seed": 0, "isolation": {"sparsity": {"grow": "random"}}})
+        {'seed': 0, 'isolation.sparsity.grow': 'random'}
+    """
     flat: dict[str, Any] = {}
     for key, value in settings.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -131,7 +140,7 @@ def settings_differences(
         ...                      {"seed": 0, "isolation": {"sparsity": 0.8}})
         {'isolation.sparsity': (0.9, 0.8)}
     """
-    old, new = _flatten(saved), _flatten(requested)
+    old, new = flatten_settings(saved), flatten_settings(requested)
     return {
         key: (old.get(key), new.get(key))
         for key in sorted(set(old) | set(new))
@@ -152,6 +161,12 @@ def read_checkpoint(path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
         state = load_torch(path, "a sparseapps continual run checkpoint")
     except CorruptFileError as error:
         raise CorruptFileError(f"{error}; or {_OVERWRITE_HINT}") from error
+    if isinstance(state, dict) and state.get("format") == FORMAT and state.get("version") == 1:
+        raise CorruptFileError(
+            f"{path}: a checkpoint of version 1, written by a sparseapps version whose continual isolation "
+            f"copied the core engine's loop; this version ({VERSION}) cannot resume it. Remove it or "
+            f"{_OVERWRITE_HINT}"
+        )
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
         found = (
             f"format {state.get('format')!r}, version {state.get('version')!r}"
@@ -180,6 +195,7 @@ __all__ = [
     "OUTPUTS",
     "RESULTS",
     "TOOL",
+    "flatten_settings",
     "read_checkpoint",
     "rng_state",
     "set_rng_state",

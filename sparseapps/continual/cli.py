@@ -1,45 +1,134 @@
 """`sparseapps continual run ...`: per-task isolated sparse subnetworks on a continual benchmark.
 
 Example:
-    sparseapps continual run --benchmark split-digits --sparsity 0.9 --init erk --growth random --out runs/x
+    sparseapps continual run --benchmark split-digits --sparsity 0.9 --distribution erk --grow random --out runs/x
 
 writes ``runs/x/results.json`` (accuracy matrix ``R[i][j]``, ACC, BWT, forgetting, Avalanche's stream metrics,
-task-agnostic accuracy, capacity per task and layer, seconds per task), ``runs/x/accuracy_matrix.png`` and
-``runs/x/capacity.png``, with ``runs/x/checkpoint.pt`` after every task and every ``--checkpoint-every``
+task-agnostic accuracy, capacity per task and layer, ITOP rate, seconds per task), ``runs/x/accuracy_matrix.png``
+and ``runs/x/capacity.png``, with ``runs/x/checkpoint.pt`` after every task and every ``--checkpoint-every``
 optimizer steps. The same command with ``--resume`` continues a killed run bit for bit (or prints the results of
 a finished one); a second run into a directory that holds results is refused unless ``--resume`` or
 ``--overwrite``.
+
+Every option is a field of a configuration, with the field's name and help: :class:`ContinualRun` (the run),
+:class:`IsolationConfig` (capacity, transfer, initialization) and the core's :class:`SparsityConfig` (the fields
+in :data:`SPARSITY_OPTIONS`: ``--sparsity``, ``--distribution``, ``--drop``, ``--grow``, ``--update-interval``,
+...), as every domain names them. ``--grow none`` trains each task's allocation without topology updates
+(``method='static'``). ``--init`` and ``--growth`` are hidden deprecated aliases of ``--distribution`` and
+``--grow``: they work and print a one-line note.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 from sparseapps.continual.checkpoint import DEFAULT_CHECKPOINT_EVERY, OUTPUTS
-from sparseapps.continual.isolation import CAPACITIES, DISTRIBUTIONS, GROWTH, IsolationConfig
+from sparseapps.continual.config import BENCHMARK_NAMES, ContinualRun, IsolationConfig
+from sparseapps.core import scores
+from sparseapps.core.config import SparsityConfig
 
-# The names of sparseapps.continual.benchmarks.BENCHMARK_NAMES (a test keeps them equal): importing that module
-# imports Avalanche, which would slow every `sparseapps` command down by seconds.
-BENCHMARK_CHOICES = (
-    "split-digits",
-    "permuted-digits",
-    "rotated-digits",
-    "split-mnist",
-    "permuted-mnist",
-    "split-cifar100",
+SPARSITY_OPTIONS = (
+    "sparsity",
+    "distribution",
+    "dense_first_layer",
+    "drop",
+    "grow",
+    "drop_fraction",
+    "drop_schedule",
+    "update_interval",
+    "start_fraction",
+    "end_fraction",
+    "random_grow_fraction",
+    "grow_init_range",
+    "grow_optimizer_state",
+    "momentum",
+    "tie_noise",
 )
+"""The :class:`SparsityConfig` fields ``continual run`` takes as options (the seed is ``--seed``, the method
+follows ``--grow``; the others have one value in continual isolation)."""
+# Defaults of the command that differ from the dataclasses' (small models run fastest on one thread).
+COMMAND_DEFAULTS = {"threads": 1}
+# What three SparsityConfig fields mean in continual isolation, in place of their general help.
+CONTINUAL_HELP = {
+    "sparsity": "fraction of zeros of each task's own subnetwork over the isolated layers",
+    "distribution": "per-layer split of each task's budget: uniform, erk or er",
+    "dense_first_layer": "the first isolated layer gives each task its whole fair share (size // n_tasks), "
+    "still updated by drop and grow",
+}
+DEPRECATED = {"--init": "distribution", "--growth": "grow"}
+"""Old option names, still accepted with a note: ``--init`` meant the distribution (recsys's ``--init`` is an
+initial mask), ``--growth`` the grow criterion."""
 
 
 def _widths(text: str) -> tuple[int, ...]:
     try:
-        widths = tuple(int(part) for part in text.split(","))
+        return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers such as 256,256, got {text!r}"
         ) from None
-    return widths
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old option name: stores its value under the new option's field and prints a one-line note."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option: str | None = None,
+    ) -> None:
+        replacement = "--" + self.dest.replace("_", "-")
+        print(f"note: {option} is deprecated; use {replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _fields(config: type, names: Iterable[str] | None = None) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """``(field, type hint)`` of ``config``'s fields (all of them, or ``names`` in that order)."""
+    hints = typing.get_type_hints(config)
+    fields = {item.name: item for item in dataclasses.fields(config)}
+    return [(fields[name], hints[name]) for name in (names if names is not None else fields)]
+
+
+def _choices(name: str, hint: Any) -> tuple[str, ...] | None:
+    if name == "benchmark":
+        return BENCHMARK_NAMES
+    if name == "drop":
+        return scores.drop_names()
+    if name == "grow":  # criteria that read layer activations are refused by IsolationConfig
+        usable = [n for n in scores.grow_names() if "activations" not in scores.get("grow", n).needs]
+        return ("none", *usable)
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def _add_option(
+    group: argparse._ArgumentGroup, item: dataclasses.Field[Any], hint: Any, default: Any
+) -> None:
+    """One option for the field ``item``, typed by its hint, with the field's help string and ``default``."""
+    flag = "--" + item.name.replace("_", "-")
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    help_text = f"{CONTINUAL_HELP.get(item.name, item.metadata.get('help', ''))} (default: {shown})"
+    if isinstance(hint, types.UnionType):  # X | None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if hint is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        return
+    choices = _choices(item.name, hint)
+    if typing.get_origin(hint) is tuple:
+        kind: Any = _widths
+    elif choices is not None:
+        kind = str
+    else:
+        kind = hint
+    group.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -49,46 +138,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
         "run",
         help="train a task-incremental stream with parameter isolation and dynamic sparse training",
-        description="Train one isolated sparse subnetwork per task (Avalanche Naive + SparseIsolationPlugin) "
-        "and write results.json, accuracy_matrix.png and capacity.png.",
+        description="Train one isolated sparse subnetwork per task (Avalanche Naive + SparseIsolationPlugin, the "
+        "core engine per task) and write results.json, accuracy_matrix.png and capacity.png.",
     )
-    run.add_argument("--benchmark", default="split-digits", choices=BENCHMARK_CHOICES, help="the stream")
-    run.add_argument("--n-tasks", type=int, help="number of tasks (default: the benchmark's)")
-    run.add_argument("--dataset-root", help="folder of the MNIST / CIFAR-100 files")
-    run.add_argument("--sparsity", type=float, default=0.9, help="sparsity of each task's own subnetwork")
-    run.add_argument("--init", default="erk", choices=DISTRIBUTIONS, help="per-layer budget: erk or uniform")
-    run.add_argument(
-        "--growth", default="random", choices=GROWTH, help="growth criterion (none: static masks)"
-    )
-    run.add_argument("--drop", default="magnitude", choices=("magnitude", "random"), help="drop criterion")
-    run.add_argument("--drop-fraction", type=float, default=0.3, help="initial drop fraction (cosine decay)")
-    run.add_argument(
-        "--update-interval", type=int, default=20, help="optimizer steps between topology updates"
-    )
-    run.add_argument("--end-fraction", type=float, default=0.75, help="share of a task's steps with updates")
-    run.add_argument(
-        "--capacity", default="equal", choices=CAPACITIES, help="policy when the tasks do not fit the network"
-    )
-    run.add_argument("--dense-first-layer", action="store_true", help="first layer at its whole fair share")
-    run.add_argument(
-        "--forward-transfer", action="store_true", help="reuse earlier tasks' frozen weights (read-only)"
-    )
-    run.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="isolated backbone")
-    run.add_argument("--hidden", type=_widths, default=(256, 256), help="MLP hidden widths, e.g. 256,256")
-    run.add_argument("--channels", type=_widths, default=(32, 64), help="CNN channels, e.g. 32,64")
-    run.add_argument("--cnn-hidden", type=int, default=128, help="CNN hidden layer width")
-    run.add_argument("--batch-norm", action="store_true", help="CNN: per-task batch normalization")
-    run.add_argument("--epochs", type=int, default=10, help="training epochs per task")
-    run.add_argument("--batch-size", type=int, default=32, help="training mini-batch size")
-    run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    run.add_argument("--seed", type=int, default=0, help="seed of data split, model and masks")
-    run.add_argument("--device", default="cpu", help="torch device")
-    run.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (small models run fastest on 1)"
-    )
-    run.add_argument(
-        "--no-task-agnostic", action="store_true", help="skip the evaluation without task labels"
-    )
+    defaults = ContinualRun()
+    isolation, sparsity = defaults.isolation, defaults.isolation.sparsity
+    group = run.add_argument_group("run (ContinualRun)")
+    for item, hint in _fields(ContinualRun):
+        if item.name != "isolation":
+            default = COMMAND_DEFAULTS.get(item.name, getattr(defaults, item.name))
+            _add_option(group, item, hint, default)
+    group = run.add_argument_group("each task's sparse training (SparsityConfig)")
+    for item, hint in _fields(SparsityConfig, SPARSITY_OPTIONS):
+        _add_option(group, item, hint, getattr(sparsity, item.name))
+    group = run.add_argument_group("isolation (IsolationConfig)")
+    for item, hint in _fields(IsolationConfig):
+        if item.name != "sparsity":
+            _add_option(group, item, hint, getattr(isolation, item.name))
+    for old, field_name in DEPRECATED.items():
+        choices = _choices(field_name, typing.get_type_hints(SparsityConfig)[field_name])
+        run.add_argument(
+            old, dest=field_name, choices=choices, action=_DeprecatedAlias, help=argparse.SUPPRESS
+        )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--out", type=Path, default=Path("runs/continual"), help="output directory")
     run.add_argument(
@@ -109,42 +180,35 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=run_command)
 
 
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def run_from_arguments(args: argparse.Namespace) -> ContinualRun:
+    """The :class:`ContinualRun` of parsed ``continual run`` options: the defaults with every option given.
+
+    The run's seed seeds each task's engine as well; ``--grow none`` is ``method='static'``.
+    """
+    defaults = ContinualRun()
+    run_names = [f.name for f in dataclasses.fields(ContinualRun) if f.name != "isolation"]
+    run_values = {name: COMMAND_DEFAULTS.get(name, getattr(defaults, name)) for name in run_names}
+    run_values.update(_given(args, run_names))
+    sparsity = _given(args, SPARSITY_OPTIONS)
+    grow = sparsity.get("grow", defaults.isolation.sparsity.grow)
+    sparsity.update(method="static" if grow == "none" else "dst", seed=run_values["seed"])
+    isolation_names = [f.name for f in dataclasses.fields(IsolationConfig) if f.name != "sparsity"]
+    isolation = defaults.isolation.replace(
+        sparsity=defaults.isolation.sparsity.replace(**sparsity), **_given(args, isolation_names)
+    )
+    return ContinualRun(**run_values, isolation=isolation)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Handler of ``sparseapps continual run``; returns the exit code."""
-    from sparseapps.continual.train import ContinualRun, run_continual
+    from sparseapps.continual.train import run_continual
 
     try:
-        isolation = IsolationConfig(
-            sparsity=args.sparsity,
-            distribution=args.init,
-            growth=args.growth,
-            drop=args.drop,
-            drop_fraction=args.drop_fraction,
-            update_interval=args.update_interval,
-            end_fraction=args.end_fraction,
-            capacity=args.capacity,
-            dense_first_layer=args.dense_first_layer,
-            forward_transfer=args.forward_transfer,
-            seed=args.seed,
-        )
-        run = ContinualRun(
-            benchmark=args.benchmark,
-            n_tasks=args.n_tasks,
-            dataset_root=args.dataset_root,
-            model=args.model,
-            hidden=args.hidden,
-            channels=args.channels,
-            cnn_hidden=args.cnn_hidden,
-            batch_norm=args.batch_norm,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            device=args.device,
-            threads=args.threads,
-            task_agnostic=not args.no_task_agnostic,
-            isolation=isolation,
-        )
+        run = run_from_arguments(args)
         result = run_continual(
             run,
             progress=not args.no_progress,
@@ -156,9 +220,11 @@ def run_command(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as error:  # OSError: output conflicts, unreadable files
         print(f"error: {error}", file=sys.stderr)
         return 2
+    sparsity = run.isolation.sparsity
     n = len(result["accuracy_matrix"])
     print(
-        f"\n{args.benchmark}: {n} tasks, sparsity {args.sparsity} per task, {args.init}, growth {args.growth}"
+        f"\n{run.benchmark}: {n} tasks, sparsity {sparsity.sparsity} per task, {sparsity.distribution}, "
+        f"drop {sparsity.drop}, grow {sparsity.grow}"
     )
     for i, row in enumerate(result["accuracy_matrix"]):
         print(f"  after task {i}: " + " ".join(f"{v:.3f}" for v in row if v is not None))
@@ -174,6 +240,9 @@ def run_command(args: argparse.Namespace) -> int:
     capacity = result["capacity"]
     used = ", ".join(f"task {t['task']}: {t['fraction']:.3f}" for t in capacity["tasks"])
     print(f"capacity used: {used}; free {capacity['free'] / capacity['total']:.3f}")
+    itop = result["itop"]
+    per_task = ", ".join(f"task {t['task']}: {t['rate']:.3f}" for t in itop["tasks"])
+    print(f"ITOP rate (share of the isolated weights ever active): {per_task}; overall {itop['overall']:.3f}")
     print(f"seconds per task (training): {', '.join(f'{s:.2f}' for s in result['train_seconds'])}")
     print("results in " + ", ".join(str(args.out / name) for name in OUTPUTS if (args.out / name).exists()))
     return 0

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sparseapps.continual.checkpoint import flatten_settings
 from sparseapps.continual.isolation import IsolationConfig
 from sparseapps.continual.plugin import SparseIsolationPlugin
 from sparseapps.core.distributed import check_same_description, require_process_group, verify_same_tensors
@@ -76,7 +77,7 @@ class DistributedIsolationPlugin(SparseIsolationPlugin, supports_distributed=Tru
             return
         check_same_description(
             {
-                "config": isolation.config.to_dict(),
+                "config": flatten_settings(isolation.config.to_dict()),  # differences named by dotted field
                 "n_tasks": isolation.n_tasks,
                 "shapes": {fqn: list(layer.weight.shape) for fqn, layer in isolation.layers.items()},
             },

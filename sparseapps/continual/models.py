@@ -25,14 +25,15 @@ from avalanche.benchmarks.scenarios import CLExperience
 from avalanche.models import MultiTaskModule
 from torch import nn
 
-from sparseapps.continual.isolation import (
+from sparseapps.continual.layers import (
+    MAX_TASKS,
     IsolatedConv2d,
     IsolatedLinear,
     TaskModule,
-    _check_int,
     set_active_task,
     task_modules,
 )
+from sparseapps.core.validation import check_bool, check_int
 
 
 def _check_shape(input_shape: object) -> tuple[int, ...]:
@@ -67,8 +68,8 @@ class TaskHeads(TaskModule):
 
     def __init__(self, in_features: int, n_outputs: int, *, n_tasks: int) -> None:
         super().__init__(n_tasks)
-        _check_int("in_features", in_features, low=1)
-        _check_int("n_outputs", n_outputs, low=1)
+        check_int("in_features", in_features, low=1)
+        check_int("n_outputs", n_outputs, low=1)
         self.heads = nn.ModuleList(nn.Linear(in_features, n_outputs) for _ in range(n_tasks))
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
@@ -93,7 +94,7 @@ class TaskBatchNorm2d(TaskModule):
 
     def __init__(self, channels: int, *, n_tasks: int) -> None:
         super().__init__(n_tasks)
-        _check_int("channels", channels, low=1)
+        check_int("channels", channels, low=1)
         self.norms = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(n_tasks))
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
@@ -118,8 +119,8 @@ class TaskAwareModule(MultiTaskModule):
 
     def __init__(self, *, n_tasks: int, n_outputs: int) -> None:
         super().__init__()
-        self.n_tasks = _check_int("n_tasks", n_tasks, low=1, high=255)
-        self.n_outputs = _check_int("n_outputs", n_outputs, low=1)
+        self.n_tasks = check_int("n_tasks", n_tasks, low=1, high=MAX_TASKS)
+        self.n_outputs = check_int("n_outputs", n_outputs, low=1)
         self.max_class_label = n_outputs
 
     def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None) -> torch.Tensor:
@@ -284,9 +285,8 @@ class IsolatedCNN(IsolatedMultiTaskModule):
             _check_shape(tuple(input_shape)),
             _check_hidden(tuple(channels)),
         )
-        _check_int("hidden", hidden, low=1)
-        if not isinstance(batch_norm, bool):
-            raise TypeError(f"batch_norm: expected a bool, got {batch_norm!r}")
+        check_int("hidden", hidden, low=1)
+        check_bool("batch_norm", batch_norm)
         layers: list[nn.Module] = []
         for out_channels in widths:
             layers.append(IsolatedConv2d(in_channels, out_channels, 3, n_tasks=n_tasks, padding=1))
@@ -314,7 +314,7 @@ def dense_mlp(
 ) -> nn.Sequential:
     """``[B, C, H, W] -> [B, n_outputs]``: a plain single-head MLP (Avalanche's ``PackNetModel`` wraps it)."""
     shape, widths = _check_shape(tuple(input_shape)), _check_hidden(tuple(hidden))
-    _check_int("n_outputs", n_outputs, low=1)
+    check_int("n_outputs", n_outputs, low=1)
     layers: list[nn.Module] = [nn.Flatten()]
     previous = math.prod(shape)
     for width in widths:
@@ -386,8 +386,8 @@ def mlp_width_for_parameters(
         ("n_outputs", n_outputs),
         ("n_hidden_layers", n_hidden_layers),
     ):
-        _check_int(name, value, low=1)
-    _check_int("n_networks", n_networks, low=1)
+        check_int(name, value, low=1)
+    check_int("n_networks", n_networks, low=1)
 
     def size(w: int) -> int:
         per = n_inputs * w + w + (n_hidden_layers - 1) * (w * w + w) + w * n_outputs + n_outputs

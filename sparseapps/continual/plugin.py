@@ -3,11 +3,11 @@
 The plugin drives :class:`~sparseapps.continual.isolation.TaskIsolation` from the template's callbacks:
 
 - ``before_training_exp`` (after Avalanche has adapted the model and updated the optimizer): the experience's
-  task label starts a task, with ``train_epochs * len(dataloader)`` optimizer steps for its DST schedule;
-- ``after_backward``: dense gradients kept for growth when an update is due, then every gradient outside the
-  task's own weights zeroed;
-- ``after_update``: masks re-applied, topology updated on schedule;
-- ``after_training_exp``: the task frozen (weights to buffers, optimizer state deleted, own parameters frozen);
+  task label starts a task, with ``train_epochs * len(dataloader)`` optimizer steps for its engine's schedule.
+  From there the task's :class:`~sparseapps.core.DynamicSparsity` engine works through hooks on the optimizer
+  (gradients outside the task's weights zeroed, masks re-applied, topology updated on schedule);
+- ``after_training_exp``: the task frozen (engine detached, weights to buffers, optimizer state deleted, own
+  parameters frozen);
 - ``before_eval_exp``: an evaluated task's classes must be those it was trained on.
 
 Metrics come from Avalanche's ``EvaluationPlugin`` as usual (:func:`continual_evaluator` builds one with
@@ -19,9 +19,11 @@ Example:
     >>> from sparseapps.continual.benchmarks import make_benchmark
     >>> from sparseapps.continual.isolation import IsolationConfig
     >>> from sparseapps.continual.models import IsolatedMLP
+    >>> from sparseapps.core import SparsityConfig
     >>> benchmark = make_benchmark("split-digits", n_tasks=5)
     >>> model = IsolatedMLP(input_shape=benchmark.input_shape, n_outputs=2, n_tasks=5, hidden=(64, 64))
-    >>> plugin = SparseIsolationPlugin(IsolationConfig(sparsity=0.8, distribution="uniform"))
+    >>> sparsity = SparsityConfig(sparsity=0.8, distribution="uniform", grow="random")
+    >>> plugin = SparseIsolationPlugin(IsolationConfig(sparsity=sparsity))
     >>> strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
     ...                  train_mb_size=64, train_epochs=1, plugins=[plugin], evaluator=continual_evaluator())
     >>> _ = strategy.train(benchmark.train_stream[0])
@@ -82,7 +84,7 @@ class SparseIsolationPlugin(SupervisedPlugin):
     """Parameter isolation with per-task dynamic sparse training, as an Avalanche plugin.
 
     Args:
-        config: the :class:`IsolationConfig` (defaults: ERK at 90% sparsity, random growth, strict isolation).
+        config: the :class:`IsolationConfig` (default: ERK at 90% sparsity, random growth, strict isolation).
         n_tasks: how many tasks the capacity is planned for; defaults to the model's task slots.
 
     Attributes:
@@ -95,7 +97,7 @@ class SparseIsolationPlugin(SupervisedPlugin):
     def __init__(self, config: IsolationConfig | None = None, *, n_tasks: int | None = None) -> None:
         super().__init__()
         if config is not None and not isinstance(config, IsolationConfig):
-            raise TypeError(f"config: expected an IsolationConfig or None, got {type(config).__name__}")
+            raise TypeError(f"config must be an IsolationConfig or None, got {type(config).__name__}")
         self.config = config if config is not None else IsolationConfig()
         self.n_tasks = n_tasks
         self.isolation: TaskIsolation | None = None
@@ -113,7 +115,7 @@ class SparseIsolationPlugin(SupervisedPlugin):
         if self.isolation is None or self.isolation.model is not model:
             if self.isolation is not None and self.isolation.task_order:
                 raise ValueError(
-                    "strategy.model: expected the model the plugin has trained tasks on, got another model"
+                    "strategy.model must be the model the plugin has trained tasks on, got another model"
                 )
             self.isolation = TaskIsolation(model, self.config, n_tasks=self.n_tasks)
         return self.isolation
@@ -160,14 +162,6 @@ class SparseIsolationPlugin(SupervisedPlugin):
         total_steps = max(1, int(strategy.train_epochs) * len(strategy.dataloader))
         isolation.begin_task(task, strategy.optimizer, total_steps)
         self.trained_classes[task] = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
-
-    def after_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        if self.isolation is not None and self.isolation.current is not None:
-            self.isolation.before_optimizer_step()
-
-    def after_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        if self.isolation is not None and self.isolation.current is not None:
-            self.isolation.after_optimizer_step()
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.isolation is not None and self.isolation.current is not None:

@@ -1,11 +1,14 @@
 """sparseapps.recsys: recommenders with sparse embedding tables (DSL) on MovieLens, built on the core engine.
 
-- :mod:`~sparseapps.recsys.data`: MovieLens loaders, synthetic data, splits, the BPR sampler.
-- :mod:`~sparseapps.recsys.models`: MF-BPR, LightGCN and NeuMF on torchrec embedding tables.
-- :mod:`~sparseapps.recsys.dsl`: sparse tables through the core engine, compact export and serving.
+- :mod:`~sparseapps.recsys.data`: MovieLens loaders, synthetic data, splits, the BPR sampler (a package).
+- :mod:`~sparseapps.recsys.models`: MF-BPR, LightGCN and NeuMF on torchrec embedding tables (``tables``, ``neumf``).
+- :mod:`~sparseapps.recsys.dsl`: sparse tables through the core engine; :mod:`~sparseapps.recsys.compact`: compact
+  export and serving.
 - :mod:`~sparseapps.recsys.metrics`: full-ranking Recall, NDCG, Hit, Precision, MRR.
 - :mod:`~sparseapps.recsys.pep`: PEP's learned-threshold search, a baseline whose mask is then retrained.
-- :mod:`~sparseapps.recsys.train`: the training loop, results, plots, the demo.
+- :mod:`~sparseapps.recsys.train`: the training loop (``config``: :class:`TrainConfig`; ``output``: checkpoints and
+  ``--out``; ``plots``; ``demo``).
+- :mod:`~sparseapps.recsys.distributed`: the tables sharded with torchrec ``DistributedModelParallel``.
 
 Example:
     >>> from sparseapps.recsys import TrainConfig, train
@@ -14,6 +17,7 @@ Example:
 
 from sparseapps.recsys.data import BPRSampler, DataConfig, InteractionSplit, load_split
 from sparseapps.recsys.dsl import (
+    DSL_SPARSITY,
     CompactEmbeddings,
     CompactScorer,
     CompactTable,
@@ -38,6 +42,7 @@ from sparseapps.recsys.pep import PEPConfig, ThresholdSearch, search_masks
 from sparseapps.recsys.train import TrainConfig, run_demo, train
 
 __all__ = [
+    "DSL_SPARSITY",
     "BPRSampler",
     "CompactEmbeddings",
     "CompactScorer",

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sparseapps.recsys.dsl import GROWTH, INITIAL_MASKS
+from sparseapps.core import scores
+from sparseapps.recsys.dsl import INITIAL_MASKS
 from sparseapps.recsys.models import COLLECTION_KINDS, LAYOUTS, MODEL_NAMES
 from sparseapps.recsys.train import METHODS, MODEL_DEFAULTS, TrainConfig, run_demo, train
 
@@ -29,7 +30,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "budget": LAYOUTS,
     "collection": COLLECTION_KINDS,
     "init": INITIAL_MASKS,
-    "grow": GROWTH,
 }
 
 
@@ -50,9 +50,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=int, nargs="+", default=None, help=help_text)
         else:
             kind = str if default is None else type(default)
-            parser.add_argument(
-                flag, type=kind, choices=_CHOICES.get(item.name), default=None, help=help_text
-            )
+            choices = _CHOICES.get(item.name)
+            if item.name in ("drop", "grow"):  # the score registry's names when the parser is built
+                choices = scores.drop_names() if item.name == "drop" else scores.grow_names()
+            parser.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
 
 
 def _config_from(args: argparse.Namespace) -> TrainConfig:

@@ -8,14 +8,17 @@ the tables sparse:
   table for data-parallel ones) gets its own bool mask, cut from one global initial mask (random, prefix or
   nested, as :class:`~sparseapps.recsys.dsl.SparseEmbeddings`); each shard keeps its own nnz budget, so a
   table-wise shard behaves like the single-process per-table engine and column/row shards split the budget;
-- torchrec's fused optimizer updates the tables inside the backward pass, so no ``.grad`` exists. Growth
-  scores come from the lookups instead: a forward hook on the tables records the ids and registers a gradient
-  hook on the looked-up rows, which scatters ``∂loss/∂rows`` into a ``[R, D]`` score buffer per table (the
-  table's gradient from this rank's batch). Gradient growth captures the step before each update; momentum
-  growth keeps a running average every step (linear, so each rank averages its own share). At an update the
-  buffers are all-reduced once, so every shard sees the gradient of the global batch;
-- after each optimizer step the masks are re-applied to the shards (exact zeros outside the mask); at an
-  update each shard drops its ``⌈ζ·nnz⌉`` smallest-magnitude entries and grows as many by score. Replicated
+- torchrec's fused optimizer updates the tables inside the backward pass, so no ``.grad`` exists. The gradient a
+  criterion reads (``"grad"`` or ``"momentum"`` in its needs) comes from the lookups instead: a forward hook on the
+  tables records the ids and registers a gradient hook on the looked-up rows, which scatters ``∂loss/∂rows`` into
+  a ``[R, D]`` buffer per table (the table's gradient from this rank's batch): at the step before each update
+  (``"grad"``), or as a running average every step (``"momentum"``; linear, so each rank averages its own share).
+  At an update the buffers are all-reduced once, so every shard sees the gradient of the global batch;
+- after each optimizer step the masks are re-applied to the shards (exact zeros outside the mask); at an update
+  the criteria the :class:`~sparseapps.recsys.dsl.DSLConfig` names (the core's score registry, as in the
+  single-process engine) score each shard, and one :func:`~sparseapps.core.rules.update_masks` drops each shard's
+  ``⌈ζ·nnz⌉`` lowest-scoring entries and grows as many; ``history`` holds its
+  :class:`~sparseapps.core.rules.UpdateRecord` dicts (tensors named ``"<fqn>@<shard offsets>"``). Replicated
   (data-parallel) tables are checked to hold the same masks on every rank (a fingerprint all-gather);
 - :meth:`ShardedSparseEmbeddings.state_dict` holds the masks as ``ShardedTensor``s with the weights' layout, so
   ``torch.distributed.checkpoint`` saves and loads them beside ``dmp.state_dict()``.
@@ -40,11 +43,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparseapps.core import rules, schedules, scoring
+from sparseapps.core import rules, schedules, scores
 from sparseapps.core.distributed import collective_device, require_process_group, verify_same_tensors
 from sparseapps.core.distributions import target_nnz
+from sparseapps.core.validation import check_choice, check_int, check_number
 from sparseapps.recsys.dsl import DSLConfig, aligned_masks
-from sparseapps.recsys.models import MatrixFactorization, _import_torchrec
+from sparseapps.recsys.models import MatrixFactorization
+from sparseapps.recsys.tables import _import_torchrec
 
 ShardingType = Literal["data_parallel", "table_wise", "column_wise", "row_wise"]
 EmbeddingOptimizer = Literal["sgd"]
@@ -96,20 +101,10 @@ class ShardingConfig:
                 f"sharding {self.sharding!r} needs tables split across hosts and ranks; use one of "
                 f"{', '.join(map(repr, SHARDING_TYPES))}"
             )
-        if self.sharding not in SHARDING_TYPES:
-            raise ValueError(
-                f"sharding must be one of {', '.join(map(repr, SHARDING_TYPES))}, got {self.sharding!r}"
-            )
-        if self.optimizer not in EMBEDDING_OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {', '.join(map(repr, EMBEDDING_OPTIMIZERS))}, got {self.optimizer!r}"
-            )
-        shards = self.column_shards
-        if not isinstance(shards, int) or isinstance(shards, bool) or shards < 0:
-            raise ValueError(f"column_shards must be an integer >= 0, got {shards!r}")
-        lr = self.learning_rate
-        if not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"learning_rate must be a finite number > 0, got {lr!r}")
+        check_choice("sharding", self.sharding, SHARDING_TYPES)
+        check_choice("optimizer", self.optimizer, EMBEDDING_OPTIMIZERS)
+        check_int("column_shards", self.column_shards, low=0)
+        check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
 
 
 def _check_backend(
@@ -294,8 +289,11 @@ class ShardedSparseEmbeddings:
             raise TypeError(f"config must be a DSLConfig, got {type(config).__name__}")
         if config.method not in ("dsl", "static"):
             raise ValueError(f"sharded tables support method 'dsl' or 'static', got {config.method!r}")
-        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        check_int("total_steps", total_steps, low=1)
+        if config.sparsity.seed is None:
+            raise ValueError(
+                "sharded tables need a seed (every rank draws the same masks), got DSLConfig.sparsity.seed=None"
+            )
         self.dmp = dmp
         self.model = model
         self.optimizer = optimizer
@@ -306,6 +304,9 @@ class ShardedSparseEmbeddings:
         tables = model.tables
         self.table_of = {fqn: name for name, fqn in tables.table_fqns("tables").items()}
         self.sparsity_config = config.sparsity_config(tuple(self.table_of))
+        self._drop = scores.get("drop", self.sparsity_config.drop)
+        self._grow = scores.get("grow", self.sparsity_config.grow) if config.method == "dsl" else None
+        self._collect = self._collected_gradient()
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.shards: list[_Shard] = []
@@ -337,6 +338,19 @@ class ShardedSparseEmbeddings:
         ]
 
     # ------------------------------------------------------------------ setup
+    def _collected_gradient(self) -> str | None:
+        """What the lookups collect for the criteria (``"grad"``, ``"momentum"`` or ``None``); refuses the rest."""
+        if self._grow is None:
+            return None
+        needs = self._drop.needs | self._grow.needs
+        unavailable = sorted(needs - {"grad", "momentum"})
+        if unavailable or needs >= {"grad", "momentum"}:
+            raise ValueError(
+                f"sharded tables collect one of the lookups' gradient ('grad') or its running average "
+                f"('momentum'); drop={self._drop.name!r} and grow={self._grow.name!r} need {sorted(needs)}"
+            )
+        return next(iter(needs), None)
+
     def _table_shape(self, name: str) -> tuple[int, int]:
         tables = self.model.tables
         rows = {
@@ -356,7 +370,7 @@ class ShardedSparseEmbeddings:
         config, tables = self.config, self.model.tables
         if config.init == "random":
             budgets = target_nnz({fqn: torch.Size(s) for fqn, s in shapes.items()}, config.density, "uniform")
-            generator = torch.Generator().manual_seed(config.seed)
+            generator = torch.Generator().manual_seed(self.sparsity_config.seed)
             return {
                 fqn: rules.select_top(
                     torch.rand(shape, generator=generator), torch.ones(shape, dtype=torch.bool), budgets[fqn]
@@ -420,15 +434,12 @@ class ShardedSparseEmbeddings:
             )
 
     # ------------------------------------------------------------------ training hooks
-    def _grows_by_score(self) -> bool:
-        return self.config.method == "dsl"
-
     def _prepare_capture(self, upcoming: int) -> None:
-        """Whether the lookups of step ``upcoming`` feed the growth scores; zeroes gradient buffers."""
-        if not self._grows_by_score():
+        """Whether the lookups of step ``upcoming`` feed the criteria's gradients; zeroes gradient buffers."""
+        if self._collect is None:
             self._capturing = False
             return
-        if self.config.grow == "momentum":
+        if self._collect == "momentum":
             self._capturing = upcoming <= math.floor(self.sparsity_config.end_fraction * self.total_steps)
             if self._capturing and not self._scores:
                 self._scores = {name: torch.zeros(self._table_shape(name)) for name in self.table_of.values()}
@@ -453,8 +464,8 @@ class ShardedSparseEmbeddings:
         def accumulate(grad: torch.Tensor) -> None:
             buffer = self._scores[table]
             values = grad.detach().to("cpu", torch.float32)
-            if self.config.grow == "momentum":
-                buffer.index_add_(0, ids, values, alpha=1.0 - self.config.momentum)
+            if self._collect == "momentum":
+                buffer.index_add_(0, ids, values, alpha=1.0 - self.sparsity_config.momentum)
             else:
                 buffer.index_add_(0, ids, values)
 
@@ -463,13 +474,15 @@ class ShardedSparseEmbeddings:
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.step += 1
         self.apply_masks()
-        if self._grows_by_score() and schedules.is_update_step(
+        if self._grow is not None and schedules.is_update_step(
             self.step, self.sparsity_config, self.total_steps
         ):
             self._update_topology()
-        if self.config.grow == "momentum" and self._scores:
+        if self._collect == "momentum" and self._scores:
             for buffer in self._scores.values():
-                buffer.mul_(self.config.momentum)  # the next step's gradient joins with weight 1 - momentum
+                buffer.mul_(
+                    self.sparsity_config.momentum
+                )  # the next step's gradient joins with weight 1 - momentum
         self._prepare_capture(self.step + 1)
 
     def _global_scores(self) -> dict[str, torch.Tensor]:
@@ -483,34 +496,42 @@ class ShardedSparseEmbeddings:
         return out
 
     def _update_topology(self) -> None:
-        fraction = schedules.drop_fraction(self.step, self.sparsity_config, self.total_steps)
-        scores = self._global_scores()
-        stats: dict[str, Any] = {"step": self.step, "drop_fraction": fraction, "shards": {}}
-        tie_noise = self.sparsity_config.tie_noise
+        """One drop/grow update of every local shard, with the engine's criteria and updater."""
+        config = self.sparsity_config
+        fraction = schedules.drop_fraction(self.step, config, self.total_steps)
+        gradients = self._global_scores() if self._scores else {}
+        masks, drop_scores, grow_scores = {}, {}, {}
+        assert self._grow is not None  # only method 'dsl' updates
+        for shard in self.shards:
+            name = f"{shard.fqn}@{shard.offsets}"
+            gradient = gradients[shard.table][shard.region] if gradients else None
+            context = scores.ScoreContext(
+                fqn=name,
+                weight=shard.weight.detach().cpu(),
+                mask=shard.mask.cpu(),
+                step=self.step,
+                generator=torch.Generator().manual_seed(
+                    _seed_for(config.seed, self.step, shard.fqn, shard.offsets)
+                ),
+                grad=gradient if self._collect == "grad" else None,
+                momentum=gradient if self._collect == "momentum" else None,
+            )
+            masks[name] = context.mask
+            drop_scores[name] = scores.compute(self._drop, context, config.tie_noise)
+            grow_scores[name] = scores.compute(self._grow, context, config.tie_noise)
+        new_masks, record = rules.update_masks(
+            masks,
+            drop_scores,
+            grow_scores,
+            rules.drop_counts(masks, fraction),
+            step=self.step,
+            drop_fraction=fraction,
+        )
         with torch.no_grad():
             for shard in self.shards:
-                generator = torch.Generator().manual_seed(
-                    _seed_for(self.config.seed, self.step, shard.fqn, shard.offsets)
-                )
-                mask = shard.mask
-                nnz = int(mask.sum())
-                n_drop = max(min(math.ceil(fraction * nnz), nnz - 1), 0)
-                drop_scores = scoring.add_tie_noise(
-                    scoring.magnitude(shard.weight.detach().cpu()), tie_noise, generator
-                )
-                after_drop = rules.drop(mask.cpu(), drop_scores, n_drop)
-                grow = scoring.gradient(scores[shard.table][shard.region])
-                grow = scoring.add_tie_noise(grow, tie_noise, generator)
-                grown = rules.select_top(grow, ~after_drop, min(n_drop, int((~after_drop).sum())))
-                new_mask = (after_drop | grown).to(mask.device)
-                stats["shards"][f"{shard.fqn}@{shard.offsets}"] = {
-                    "dropped": int((mask & ~new_mask).sum()),
-                    "grown": int((new_mask & ~mask).sum()),
-                    "nnz": int(new_mask.sum()),
-                }
-                mask.copy_(new_mask)
-                shard.weight.mul_(mask)  # grown entries start at zero
-        self.history.append(stats)
+                shard.mask.copy_(new_masks[f"{shard.fqn}@{shard.offsets}"].to(shard.mask.device))
+                shard.weight.mul_(shard.mask)  # grown entries start at zero
+        self.history.append(record.to_dict())
         self.verify_replicated()
 
     def remove(self) -> None:
@@ -546,15 +567,15 @@ class ShardedSparseEmbeddings:
             masks[fqn] = ShardedTensor._init_from_local_shards(
                 local, *self._table_shape(name), process_group=self.group
             )
-        scores = self._global_scores() if self._scores else {}
-        return {"step": self.step, "masks": masks, "scores": scores, "seed": self.config.seed}
+        gradients = self._global_scores() if self._scores else {}
+        return {"step": self.step, "masks": masks, "scores": gradients, "seed": self.sparsity_config.seed}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state_dict` after ``torch.distributed.checkpoint.load`` filled it in place."""
         if not isinstance(state, Mapping) or set(state) != {"step", "masks", "scores", "seed"}:
             raise ValueError(f"expected a ShardedSparseEmbeddings state_dict, got keys {sorted(state)}")
-        if state["seed"] != self.config.seed:
-            raise ValueError(f"checkpoint has seed {state['seed']}, this run {self.config.seed}")
+        if state["seed"] != self.sparsity_config.seed:
+            raise ValueError(f"checkpoint has seed {state['seed']}, this run {self.sparsity_config.seed}")
         for fqn, value in state["masks"].items():
             shards = [s for s in self.shards if s.fqn == fqn]
             pieces = (

@@ -8,8 +8,10 @@ to the torchrec tables of a :class:`~sparseapps.recsys.models.Recommender`:
 
 - budget ``joint`` (default): one ``(U + I) x D`` table, so users and items draw on one budget (as the official
   code); ``per_table``: a users and an items table, each at the target density;
-- growth by the current batch's gradient (``gradient``, as published) or by its running average over steps
-  (``momentum``, less biased to the last batch);
+- drop and growth by any criterion of the core's score registry (:mod:`sparseapps.core.scores`), named in the
+  held :class:`~sparseapps.core.SparsityConfig` (:data:`DSL_SPARSITY` by default): growth by the current batch's
+  gradient (``gradient``, as published) or by its running average over steps (``momentum``, less biased to the
+  last batch), or a criterion registered with ``scores.register_grow``;
 - initial masks: ``random`` (Bernoulli-like, as published), ``prefix`` (every row keeps the same leading
   dimensions) or ``nested`` (row ``r`` keeps the leading ``k_r`` dimensions with ``k_r ∝ (1 + popularity_r)^a``).
 
@@ -18,9 +20,8 @@ at density ``d`` overlap on about ``d²·D`` dimensions, and gradient growth can
 rows are active in that dimension. Prefix and nested masks share one dimension order, so two rows of sizes
 ``k_u`` and ``k_i`` overlap on ``min(k_u, k_i)`` dimensions, and rows with long prefixes let the others grow.
 
-After training, :func:`export_compact` stores each table as values + narrow column indices (uint8 for
-``D <= 256``, int16 up to 32768) + row offsets (NeuMF adds its small dense MLP head), and :class:`CompactScorer`
-serves scores from that storage.
+After training, :func:`export_compact` stores each table as values + narrow column indices + row offsets, and
+:class:`CompactScorer` serves scores from that storage (``compact.py``; the names are importable from here too).
 """
 
 from __future__ import annotations
@@ -33,48 +34,55 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from sparseapps.core import DynamicSparsity, SparsityConfig
-from sparseapps.core.accounting import index_bytes
-from sparseapps.recsys.models import (
-    LightGCN,
-    NeuMF,
-    NeuMFHead,
-    Recommender,
-    UserItemTables,
-    csr_tensor,
-    normalized_adjacency,
-)
+from sparseapps.core import DynamicSparsity, SparsityConfig, scores
+from sparseapps.core.validation import check_bool, check_choice, check_number
+from sparseapps.recsys.compact import CompactEmbeddings, CompactScorer, CompactTable, export_compact
+from sparseapps.recsys.models import Recommender, UserItemTables
 
 SparseMethod = Literal["dsl", "static", "prune"]
 InitialMask = Literal["random", "prefix", "nested"]
-Growth = Literal["gradient", "momentum"]
 
 SPARSE_METHODS = ("dsl", "static", "prune")
 INITIAL_MASKS = ("random", "prefix", "nested")
-GROWTH = ("gradient", "momentum")
 
-
-def _check_fraction(name: str, value: object, *, low_open: bool = True, high: float = 1.0) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > 0 if low_open else value >= 0) and value <= high
-    if not ok:
-        bracket = "(0" if low_open else "[0"
-        raise ValueError(f"{name} must be in {bracket}, {high:g}], got {value!r}")
+#: DSL as this package runs it (Wang et al., WSDM 2024; the growth criterion and ζ₀ tuned on ML-100K validation,
+#: docs/recsys.md): magnitude drop, growth by the running average of gradients (momentum 0.99), ζ₀ = 0.5 decayed by
+#: a cosine to 0 at 0.75 of the steps, an update every 200 steps, one uniform density over the embedding tables.
+#: :attr:`DSLConfig.sparsity` defaults to it, and ``TrainConfig``'s DSL fields default to its values.
+DSL_SPARSITY = SparsityConfig(
+    sparsity=0.8,
+    method="dst",
+    distribution="uniform",
+    module_types=("embedding",),
+    drop="magnitude",
+    grow="momentum",
+    update_interval=200,
+    drop_fraction=0.5,
+    drop_schedule="cosine",
+    end_fraction=0.75,
+    momentum=0.99,
+    seed=0,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DSLConfig:
-    """How the embedding tables are made and kept sparse.
+    """How the embedding tables are made and kept sparse: DSL's own choices plus the engine's :class:`SparsityConfig`.
+
+    ``sparsity`` holds the drop/grow criteria (any names of :mod:`sparseapps.core.scores`), the update schedule,
+    the momentum of momentum growth, the tie noise and the seed, exactly as the engine reads them; DSL sets its
+    ``sparsity`` (from ``density``), ``method``, ``distribution`` (uniform), ``module_types``, ``include`` and
+    ``embedding_rows`` (from the model's tables). ``method="static"`` and ``"prune"`` read only its seed.
 
     Example:
-        >>> config = DSLConfig(density=0.2)
-        >>> config.sparsity_config(("tables.collection.embeddings.nodes.weight",)).sparsity
-        0.8
+        >>> config = DSLConfig(density=0.2, sparsity=DSL_SPARSITY.replace(grow="gradient"))
+        >>> engine_config = config.sparsity_config(("tables.collection.embeddings.nodes.weight",))
+        >>> engine_config.sparsity, engine_config.grow, engine_config.update_interval
+        (0.8, 'gradient', 200)
         >>> DSLConfig(density=1.5)
         Traceback (most recent call last):
         ...
-        ValueError: density must be in (0, 1], got 1.5
+        ValueError: density must be a finite number in (0, 1], got 1.5
     """
 
     density: float = field(default=0.2, metadata={"help": "fraction of table entries kept, in (0, 1]"})
@@ -91,25 +99,11 @@ class DSLConfig:
             "help": "initial masks: random (as published), prefix or nested (popularity-sized prefixes)"
         },
     )
-    grow: Growth = field(
-        default="momentum",
-        metadata={
-            "help": "growth score: gradient (current batch, as published) or momentum (running average)"
-        },
-    )
     nested_exponent: float = field(
         default=0.5, metadata={"help": "nested masks: row size ∝ (1 + popularity)^exponent (0 = prefix)"}
     )
-    update_interval: int = field(default=200, metadata={"help": "optimizer steps between topology updates"})
-    drop_fraction: float = field(default=0.5, metadata={"help": "ζ at the first update (cosine decay to 0)"})
-    end_fraction: float = field(
-        default=0.75, metadata={"help": "fraction of the planned steps after which the topology is frozen"}
-    )
     prune_fraction: float = field(
         default=0.5, metadata={"help": "prune: fraction of the planned steps trained dense before pruning"}
-    )
-    momentum: float = field(
-        default=0.99, metadata={"help": "momentum growth: decay of the running average of gradients"}
     )
     rescale_init: bool = field(
         default=False,
@@ -118,38 +112,35 @@ class DSLConfig:
             "on ML-100K, and it makes the first magnitude drops remove popular rows in short runs)"
         },
     )
-    seed: int = field(default=0, metadata={"help": "seed of the engine's RNG (random masks, tie noise)"})
+    sparsity: SparsityConfig = field(
+        default=DSL_SPARSITY,
+        metadata={
+            "help": "the engine's settings of method dsl: drop and grow criteria, update_interval, drop_fraction "
+            "(ζ₀), drop_schedule, end_fraction, momentum, tie_noise, seed (a 'dst' SparsityConfig)"
+        },
+    )
 
     def __post_init__(self) -> None:
-        _check_fraction("density", self.density)
-        for name, value, choices in (
-            ("method", self.method, SPARSE_METHODS),
-            ("init", self.init, INITIAL_MASKS),
-            ("grow", self.grow, GROWTH),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        if (
-            not isinstance(self.nested_exponent, int | float)
-            or isinstance(self.nested_exponent, bool)
-            or not math.isfinite(self.nested_exponent)
-            or self.nested_exponent < 0
-        ):
-            raise ValueError(f"nested_exponent must be a finite number >= 0, got {self.nested_exponent!r}")
-        if (
-            not isinstance(self.update_interval, int)
-            or isinstance(self.update_interval, bool)
-            or (self.update_interval < 1)
-        ):
-            raise ValueError(f"update_interval must be a positive integer, got {self.update_interval!r}")
-        _check_fraction("drop_fraction", self.drop_fraction)
-        _check_fraction("end_fraction", self.end_fraction)
-        _check_fraction("prune_fraction", self.prune_fraction, high=1.0)
-        _check_fraction("momentum", self.momentum, low_open=False, high=0.999999)
-        if not isinstance(self.rescale_init, bool):
-            raise ValueError(f"rescale_init must be a bool, got {self.rescale_init!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_number("density", self.density, low=0.0, high=1.0, low_open=True)
+        check_choice("method", self.method, SPARSE_METHODS)
+        check_choice("init", self.init, INITIAL_MASKS)
+        check_number("nested_exponent", self.nested_exponent, low=0.0)
+        check_number("prune_fraction", self.prune_fraction, low=0.0, high=1.0, low_open=True)
+        check_bool("rescale_init", self.rescale_init)
+        if not isinstance(self.sparsity, SparsityConfig):
+            raise TypeError(f"sparsity must be a SparsityConfig, got {type(self.sparsity).__name__}")
+        if not self.sparsity.dynamic:
+            raise ValueError(
+                f"sparsity must be a 'dst' SparsityConfig (its drop/grow settings), got method="
+                f"{self.sparsity.method!r}; choose static or pruned tables with DSLConfig.method"
+            )
+        for kind in ("drop", "grow"):
+            name = getattr(self.sparsity, kind)
+            if "activations" in scores.get(kind, name).needs:
+                raise ValueError(
+                    f"{kind}={name!r} reads layer activations, which embedding tables do not have; choose another "
+                    f"{kind} criterion (registered: {', '.join(getattr(scores, f'{kind}_names')())})"
+                )
 
     def sparsity_config(self, include: tuple[str, ...], *, rows: str = "all") -> SparsityConfig:
         """The core engine's configuration for the table weights named by ``include`` (fqns).
@@ -162,7 +153,8 @@ class DSLConfig:
             distribution="uniform",
             module_types=("embedding",),
             include=include,
-            seed=self.seed,
+            exclude=(),
+            seed=self.sparsity.seed,
             embedding_rows=rows,
         )
         if self.method == "static":
@@ -171,17 +163,7 @@ class DSLConfig:
             return SparsityConfig(
                 method="one_shot", grow="none", start_fraction=self.prune_fraction, **common
             )
-        return SparsityConfig(
-            method="dst",
-            drop="magnitude",
-            grow=self.grow,
-            update_interval=self.update_interval,
-            drop_fraction=self.drop_fraction,
-            drop_schedule="cosine",
-            end_fraction=self.end_fraction,
-            momentum=self.momentum,
-            **common,
-        )
+        return self.sparsity.replace(method="dst", **common)
 
 
 def nested_row_sizes(
@@ -405,292 +387,19 @@ class SparseEmbeddings:
         self.engine.load_state_dict(state)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Compact storage and serving
-
-
-def _column_dtype(dim: int) -> torch.dtype:
-    width = index_bytes(dim)
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32}[width]
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class CompactTable:
-    """A sparse ``[R, D]`` table as values + narrow column indices + row offsets (CSR).
-
-    Attributes:
-        values: ``[nnz]`` float32, row by row, columns ascending within a row.
-        columns: ``[nnz]`` column of each value: uint8 when ``D <= 256``, int16 up to 32768, else int32.
-        offsets: ``[R + 1]`` int32 (int64 past 2³¹ - 1 entries): row ``r`` is ``offsets[r]:offsets[r + 1]``.
-        dim: ``D``.
-
-    Example:
-        >>> table = CompactTable.from_dense(torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]]))
-        >>> table.columns.tolist(), table.offsets.tolist(), table.nbytes
-        ([1, 0, 2], [0, 1, 3], 27)
-        >>> table.rows(torch.tensor([1])).tolist()
-        [[1.0, 0.0, 3.0]]
-    """
-
-    values: torch.Tensor
-    columns: torch.Tensor
-    offsets: torch.Tensor
-    dim: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.dim, int) or self.dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
-        if self.values.dim() != 1 or self.columns.shape != self.values.shape:
-            raise ValueError(
-                f"values and columns must be [nnz] of one length, got {tuple(self.values.shape)} and "
-                f"{tuple(self.columns.shape)}"
-            )
-        if self.columns.dtype != _column_dtype(self.dim):
-            raise ValueError(
-                f"columns must be {_column_dtype(self.dim)} for dim {self.dim}, got {self.columns.dtype}"
-            )
-        if self.offsets.dim() != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.values):
-            raise ValueError(
-                f"offsets must be [R + 1] ending at nnz={len(self.values)}, got shape "
-                f"{tuple(self.offsets.shape)}"
-            )
-
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> CompactTable:
-        """Compacts ``weight [R, D]``, keeping the entries where ``mask`` is True (default: the nonzeros)."""
-        weight = weight.detach().to("cpu", torch.float32)
-        if weight.dim() != 2:
-            raise ValueError(f"weight must be [R, D], got shape {tuple(weight.shape)}")
-        mask = (weight != 0) if mask is None else mask.to("cpu", torch.bool)
-        if mask.shape != weight.shape:
-            raise ValueError(f"mask must have shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
-        rows, columns = mask.nonzero(as_tuple=True)
-        counts = mask.sum(1)
-        nnz = int(counts.sum())
-        offsets = torch.zeros(weight.shape[0] + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(counts, 0)
-        offset_dtype = torch.int32 if nnz < 2**31 else torch.int64
-        return cls(
-            values=weight[rows, columns].contiguous(),
-            columns=columns.to(_column_dtype(weight.shape[1])),
-            offsets=offsets.to(offset_dtype),
-            dim=int(weight.shape[1]),
-        )
-
-    @property
-    def n_rows(self) -> int:
-        """``R``."""
-        return len(self.offsets) - 1
-
-    @property
-    def nnz(self) -> int:
-        """Stored values."""
-        return len(self.values)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of values, columns and offsets together."""
-        return sum(t.numel() * t.element_size() for t in (self.values, self.columns, self.offsets))
-
-    def row_sizes(self) -> torch.Tensor:
-        """``[R]`` int64 stored entries per row."""
-        return torch.diff(self.offsets.to(torch.int64))
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """``ids [B]`` -> the dense rows ``[B, D]`` (zeros where nothing is stored)."""
-        ids = ids.to("cpu", torch.int64)
-        starts = self.offsets.to(torch.int64)[ids]
-        lengths = self.offsets.to(torch.int64)[ids + 1] - starts
-        owner = torch.repeat_interleave(torch.arange(len(ids)), lengths)
-        positions = torch.arange(int(lengths.sum())) - torch.repeat_interleave(
-            torch.cumsum(lengths, 0) - lengths, lengths
-        )
-        source = starts[owner] + positions
-        out = torch.zeros(len(ids), self.dim, dtype=self.values.dtype)
-        out[owner, self.columns[source].to(torch.int64)] = self.values[source]
-        return out
-
-    def to_dense(self) -> torch.Tensor:
-        """``[R, D]`` float32 with zeros outside the stored entries."""
-        return self.rows(torch.arange(self.n_rows))
-
-    def to_sparse_csr(self) -> torch.Tensor:
-        """A ``torch.sparse_csr_tensor`` ``[R, D]`` of the same entries (int64 indices, for matmuls)."""
-        return csr_tensor(
-            self.offsets.to(torch.int64), self.columns.to(torch.int64), self.values, (self.n_rows, self.dim)
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Tensors and ``dim``, for ``torch.save``."""
-        return {"values": self.values, "columns": self.columns, "offsets": self.offsets, "dim": self.dim}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> CompactTable:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            values=values["values"], columns=values["columns"], offsets=values["offsets"], dim=values["dim"]
-        )
-
-
-@dataclass(frozen=True, kw_only=True, eq=False)
-class CompactEmbeddings:
-    """A trained recommender's tables in compact storage, plus what serving needs to score.
-
-    Attributes:
-        users: ``[U, D]`` :class:`CompactTable`.
-        items: ``[I, D]`` :class:`CompactTable`.
-        model: ``"mf"``, ``"lightgcn"`` or ``"neumf"``.
-        layers: LightGCN's ``K`` (0 for the others).
-        head: NeuMF's dense layers as :meth:`~sparseapps.recsys.models.NeuMFHead.to_dict` gives them (not
-            counted in :attr:`nbytes`); ``None`` for the others.
-    """
-
-    users: CompactTable
-    items: CompactTable
-    model: str
-    layers: int = 0
-    head: Mapping[str, Any] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of both tables (values, indices and offsets)."""
-        return self.users.nbytes + self.items.nbytes
-
-    @property
-    def nnz(self) -> int:
-        """Stored values: the parameter count."""
-        return self.users.nnz + self.items.nnz
-
-    @property
-    def dense_nbytes(self) -> int:
-        """Bytes of the same tables as dense float32."""
-        return 4 * (self.users.n_rows + self.items.n_rows) * self.users.dim
-
-    @property
-    def head_nbytes(self) -> int:
-        """Bytes of NeuMF's dense head (0 for the others)."""
-        if self.head is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in self.head["state"].values())
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain form for ``torch.save``."""
-        values = {
-            "users": self.users.to_dict(),
-            "items": self.items.to_dict(),
-            "model": self.model,
-            "layers": self.layers,
-        }
-        if self.head is not None:
-            values["head"] = dict(self.head)
-        return values
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> CompactEmbeddings:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            users=CompactTable.from_dict(values["users"]),
-            items=CompactTable.from_dict(values["items"]),
-            model=str(values["model"]),
-            layers=int(values["layers"]),
-            head=values.get("head"),
-        )
-
-
-def export_compact(model: Recommender) -> CompactEmbeddings:
-    """The model's layer-0 tables in compact storage: masked entries (or exact zeros when dense) are dropped.
-
-    Entries are taken from each table's mask buffer when it has one (so a trained weight that happens to be
-    exactly 0 inside the mask is still stored), else from the nonzeros.
-
-    Example:
-        >>> from sparseapps.recsys.models import MatrixFactorization, ModelConfig
-        >>> compact = export_compact(MatrixFactorization(3, 4, ModelConfig(dim=8)))
-        >>> compact.nnz, compact.nbytes, compact.dense_nbytes
-        (56, 316, 224)
-    """
-    if not isinstance(model, Recommender):
-        raise TypeError(f"model must be a sparseapps.recsys Recommender, got {type(model).__name__}")
-    tables = model.tables
-    modules = tables.table_modules
-    masks = [getattr(module, "weight_mask", None) for module in modules.values()]
-    weight = tables.stacked().detach()
-    if all(mask is not None for mask in masks):
-        mask = masks[0] if len(masks) == 1 else torch.cat(masks)  # type: ignore[arg-type]
-    else:
-        mask = weight != 0
-    return CompactEmbeddings(
-        users=CompactTable.from_dense(weight[: model.n_users], mask[: model.n_users]),
-        items=CompactTable.from_dense(weight[model.n_users :], mask[model.n_users :]),
-        model=model.config.model,
-        layers=model.config.layers if isinstance(model, LightGCN) else 0,
-        head=model.head.to_dict() if isinstance(model, NeuMF) else None,
-    )
-
-
-class CompactScorer:
-    """Serves full-ranking scores ``users [B] -> [B, I]`` from :class:`CompactEmbeddings`.
-
-    MF scores straight from the compact tables: the batch's user rows are expanded and multiplied by the item
-    table held as a sparse CSR matrix, so the table is never densified. LightGCN's final embeddings are
-    propagations over the graph, dense by nature: they are computed once from the compact layer-0 tables
-    when the scorer is built. NeuMF keeps the item table as a sparse CSR matrix too: its GMF scores and the
-    items' part of the first MLP layer are products with it, in
-    :meth:`~sparseapps.recsys.models.NeuMFHead.rank_scores`, the code the dense model ranks with.
-
-    Args:
-        compact: the exported tables.
-        train_pairs: LightGCN only: the ``[N, 2]`` train pairs that define the graph.
-
-    Example:
-        >>> from sparseapps.recsys.models import MatrixFactorization, ModelConfig
-        >>> model = MatrixFactorization(3, 4, ModelConfig(dim=8))
-        >>> scores = CompactScorer(export_compact(model))(torch.tensor([0, 2]))
-        >>> torch.allclose(scores, model.scorer()(torch.tensor([0, 2])), atol=1e-6)
-        True
-    """
-
-    def __init__(
-        self, compact: CompactEmbeddings, train_pairs: np.ndarray | torch.Tensor | None = None
-    ) -> None:
-        if not isinstance(compact, CompactEmbeddings):
-            raise TypeError(f"compact must be CompactEmbeddings, got {type(compact).__name__}")
-        self.compact = compact
-        self._items_csr = torch.empty(0)
-        self._final: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._head: NeuMFHead | None = None
-        self._item_hidden = torch.empty(0)
-        if compact.model == "lightgcn":
-            if train_pairs is None:
-                raise ValueError("a LightGCN scorer needs train_pairs to rebuild the graph, got None")
-            n_users = compact.users.n_rows
-            adjacency = normalized_adjacency(train_pairs, n_users, compact.items.n_rows)
-            layer = torch.cat([compact.users.to_dense(), compact.items.to_dense()])
-            total = layer
-            for _ in range(compact.layers):
-                layer = adjacency @ layer
-                total = total + layer
-            final = total / (compact.layers + 1)
-            self._final = (final[:n_users], final[n_users:].t().contiguous())
-        elif compact.model == "mf":
-            self._items_csr = compact.items.to_sparse_csr()
-        elif compact.model == "neumf":
-            if compact.head is None:
-                raise ValueError("a NeuMF scorer needs the exported MLP head (compact.head), got None")
-            self._head = NeuMFHead.from_dict(compact.head)
-            self._items_csr = compact.items.to_sparse_csr()
-            with torch.no_grad():
-                self._item_hidden = self._head.item_hidden(self._items_csr)
-        else:
-            raise ValueError(f"compact.model must be 'mf', 'lightgcn' or 'neumf', got {compact.model!r}")
-
-    def __call__(self, users: torch.Tensor) -> torch.Tensor:
-        """``users [B]`` int64 -> scores ``[B, I]``."""
-        if self._final is not None:
-            user_final, items_t = self._final
-            return user_final[users.to("cpu", torch.int64)] @ items_t
-        user_rows = self.compact.users.rows(users)
-        if self._head is not None:
-            with torch.no_grad():
-                return self._head.rank_scores(user_rows, self._items_csr, self._item_hidden)
-        return (self._items_csr @ user_rows.t()).t()
+__all__ = [
+    "DSL_SPARSITY",
+    "INITIAL_MASKS",
+    "SPARSE_METHODS",
+    "CompactEmbeddings",
+    "CompactScorer",
+    "CompactTable",
+    "DSLConfig",
+    "InitialMask",
+    "SparseEmbeddings",
+    "SparseMethod",
+    "aligned_masks",
+    "export_compact",
+    "nested_row_sizes",
+    "prefix_masks",
+]

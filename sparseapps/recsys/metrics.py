@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from sparseapps.core.validation import check_int
 from sparseapps.recsys.data import InteractionSplit, UserItemLists
 
 METRICS = ("recall", "ndcg", "hit", "precision", "mrr")
@@ -147,8 +148,7 @@ def evaluate_ranking(
     n_users, n_items = targets.n_users, targets.n_items
     ks = _check_ks(ks, n_items)
     metrics = _check_metrics(metrics)
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, low=1)
     if exclude is not None and (exclude.n_users, exclude.n_items) != (n_users, n_items):
         raise ValueError(
             f"exclude covers {exclude.n_users} users x {exclude.n_items} items, targets {n_users} x {n_items}"

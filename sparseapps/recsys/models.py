@@ -6,118 +6,60 @@ with the BPR loss ``-log σ(s(u, i⁺) - s(u, i⁻))`` plus an optional L2 penal
 MF's final embeddings are the table rows; LightGCN's are the mean of ``K + 1`` layers ``E⁽ᵏ⁺¹⁾ = Â E⁽ᵏ⁾`` of
 propagation over the normalized user-item graph ``Â = D^-½ A D^-½``.
 
-The tables are an unsharded torchrec ``EmbeddingCollection`` (or ``EmbeddingBagCollection``) fed by
-``KeyedJaggedTensor``s with the features ``"user"`` and ``"item"``. Unsharded collections hold plain
-``nn.Embedding`` / ``nn.EmbeddingBag`` modules, so the core engine sparsifies their weights like any other.
-Two layouts:
-
-- ``joint``: one ``(U + I) x D`` table ``"nodes"`` (item ``i`` is row ``U + i``), as the official DSL code keeps
-  it; a sparsity budget on the table is shared by users and items.
-- ``per_table``: tables ``"user_table"`` (``U x D``) and ``"item_table"`` (``I x D``), one budget each.
+The tables (``tables.py``) are an unsharded torchrec collection fed by ``KeyedJaggedTensor``s, in a ``joint``
+(one ``(U + I) x D`` table, one budget) or ``per_table`` layout; NeuMF's dense layers are in ``neumf.py``.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from torchrec import KeyedJaggedTensor
+from sparseapps.core.validation import check_choice, check_int, check_number
+from sparseapps.recsys.neumf import SCORE_CHUNK_ELEMENTS, NeuMFHead, gmf_column_mask, neumf_widths
+from sparseapps.recsys.tables import (
+    COLLECTION_KINDS,
+    FEATURES,
+    LAYOUTS,
+    CollectionKind,
+    Layout,
+    UserItemTables,
+)
 
 ModelName = Literal["mf", "lightgcn", "neumf"]
-Layout = Literal["joint", "per_table"]
-CollectionKind = Literal["embedding", "embedding_bag"]
-
 MODEL_NAMES = ("mf", "lightgcn", "neumf")
-LAYOUTS = ("joint", "per_table")
-COLLECTION_KINDS = ("embedding", "embedding_bag")
-FEATURES = ("user", "item")
 ScoreFunction = Callable[[torch.Tensor], torch.Tensor]
-#: NeuMF full ranking: most elements of one ``[B, items, width]`` block of MLP activations (16 MB in float32).
-SCORE_CHUNK_ELEMENTS = 1 << 22
 
-
-def _drop_fx_tracing_notice(record: logging.LogRecord) -> bool:
-    """Filters torch.fx's one-off notice that torchrec's forward triggers by calling ``is_fx_tracing``."""
-    return "is_fx_tracing will return true" not in record.getMessage()
-
-
-def _import_torchrec() -> Any:
-    """torchrec, imported on first use: the import takes seconds, and the CLI's parser needs only this module's
-    names. Its import-time deprecation warnings (fbgemm modules) and torch.fx's ``is_fx_tracing`` notice, which
-    its forward triggers, are silenced; nothing else is."""
-    if "torchrec" not in sys.modules:
-        logging.getLogger("torch.fx._symbolic_trace").addFilter(_drop_fx_tracing_notice)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import torchrec  # noqa: F401
-    return sys.modules["torchrec"]
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def neumf_widths(dim: int, gmf_dim: int | None = None, mlp_layers: int = 3) -> tuple[int, tuple[int, ...]]:
-    """NeuMF's sizes for tables of width ``D``: ``(G, (h_1, ..., h_L))``.
-
-    ``G`` columns feed GMF (``D // 2`` when ``gmf_dim`` is None) and ``M = D - G`` feed the MLP, whose input
-    is ``[e_u ; e_i]`` (``2M``) and whose ``L`` ReLU layers have widths ``h_k = M // 2^(k-1)``, each at least 1.
-
-    Example:
-        >>> neumf_widths(64)
-        (32, (32, 16, 8))
-        >>> neumf_widths(8, mlp_layers=4)
-        Traceback (most recent call last):
-        ...
-        ValueError: mlp_layers must be at most 3 for 4 MLP columns (widths 4, 2, 1), got 4
-    """
-    _check_positive_int("dim", dim)
-    if dim < 2:
-        raise ValueError(f"dim must be >= 2 for neumf (GMF and MLP columns), got {dim}")
-    gmf = dim // 2 if gmf_dim is None else gmf_dim
-    if not isinstance(gmf, int) or isinstance(gmf, bool) or not 1 <= gmf <= dim - 1:
-        raise ValueError(f"gmf_dim must be an integer in [1, dim - 1] = [1, {dim - 1}], got {gmf!r}")
-    _check_positive_int("mlp_layers", mlp_layers)
-    mlp = dim - gmf
-    most = mlp.bit_length()
-    if mlp_layers > most:
-        widths = ", ".join(str(mlp >> k) for k in range(most))
-        raise ValueError(
-            f"mlp_layers must be at most {most} for {mlp} MLP columns (widths {widths}), got {mlp_layers}"
-        )
-    return gmf, tuple(mlp >> k for k in range(mlp_layers))
-
-
-def gmf_column_mask(dim: int, gmf_dim: int) -> torch.Tensor:
-    """``[D]`` bool: the ``G`` columns that feed NeuMF's GMF branch, spread evenly (the others feed the MLP).
-
-    Column ``d`` is GMF's when ``⌈(d + 1)G / D⌉ > ⌈dG / D⌉``, so every prefix of ``k`` columns holds
-    ``⌈kG / D⌉`` of them: the prefix and nested masks of DSL give both branches their share of each row.
-
-    Example:
-        >>> gmf_column_mask(6, 3).int().tolist()
-        [1, 0, 1, 0, 1, 0]
-    """
-    columns = torch.arange(dim + 1) * gmf_dim
-    ceil = -torch.div(-columns, dim, rounding_mode="floor")
-    return ceil[1:] > ceil[:-1]
+__all__ = [
+    "COLLECTION_KINDS",
+    "FEATURES",
+    "LAYOUTS",
+    "MODEL_NAMES",
+    "SCORE_CHUNK_ELEMENTS",
+    "CollectionKind",
+    "Layout",
+    "LightGCN",
+    "MatrixFactorization",
+    "ModelConfig",
+    "ModelName",
+    "NeuMF",
+    "NeuMFHead",
+    "Recommender",
+    "UserItemTables",
+    "bpr_loss",
+    "build_model",
+    "csr_tensor",
+    "gmf_column_mask",
+    "neumf_widths",
+    "normalized_adjacency",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,7 +72,7 @@ class ModelConfig:
         >>> ModelConfig(dim=0)
         Traceback (most recent call last):
         ...
-        ValueError: dim must be a positive integer, got 0
+        ValueError: dim must be an integer >= 1, got 0
     """
 
     model: ModelName = field(default="mf", metadata={"help": "mf (MF-BPR), lightgcn or neumf"})
@@ -157,142 +99,17 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("model", self.model, MODEL_NAMES)
-        _check_positive_int("dim", self.dim)
-        _check_positive_int("layers", self.layers)
+        check_choice("model", self.model, MODEL_NAMES)
+        check_int("dim", self.dim, low=1)
+        check_int("layers", self.layers, low=1)
         if self.gmf_dim is not None:
-            _check_positive_int("gmf_dim", self.gmf_dim)
-        _check_positive_int("mlp_layers", self.mlp_layers)
+            check_int("gmf_dim", self.gmf_dim, low=1)
+        check_int("mlp_layers", self.mlp_layers, low=1)
         if self.model == "neumf":
             neumf_widths(self.dim, self.gmf_dim, self.mlp_layers)
-        _check_choice("layout", self.layout, LAYOUTS)
-        _check_choice("collection", self.collection, COLLECTION_KINDS)
-        if (
-            not isinstance(self.init_std, int | float)
-            or not math.isfinite(self.init_std)
-            or self.init_std <= 0
-        ):
-            raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
-
-
-class UserItemTables(nn.Module):
-    """User and item embedding tables in one torchrec collection, looked up with a ``KeyedJaggedTensor``.
-
-    Args:
-        n_users: number of users ``U``.
-        n_items: number of items ``I``.
-        dim: embedding dimension ``D``.
-        layout: ``"joint"`` (one ``(U + I) x D`` table, item ``i`` at row ``U + i``) or ``"per_table"``.
-        collection: ``"embedding"`` (``EmbeddingCollection``) or ``"embedding_bag"`` (``EmbeddingBagCollection``,
-            one id per bag, sum pooling: the same numbers).
-        init_std: the tables start ``N(0, init_std²)``.
-
-    Example:
-        >>> tables = UserItemTables(3, 4, 8)
-        >>> users, items = tables.lookup(torch.tensor([0, 2]), torch.tensor([1, 3, 0]))
-        >>> users.shape, items.shape
-        (torch.Size([2, 8]), torch.Size([3, 8]))
-        >>> [name for name, _ in tables.named_parameters()]
-        ['collection.embeddings.nodes.weight']
-    """
-
-    def __init__(
-        self,
-        n_users: int,
-        n_items: int,
-        dim: int,
-        *,
-        layout: Layout = "joint",
-        collection: CollectionKind = "embedding",
-        init_std: float = 0.1,
-    ) -> None:
-        super().__init__()
-        _check_positive_int("n_users", n_users)
-        _check_positive_int("n_items", n_items)
-        _check_positive_int("dim", dim)
-        _check_choice("layout", layout, LAYOUTS)
-        _check_choice("collection", collection, COLLECTION_KINDS)
-        self.n_users, self.n_items, self.dim = n_users, n_items, dim
-        self.layout: Layout = layout
-        self.collection_kind: CollectionKind = collection
-        if layout == "joint":
-            specs = [("nodes", n_users + n_items, list(FEATURES))]
-        else:
-            specs = [("user_table", n_users, ["user"]), ("item_table", n_items, ["item"])]
-        torchrec = _import_torchrec()
-        cpu = torch.device("cpu")
-        bags = collection == "embedding_bag"
-        table_config = torchrec.EmbeddingBagConfig if bags else torchrec.EmbeddingConfig
-        collection_class = torchrec.EmbeddingBagCollection if bags else torchrec.EmbeddingCollection
-        self.collection: nn.Module = collection_class(
-            tables=[
-                table_config(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features)
-                for name, rows, features in specs
-            ],
-            device=cpu,
-        )
-        modules = self.collection.embedding_bags if bags else self.collection.embeddings
-        self._modules_by_table = dict(modules.items())
-        with torch.no_grad():
-            for module in self._modules_by_table.values():
-                module.weight.normal_(0.0, init_std)
-
-    @property
-    def table_modules(self) -> dict[str, nn.Module]:
-        """``{table name: nn.Embedding or nn.EmbeddingBag}``: ``nodes``, or ``user_table`` and ``item_table``."""
-        return dict(self._modules_by_table)
-
-    def table_fqns(self, prefix: str = "") -> dict[str, str]:
-        """``{table name: fqn of its weight}`` as the core engine names it, under a module ``prefix``."""
-        attribute = "embeddings" if self.collection_kind == "embedding" else "embedding_bags"
-        head = f"{prefix}." if prefix else ""
-        return {name: f"{head}collection.{attribute}.{name}.weight" for name in self._modules_by_table}
-
-    def features(self, users: torch.Tensor, items: torch.Tensor) -> KeyedJaggedTensor:
-        """The ``KeyedJaggedTensor`` of one lookup: feature ``"user"`` holds ``users [B]``, ``"item"`` ``items [M]``.
-
-        The batch has ``S = max(B, M)`` rows; each feature has one id in its first ``B`` (or ``M``) rows and none
-        in the rest, so one KJT carries both lists. In the joint layout item ids are offset by ``U``.
-        """
-        users, items = users.reshape(-1), items.reshape(-1)
-        if self.layout == "joint":
-            items = items + self.n_users
-        stride = max(len(users), len(items))
-        lengths = torch.zeros(2, stride, dtype=torch.int32, device=users.device)
-        lengths[0, : len(users)] = 1
-        lengths[1, : len(items)] = 1
-        values = torch.cat([users, items]).to(torch.int64)
-        return _import_torchrec().KeyedJaggedTensor(
-            keys=list(FEATURES), values=values, lengths=lengths.reshape(-1), stride=stride
-        )
-
-    def forward(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A :meth:`features` ``KeyedJaggedTensor`` -> ``(user rows [B, D], item rows [M, D])``."""
-        output = self.collection(features)
-        if self.collection_kind == "embedding":
-            return output["user"].values(), output["item"].values()
-        lengths = features.lengths().reshape(2, -1)
-        pooled = output.to_dict()
-        n_users, n_items = int(lengths[0].sum()), int(lengths[1].sum())
-        return pooled["user"][:n_users], pooled["item"][:n_items]
-
-    def lookup(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``users [B]``, ``items [M]`` int64 -> ``([B, D], [M, D])`` through the torchrec collection."""
-        return self(self.features(users, items))
-
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole tables as ``(users [U, D], items [I, D])`` views of the parameters (autograd flows)."""
-        if self.layout == "joint":
-            weight = self._modules_by_table["nodes"].weight
-            return weight[: self.n_users], weight[self.n_users :]
-        return self._modules_by_table["user_table"].weight, self._modules_by_table["item_table"].weight
-
-    def stacked(self) -> torch.Tensor:
-        """``[U + I, D]``: users then items (the joint table itself, or the two tables concatenated)."""
-        if self.layout == "joint":
-            return self._modules_by_table["nodes"].weight
-        users, items = self.weights()
-        return torch.cat([users, items])
+        check_choice("layout", self.layout, LAYOUTS)
+        check_choice("collection", self.collection, COLLECTION_KINDS)
+        check_number("init_std", self.init_std, low=0.0, low_open=True)
 
 
 def bpr_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
@@ -542,126 +359,6 @@ class LightGCN(Recommender):
             ego_users, ego_items = self.tables.lookup(users, torch.cat([positives, negatives]))
             loss = loss + reg_weight * self._l2(ego_users, ego_items, len(users))
         return loss
-
-
-class NeuMFHead(nn.Module):
-    """NeuMF's dense layers over table rows of width ``D``: a GMF branch, an MLP tower and the output layer.
-
-    With ``G`` GMF columns (:func:`gmf_column_mask`), the other ``M`` MLP columns ``e^M`` and
-    ``a = ReLU``, a user and an item score
-
-    ``s(u, i) = w_G · (e_u^G ⊙ e_i^G) + w_M · a(W_L ... a(W_1 [e_u^M ; e_i^M] + b_1) ... + b_L)``,
-
-    with ``W_1 : 2M -> M`` and each later layer halving the width (:func:`neumf_widths`). The output layer has
-    no bias: the BPR loss only sees score differences, so a bias would never get a gradient.
-
-    Full ranking uses that the first layer splits into a user and an item part, ``W_1 [e_u ; e_i] =
-    W_1^u e_u + W_1^i e_i``: the item part is computed once per item (:meth:`item_hidden`), and
-    :meth:`rank_scores` adds the user part and runs the rest of the tower on blocks of items, so memory stays
-    ``O(B · block · M)``. Both accept the item table as a dense tensor or as a sparse CSR matrix (compact
-    serving).
-
-    Args:
-        dim: table width ``D``.
-        gmf_dim: ``G``; ``None`` is ``D // 2``.
-        mlp_layers: ``L``, the ReLU layers of the tower.
-
-    Example:
-        >>> head = NeuMFHead(8)
-        >>> head.gmf_dim, [layer.out_features for layer in head.mlp]
-        (4, [4, 2, 1])
-        >>> users, items = torch.randn(2, 8), torch.randn(5, 8)
-        >>> head.rank_scores(users, items).shape
-        torch.Size([2, 5])
-        >>> pairs = head.pair_scores(users.repeat_interleave(5, 0), items.repeat(2, 1)).reshape(2, 5)
-        >>> torch.allclose(pairs, head.rank_scores(users, items), atol=1e-6)
-        True
-    """
-
-    gmf_columns: torch.Tensor
-    mlp_columns: torch.Tensor
-
-    def __init__(self, dim: int, gmf_dim: int | None = None, mlp_layers: int = 3) -> None:
-        super().__init__()
-        gmf, widths = neumf_widths(dim, gmf_dim, mlp_layers)
-        self.dim, self.gmf_dim, self.mlp_dim = dim, gmf, dim - gmf
-        is_gmf = gmf_column_mask(dim, gmf)
-        self.register_buffer("gmf_columns", is_gmf.nonzero().flatten(), persistent=False)
-        self.register_buffer("mlp_columns", (~is_gmf).nonzero().flatten(), persistent=False)
-        inputs = (2 * self.mlp_dim, *widths[:-1])
-        self.mlp = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in zip(inputs, widths, strict=True))
-        self.output = nn.Linear(gmf + widths[-1], 1, bias=False)
-
-    def _tower(self, first: torch.Tensor) -> torch.Tensor:
-        """``[..., h_1]`` pre-activations of the first layer -> ``[..., h_L]`` output of the tower."""
-        hidden = F.relu(first)
-        for layer in self.mlp[1:]:
-            hidden = F.relu(layer(hidden))
-        return hidden
-
-    def pair_scores(self, user_rows: torch.Tensor, item_rows: torch.Tensor) -> torch.Tensor:
-        """``user_rows [N, D]``, ``item_rows [N, D]`` -> ``[N]``: the score of each (user, item) pair."""
-        gmf = user_rows[:, self.gmf_columns] * item_rows[:, self.gmf_columns]
-        mlp_input = torch.cat([user_rows[:, self.mlp_columns], item_rows[:, self.mlp_columns]], dim=1)
-        mlp = self._tower(self.mlp[0](mlp_input))
-        return self.output(torch.cat([gmf, mlp], dim=1)).squeeze(1)
-
-    def _padded(self, matrix: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """``[n, len(columns)]`` -> ``[n, D]`` with the values in ``columns`` and zeros elsewhere."""
-        out = matrix.new_zeros(matrix.shape[0], self.dim)
-        out[:, columns] = matrix
-        return out
-
-    def item_hidden(self, items: torch.Tensor) -> torch.Tensor:
-        """``items [I, D]`` (dense or sparse CSR) -> ``[I, h_1]``: the item part ``W_1^i e_i^M`` of layer 1."""
-        item_weight = self.mlp[0].weight[:, self.mlp_dim :]
-        return items @ self._padded(item_weight, self.mlp_columns).t()
-
-    def rank_scores(
-        self,
-        user_rows: torch.Tensor,
-        items: torch.Tensor,
-        item_hidden: torch.Tensor | None = None,
-        *,
-        chunk_elements: int = SCORE_CHUNK_ELEMENTS,
-    ) -> torch.Tensor:
-        """Scores of every user against every item, the MLP run on blocks of items.
-
-        Args:
-            user_rows: ``[B, D]``.
-            items: ``[I, D]`` item table, dense or sparse CSR.
-            item_hidden: ``[I, h_1]`` from :meth:`item_hidden` (computed here when None).
-            chunk_elements: most elements of one ``[B, block, h_1]`` activation block.
-
-        Returns:
-            ``[B, I]``.
-        """
-        _check_positive_int("chunk_elements", chunk_elements)
-        if item_hidden is None:
-            item_hidden = self.item_hidden(items)
-        weight = self.output.weight[0]
-        gmf_query = self._padded(user_rows[:, self.gmf_columns] * weight[: self.gmf_dim], self.gmf_columns)
-        scores = (items @ gmf_query.t()).t().contiguous()
-        user_weight, bias = self.mlp[0].weight[:, : self.mlp_dim], self.mlp[0].bias
-        user_hidden = (user_rows[:, self.mlp_columns] @ user_weight.t() + bias).unsqueeze(1)
-        mlp_weight = weight[self.gmf_dim :]
-        block = max(1, chunk_elements // max(1, user_hidden.shape[0] * user_hidden.shape[2]))
-        for start in range(0, item_hidden.shape[0], block):
-            first = user_hidden + item_hidden[start : start + block].unsqueeze(0)
-            scores[:, start : start + block] += self._tower(first) @ mlp_weight
-        return scores
-
-    def to_dict(self) -> dict[str, Any]:
-        """Sizes and weights, for compact export and ``torch.save``."""
-        state = {name: tensor.detach().to("cpu").clone() for name, tensor in self.state_dict().items()}
-        return {"dim": self.dim, "gmf_dim": self.gmf_dim, "mlp_layers": len(self.mlp), "state": state}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> NeuMFHead:
-        """Inverse of :meth:`to_dict`."""
-        head = cls(int(values["dim"]), int(values["gmf_dim"]), int(values["mlp_layers"]))
-        head.load_state_dict(values["state"])
-        return head.eval()
 
 
 class NeuMF(Recommender):

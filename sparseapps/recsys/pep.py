@@ -36,7 +36,6 @@ does not change.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -47,17 +46,13 @@ from tqdm.auto import tqdm
 
 from sparseapps.core.distributions import target_nnz
 from sparseapps.core.rules import select_top
+from sparseapps.core.validation import check_choice, check_int, check_number
 from sparseapps.recsys.data import BPRSampler
 from sparseapps.recsys.models import Recommender
 
 Granularity = Literal["row", "dimension", "global"]
 GRANULARITIES = ("row", "dimension", "global")
 SEARCH_STATE_VERSION = 1
-
-
-def _check_finite(name: str, value: object) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,20 +99,11 @@ class PEPConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_finite("density", self.density)
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"granularity must be one of {', '.join(map(repr, GRANULARITIES))}, got {self.granularity!r}"
-            )
-        _check_finite("threshold_init", self.threshold_init)
-        _check_finite("threshold_weight_decay", self.threshold_weight_decay)
-        if self.threshold_weight_decay < 0:
-            raise ValueError(f"threshold_weight_decay must be >= 0, got {self.threshold_weight_decay!r}")
-        _check_finite("search_fraction", self.search_fraction)
-        if not 0.0 < self.search_fraction <= 1.0:
-            raise ValueError(f"search_fraction must be in (0, 1], got {self.search_fraction!r}")
+        check_number("density", self.density, low=0.0, high=1.0, low_open=True)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_number("threshold_init", self.threshold_init)
+        check_number("threshold_weight_decay", self.threshold_weight_decay, low=0.0)
+        check_number("search_fraction", self.search_fraction, low=0.0, high=1.0, low_open=True)
 
 
 def threshold_shape(granularity: str, rows: int, dim: int) -> tuple[int, int]:
@@ -127,10 +113,7 @@ def threshold_shape(granularity: str, rows: int, dim: int) -> tuple[int, int]:
         >>> threshold_shape("row", 5, 8), threshold_shape("dimension", 5, 8), threshold_shape("global", 5, 8)
         ((5, 1), (1, 8), (1, 1))
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(
-            f"granularity must be one of {', '.join(map(repr, GRANULARITIES))}, got {granularity!r}"
-        )
+    check_choice("granularity", granularity, GRANULARITIES)
     return {"row": (rows, 1), "dimension": (1, dim), "global": (1, 1)}[granularity]
 
 
@@ -247,11 +230,8 @@ class ThresholdSearch:
             raise TypeError(f"model must be a sparseapps.recsys Recommender, got {type(model).__name__}")
         if not isinstance(config, PEPConfig):
             raise TypeError(f"config must be a PEPConfig, got {type(config).__name__}")
-        _check_finite("lr", lr)
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        check_number("lr", lr, low=0.0, low_open=True)
+        check_int("max_steps", max_steps, low=1)
         self.model = model
         self.optimizer = optimizer
         self.config = config

@@ -10,6 +10,9 @@ Example:
     >>> # model.learn(50_000, callback=callback)
 """
 
+from typing import Any
+
+from sparseapps.rl import policies as _policies
 from sparseapps.rl.callback import (
     SUPPORTED_ALGORITHMS,
     DynamicSparsityCallback,
@@ -27,18 +30,20 @@ from sparseapps.rl.diagnostics import (
 )
 from sparseapps.rl.drift import DriftSchedule, DriftWrapper, make_drifting_env
 from sparseapps.rl.policies import (
-    MaskAwarePolicy,
     SparseActorCriticCnnPolicy,
     SparseActorCriticPolicy,
     SparseDQNPolicy,
     SparseMultiInputActorCriticPolicy,
+    SparsePolicyClass,
     SparseSACPolicy,
     SparseTD3Policy,
+    accept_masks,
     condense_policy,
     sparse_policy_class,
 )
 from sparseapps.rl.presets import RL_PRESETS, RLPreset, rl_preset
-from sparseapps.rl.train import RLRun, summarize, train_many, train_run
+from sparseapps.rl.run_config import RLRun, make_sparsity_config
+from sparseapps.rl.train import summarize, train_many, train_run
 
 __all__ = [
     "RL_PRESETS",
@@ -47,7 +52,6 @@ __all__ = [
     "DriftSchedule",
     "DriftWrapper",
     "DynamicSparsityCallback",
-    "MaskAwarePolicy",
     "MaskTurnover",
     "RLPreset",
     "RLRun",
@@ -57,13 +61,16 @@ __all__ = [
     "SparseDQNPolicy",
     "SparseMultiInputActorCriticPolicy",
     "SparseNetwork",
+    "SparsePolicyClass",
     "SparseSACPolicy",
     "SparseTD3Policy",
+    "accept_masks",
     "condense_policy",
     "count_optimizer_steps",
     "find_dormant_neurons",
     "find_networks",
     "make_drifting_env",
+    "make_sparsity_config",
     "mask_turnover",
     "rl_preset",
     "shift_recovery",
@@ -72,3 +79,9 @@ __all__ = [
     "train_many",
     "train_run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MaskAwarePolicy":  # deprecated: policies.__getattr__ warns
+        return getattr(_policies, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

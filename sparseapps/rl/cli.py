@@ -8,7 +8,8 @@ writes ``runs/x/{dense,rigl}/seed{0,1,2}/`` (TensorBoard logs under ``tb/``, ``m
 ``result.json``), ``runs/x/results.json`` and ``runs/x/curves.png``. Running the same command again resumes
 unfinished runs from their checkpoints (bit for bit) and reuses finished ones. Another method into the same
 ``--out`` (same environment, algorithm, budget, evaluation, drift and hyperparameters) adds its rows to the summary;
-other settings are refused unless ``--overwrite``.
+other settings are refused unless ``--overwrite``. ``--no-progress`` hides the progress bar (as for ``recsys train``
+and ``continual run``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from sparseapps.core.io import OutputConflictError
+from sparseapps.core.validation import check_int
 from sparseapps.rl.presets import RL_PRESETS
-from sparseapps.rl.train import ALGORITHM_CLASSES, METHODS, RLRun, format_table, train_many
+from sparseapps.rl.run_config import ALGORITHM_CLASSES, METHODS, RLRun, make_sparsity_config
+from sparseapps.rl.summary import format_table
+from sparseapps.rl.train import train_many
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -84,6 +88,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="an SB3 constructor kwarg",
     )
     train.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--threads", type=int, default=1, help="torch threads per run")
     train.add_argument("--device", default="cpu", help="torch device")
     train.add_argument("--out", type=Path, default=Path("runs/rl"), help="output directory")
@@ -103,9 +108,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``sparseapps rl train``; returns the exit code."""
-    if args.seeds < 1:
-        print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
-        return 2
     common: dict[str, Any] = dict(
         env=args.env,
         algo=args.algo,
@@ -120,22 +122,31 @@ def run_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
     )
-    sparse: dict[str, Any] = dict(
-        method=args.method,
-        preset=args.preset,
-        sparsity=args.sparsity,
-        critic_density_ratio=args.critic_density_ratio,
-        dense_output_layers=False if args.sparse_output_layers else None,
-        update_interval=args.update_interval,
-    )
     try:
+        check_int("--seeds", args.seeds, low=1)
+        overrides = {
+            name: value
+            for name, value in (("sparsity", args.sparsity), ("update_interval", args.update_interval))
+            if value is not None
+        }
+        sparse: dict[str, Any] = dict(
+            method=args.method,
+            preset=args.preset,
+            sparsity=make_sparsity_config(args.method, args.preset, **overrides),
+            critic_density_ratio=args.critic_density_ratio,
+            dense_output_layers=False if args.sparse_output_layers else None,
+        )
         runs = []
         for seed in range(args.seeds):
             if not args.no_dense:
                 runs.append(RLRun(method="dense", preset=args.preset, seed=seed, **common))
             runs.append(RLRun(seed=seed, **common, **sparse))
         summary = train_many(
-            runs, args.out, overwrite=args.overwrite, keep_replay_buffer=args.keep_replay_buffer
+            runs,
+            args.out,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            keep_replay_buffer=args.keep_replay_buffer,
         )
     except (ValueError, TypeError, OutputConflictError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparseapps.core.validation import check_int, check_number
+
 DORMANT_TAU = 0.025
 # ReDo's code adds this to the layer mean before dividing, so a layer of all-zero activations scores 0.
 SCORE_EPSILON = 1e-9
@@ -45,9 +47,7 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
 
 
 def _check_tau(tau: object) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(float(tau)) or tau < 0:
-        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
-    return float(tau)
+    return check_number("tau", tau, low=0.0)
 
 
 def neuron_scores(activations: torch.Tensor) -> torch.Tensor:
@@ -391,12 +391,9 @@ def shift_recovery(
             f"returns, steps and phases must have one entry per episode, got lengths "
             f"{len(returns)}, {len(steps)}, {len(phases)}"
         )
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
-        raise ValueError(f"window must be an integer >= 1, got {window!r}")
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    if isinstance(baseline, bool) or not isinstance(baseline, numbers.Real) or not math.isfinite(baseline):
-        raise ValueError(f"baseline must be a finite number, got {baseline!r}")
+    check_int("window", window, low=1)
+    check_number("fraction", fraction, low=0.0, high=1.0, low_open=True)
+    check_number("baseline", baseline)
     values = []
     for index, value in enumerate(returns):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
@@ -424,8 +421,7 @@ def shift_recovery(
                     f"shift_steps has no entry for phase {new_phase}; got phases {sorted(shift_steps)}"
                 )
             shift_step = shift_steps[new_phase]
-            if isinstance(shift_step, bool) or not isinstance(shift_step, numbers.Integral):
-                raise ValueError(f"shift_steps[{new_phase}] must be an integer, got {shift_step!r}")
+            check_int(f"shift_steps[{new_phase}]", shift_step)
             if shift_step > step_list[new_start]:
                 raise ValueError(
                     f"shift_steps[{new_phase}] = {shift_step} is after the end of that phase's first episode "

@@ -26,8 +26,6 @@ diagnostics (:func:`sparseapps.rl.diagnostics.shift_recovery`) can segment retur
 from __future__ import annotations
 
 import bisect
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, SupportsFloat
@@ -36,6 +34,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 from gymnasium.envs.classic_control.pendulum import PendulumEnv
+
+from sparseapps.core.validation import check_choice, check_int, check_number
 
 Timing = Literal["episode_boundary", "immediate"]
 TIMINGS = ("episode_boundary", "immediate")
@@ -54,22 +54,6 @@ _MUJOCO_ARRAYS = {
 INFO_PHASE = "drift_phase"
 INFO_FACTOR = "drift_factor"
 INFO_ENV_STEP = "drift_env_step"
-
-
-def _check_factor(where: str, factor: object) -> float:
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(float(factor)):
-        raise ValueError(f"{where}: expected a finite positive factor, got {factor!r}")
-    if factor <= 0:
-        raise ValueError(f"{where}: expected a positive factor, got {factor!r}")
-    return float(factor)
-
-
-def _check_step(where: str, step: object) -> int:
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise ValueError(f"{where}: expected an integer number of env steps >= 1, got {step!r}")
-    if step < 1:
-        raise ValueError(f"{where}: expected an integer number of env steps >= 1, got {step!r}")
-    return int(step)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,16 +94,15 @@ class DriftSchedule:
     )
 
     def __post_init__(self) -> None:
-        if self.timing not in TIMINGS:
-            raise ValueError(f"timing must be one of {', '.join(map(repr, TIMINGS))}, got {self.timing!r}")
+        check_choice("timing", self.timing, TIMINGS)
         if isinstance(self.shifts, str | bytes) or not isinstance(self.shifts, Sequence):
             raise ValueError(f"shifts must be a sequence of (env_step, factor) pairs, got {self.shifts!r}")
         shifts: list[tuple[int, float]] = []
         for index, pair in enumerate(self.shifts):
             if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
                 raise ValueError(f"shifts[{index}]: expected an (env_step, factor) pair, got {pair!r}")
-            step = _check_step(f"shifts[{index}]", pair[0])
-            factor = _check_factor(f"shifts[{index}]", pair[1])
+            step = check_int(f"shifts[{index}] env step", pair[0], low=1)
+            factor = check_number(f"shifts[{index}] factor", pair[1], low=0.0, low_open=True)
             if shifts and step <= shifts[-1][0]:
                 raise ValueError(
                     f"shifts must have strictly increasing env steps, got {step} at shifts[{index}] after "
@@ -129,7 +112,9 @@ class DriftSchedule:
         object.__setattr__(self, "shifts", tuple(shifts))
         if isinstance(self.factors, str | bytes) or not isinstance(self.factors, Sequence):
             raise ValueError(f"factors must be a sequence of positive numbers, got {self.factors!r}")
-        factors = tuple(_check_factor(f"factors[{i}]", f) for i, f in enumerate(self.factors))
+        factors = tuple(
+            check_number(f"factors[{i}]", f, low=0.0, low_open=True) for i, f in enumerate(self.factors)
+        )
         object.__setattr__(self, "factors", factors)
         if self.period is None:
             if factors:
@@ -141,8 +126,7 @@ class DriftSchedule:
             raise ValueError(
                 f"expected either shifts or a period, got both (shifts={shifts}, period={self.period!r})"
             )
-        _check_step("period", self.period)
-        object.__setattr__(self, "period", int(self.period))
+        object.__setattr__(self, "period", check_int("period", self.period, low=1))
         if not factors:
             raise ValueError(
                 f"a periodic schedule needs at least one factor, got period={self.period} and factors=()"
@@ -155,11 +139,10 @@ class DriftSchedule:
 
     def phase_at(self, env_step: int) -> int:
         """The phase scheduled for the environment's ``env_step``-th step (counting from 0)."""
-        if isinstance(env_step, bool) or not isinstance(env_step, numbers.Integral) or env_step < 0:
-            raise ValueError(f"env_step must be an integer >= 0, got {env_step!r}")
+        env_step = check_int("env_step", env_step, low=0)
         if self.period is not None:
-            return int(env_step) // self.period
-        return bisect.bisect_right([step for step, _ in self.shifts], int(env_step))
+            return env_step // self.period
+        return bisect.bisect_right([step for step, _ in self.shifts], env_step)
 
     def factor(self, phase: int) -> float:
         """The factor applied to the original parameter value during ``phase``."""
@@ -182,8 +165,7 @@ class DriftSchedule:
         return self.shifts[phase - 1][0]
 
     def _check_phase(self, phase: int) -> None:
-        if isinstance(phase, bool) or not isinstance(phase, numbers.Integral) or phase < 0:
-            raise ValueError(f"phase must be an integer >= 0, got {phase!r}")
+        check_int("phase", phase, low=0)
         if self.period is None and phase > len(self.shifts):
             raise ValueError(f"phase must be at most {len(self.shifts)} (the number of shifts), got {phase}")
 
@@ -451,8 +433,8 @@ def make_drifting_env(
     """
     if not isinstance(env_id, str):
         raise TypeError(f"env_id must be a registered gymnasium id (str), got {type(env_id).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None:
+        check_int("seed", seed)
     env = DriftWrapper(gym.make(env_id, **make_kwargs), parameter, schedule, names=names)
     if seed is not None:
         env.reset(seed=int(seed))

@@ -1,15 +1,20 @@
-"""Mask-aware twins of SB3's policies, so that ``model.save`` / ``Algorithm.load`` keep the sparse topology.
+"""Sparse SB3 policies through save and load: one ``load_state_dict`` pre-hook that accepts mask buffers.
 
-Masks are boolean buffers beside each sparse weight (``<module>.weight_mask``, see :mod:`sparseapps.core.masks`),
-so they are part of ``policy.state_dict()`` and SB3 saves them with the parameters. A freshly built SB3 policy has
-no such buffers, and SB3 loads with ``strict=True``, which would reject them. Each class here differs from its SB3
-parent only in :meth:`MaskAwarePolicy.load_state_dict`: it first registers a mask buffer for every ``*_mask`` key
-of the incoming state dict, then loads as usual. Weights arrive with their zeros, so evaluation runs with the
-masks applied.
+Masks are boolean buffers beside each sparse weight (``<module>.weight_mask``, see :mod:`sparseapps.core.masks`), so
+they are part of ``policy.state_dict()`` and SB3 saves them with the parameters. A freshly built SB3 policy has no
+such buffers, and SB3 loads with ``strict=True``, which would reject them. :func:`accept_masks` registers a
+pre-hook on a policy (``torch.nn.Module.register_load_state_dict_pre_hook``) that creates a mask buffer for every
+``*_mask`` key of the incoming state dict before the load; weights arrive with their zeros, so evaluation runs with
+the masks applied. Any policy class of any algorithm takes it, and its class does not change.
 
-:class:`~sparseapps.rl.callback.DynamicSparsityCallback` installs the twin of the model's policy class when it
-attaches (``model.policy_class`` and the live policy's class), so ``SAC.load(path)`` rebuilds a policy that can
-take the masks. The classes can also be named directly, e.g. ``PPO(SparseActorCriticPolicy, env)``.
+``Algorithm.load(path)`` builds a fresh policy from ``model.policy_class``; :func:`sparse_policy_class` wraps that
+class so that the policies it builds carry the hook, and the callback stores the wrapper in ``model.policy_class``
+when it attaches, so ``SAC.load(path)`` restores the masks. The wrapper is what SB3 needs of a policy class (it is
+called with the constructor's arguments, it has a ``__name__`` and a ``load``); it is not a subclass.
+
+``SparseActorCriticPolicy``, ``SparseSACPolicy``, ``SparseTD3Policy``, ``SparseDQNPolicy`` and their Cnn /
+MultiInput variants are kept as aliases of ``sparse_policy_class(<SB3 class>)``: ``PPO(SparseActorCriticPolicy,
+env)`` works as before and models saved with them load. ``MaskAwarePolicy`` (the former mixin) is deprecated.
 
 Example:
     >>> import torch
@@ -18,9 +23,9 @@ Example:
     >>> model = PPO("MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[8]))
     >>> layer = model.policy.mlp_extractor.policy_net[0]
     >>> _ = attach_mask(layer, "weight", torch.rand(layer.weight.shape) < 0.5)
-    >>> state = model.policy.state_dict()
-    >>> fresh = PPO(sparse_policy_class(model.policy_class), "CartPole-v1", policy_kwargs=dict(net_arch=[8]))
-    >>> fresh.policy.load_state_dict(state)
+    >>> fresh = PPO("MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[8]))
+    >>> accept_masks(fresh.policy)
+    >>> fresh.policy.load_state_dict(model.policy.state_dict())
     <All keys matched successfully>
     >>> bool((fresh.policy.mlp_extractor.policy_net[0].weight_mask == layer.weight_mask).all())
     True
@@ -28,7 +33,11 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,9 +55,12 @@ from torch import nn
 from sparseapps.core.kernels import CondenseConfig, condense
 from sparseapps.core.masks import MASK_SUFFIX, attach_mask, get_mask
 
+__all__ = ["SparsePolicyClass", "accept_masks", "adopt_masks", "condense_policy", "sparse_policy_class"]
 
-def adopt_masks(module: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
-    """Registers a mask buffer on ``module`` for every ``<path>.<param>_mask`` key of ``state_dict`` it lacks.
+
+def adopt_masks(module: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Registers a mask buffer on ``module`` for every ``<prefix><path>.<param>_mask`` key of ``state_dict`` it
+    lacks.
 
     Keys whose module or parameter does not exist are left alone (a strict ``load_state_dict`` reports them).
 
@@ -57,9 +69,9 @@ def adopt_masks(module: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
     """
     created = []
     for key, value in state_dict.items():
-        if not key.endswith(MASK_SUFFIX) or not isinstance(value, torch.Tensor):
+        if not key.startswith(prefix) or not key.endswith(MASK_SUFFIX) or not isinstance(value, torch.Tensor):
             continue
-        path, _, buffer_name = key.rpartition(".")
+        path, _, buffer_name = key[len(prefix) :].rpartition(".")
         param_name = buffer_name[: -len(MASK_SUFFIX)]
         try:
             owner = module.get_submodule(path) if path else module
@@ -73,105 +85,100 @@ def adopt_masks(module: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
     return created
 
 
-class MaskAwarePolicy(nn.Module):
-    """Mixin: ``load_state_dict`` that first creates the mask buffers the state dict carries."""
-
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ) -> Any:
-        adopt_masks(self, state_dict)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+def _adopt_before_load(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any) -> None:
+    adopt_masks(module, state_dict, prefix)
 
 
-class SparseActorCriticPolicy(MaskAwarePolicy, ActorCriticPolicy):
-    """PPO / A2C ``MlpPolicy`` that keeps its masks through save and load."""
+_ACCEPTING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-class SparseActorCriticCnnPolicy(MaskAwarePolicy, ActorCriticCnnPolicy):
-    """PPO / A2C ``CnnPolicy`` that keeps its masks through save and load."""
+def accept_masks(policy: nn.Module) -> None:
+    """Makes ``policy.load_state_dict`` accept the mask buffers a state dict carries (once per module)."""
+    if not isinstance(policy, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module (e.g. model.policy), got {type(policy).__name__}")
+    if policy not in _ACCEPTING:
+        policy.register_load_state_dict_pre_hook(_adopt_before_load)
+        _ACCEPTING.add(policy)
 
 
-class SparseMultiInputActorCriticPolicy(MaskAwarePolicy, MultiInputActorCriticPolicy):
-    """PPO / A2C ``MultiInputPolicy`` that keeps its masks through save and load."""
+@dataclass(frozen=True)
+class SparsePolicyClass:
+    """An SB3 policy class whose policies accept mask buffers: SB3 calls it as it calls a policy class.
+
+    Attributes:
+        policy_class: the SB3 policy class it builds.
+    """
+
+    policy_class: type[BasePolicy]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> BasePolicy:
+        policy = self.policy_class(*args, **kwargs)
+        accept_masks(policy)
+        return policy
+
+    @property
+    def __name__(self) -> str:  # SB3 reads policy_class.__name__ (its MlpPolicy-on-GPU warning)
+        return self.policy_class.__name__
+
+    def load(self, path: str | Path, device: torch.device | str = "auto") -> BasePolicy:
+        """``BasePolicy.load``: a policy saved with ``policy.save(path)``, masks included."""
+        from stable_baselines3.common.utils import get_device
+
+        device = get_device(device)
+        # SB3's own format: its constructor arguments are pickled (weights_only=False), as BasePolicy.load reads it.
+        saved = torch.load(path, map_location=device, weights_only=False)
+        policy = self(**saved["data"])
+        policy.load_state_dict(saved["state_dict"])
+        return policy.to(device)
 
 
-class SparseSACPolicy(MaskAwarePolicy, sac_policies.SACPolicy):
-    """SAC ``MlpPolicy`` that keeps its masks through save and load."""
-
-
-class SparseSACCnnPolicy(MaskAwarePolicy, sac_policies.CnnPolicy):
-    """SAC ``CnnPolicy`` that keeps its masks through save and load."""
-
-
-class SparseSACMultiInputPolicy(MaskAwarePolicy, sac_policies.MultiInputPolicy):
-    """SAC ``MultiInputPolicy`` that keeps its masks through save and load."""
-
-
-class SparseTD3Policy(MaskAwarePolicy, td3_policies.TD3Policy):
-    """TD3 / DDPG ``MlpPolicy`` that keeps its masks through save and load."""
-
-
-class SparseTD3CnnPolicy(MaskAwarePolicy, td3_policies.CnnPolicy):
-    """TD3 / DDPG ``CnnPolicy`` that keeps its masks through save and load."""
-
-
-class SparseTD3MultiInputPolicy(MaskAwarePolicy, td3_policies.MultiInputPolicy):
-    """TD3 / DDPG ``MultiInputPolicy`` that keeps its masks through save and load."""
-
-
-class SparseDQNPolicy(MaskAwarePolicy, dqn_policies.DQNPolicy):
-    """DQN ``MlpPolicy`` that keeps its masks through save and load."""
-
-
-class SparseDQNCnnPolicy(MaskAwarePolicy, dqn_policies.CnnPolicy):
-    """DQN ``CnnPolicy`` that keeps its masks through save and load."""
-
-
-class SparseDQNMultiInputPolicy(MaskAwarePolicy, dqn_policies.MultiInputPolicy):
-    """DQN ``MultiInputPolicy`` that keeps its masks through save and load."""
-
-
-# SB3 policy class -> its mask-aware twin (importable, so SB3's cloudpickle stores a reference, not the class).
-SPARSE_POLICIES: dict[type[BasePolicy], type[BasePolicy]] = {
-    ActorCriticPolicy: SparseActorCriticPolicy,
-    ActorCriticCnnPolicy: SparseActorCriticCnnPolicy,
-    MultiInputActorCriticPolicy: SparseMultiInputActorCriticPolicy,
-    sac_policies.SACPolicy: SparseSACPolicy,
-    sac_policies.CnnPolicy: SparseSACCnnPolicy,
-    sac_policies.MultiInputPolicy: SparseSACMultiInputPolicy,
-    td3_policies.TD3Policy: SparseTD3Policy,
-    td3_policies.CnnPolicy: SparseTD3CnnPolicy,
-    td3_policies.MultiInputPolicy: SparseTD3MultiInputPolicy,
-    dqn_policies.DQNPolicy: SparseDQNPolicy,
-    dqn_policies.CnnPolicy: SparseDQNCnnPolicy,
-    dqn_policies.MultiInputPolicy: SparseDQNMultiInputPolicy,
-}
-
-_DERIVED: dict[type[BasePolicy], type[BasePolicy]] = {}
-
-
-def sparse_policy_class(policy_class: type[BasePolicy]) -> type[BasePolicy]:
-    """The mask-aware twin of an SB3 policy class (the class itself if it already is one).
-
-    SB3's own policies map to the classes of this module; a user's subclass gets a subclass built on the fly
-    (``Sparse<Name>``, which SB3's cloudpickle stores by value).
+def sparse_policy_class(policy_class: type[BasePolicy] | SparsePolicyClass) -> SparsePolicyClass:
+    """``policy_class`` wrapped so that the policies it builds accept mask buffers (itself if already wrapped).
 
     Raises:
         TypeError: ``policy_class`` is not an SB3 ``BasePolicy`` subclass.
     """
+    if isinstance(policy_class, SparsePolicyClass):
+        return policy_class
     if not isinstance(policy_class, type) or not issubclass(policy_class, BasePolicy):
         raise TypeError(f"expected a stable_baselines3 BasePolicy subclass, got {policy_class!r}")
-    if issubclass(policy_class, MaskAwarePolicy):
-        return policy_class
-    if policy_class in SPARSE_POLICIES:
-        return SPARSE_POLICIES[policy_class]
-    if policy_class not in _DERIVED:
-        _DERIVED[policy_class] = type(
-            f"Sparse{policy_class.__name__}",
-            (MaskAwarePolicy, policy_class),
-            {"__doc__": f"{policy_class.__name__} that keeps its masks through save and load."},
+    return SparsePolicyClass(policy_class)
+
+
+# Aliases of the former subclasses: still accepted as policy classes, and what models saved with them reference.
+SparseActorCriticPolicy = sparse_policy_class(ActorCriticPolicy)
+SparseActorCriticCnnPolicy = sparse_policy_class(ActorCriticCnnPolicy)
+SparseMultiInputActorCriticPolicy = sparse_policy_class(MultiInputActorCriticPolicy)
+SparseSACPolicy = sparse_policy_class(sac_policies.SACPolicy)
+SparseSACCnnPolicy = sparse_policy_class(sac_policies.CnnPolicy)
+SparseSACMultiInputPolicy = sparse_policy_class(sac_policies.MultiInputPolicy)
+SparseTD3Policy = sparse_policy_class(td3_policies.TD3Policy)
+SparseTD3CnnPolicy = sparse_policy_class(td3_policies.CnnPolicy)
+SparseTD3MultiInputPolicy = sparse_policy_class(td3_policies.MultiInputPolicy)
+SparseDQNPolicy = sparse_policy_class(dqn_policies.DQNPolicy)
+SparseDQNCnnPolicy = sparse_policy_class(dqn_policies.CnnPolicy)
+SparseDQNMultiInputPolicy = sparse_policy_class(dqn_policies.MultiInputPolicy)
+
+
+class _MaskAwarePolicy(nn.Module):
+    """Deprecated mixin: a policy class built on it accepts masks through :func:`accept_masks`. Models saved with a
+    ``Sparse<YourPolicy>`` class of an earlier sparseapps reference it, so they still load."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        accept_masks(self)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MaskAwarePolicy":
+        warnings.warn(
+            "sparseapps.rl.policies.MaskAwarePolicy is deprecated: policies accept masks through "
+            "accept_masks(policy) or sparse_policy_class(PolicyClass), without a subclass",
+            DeprecationWarning,
+            stacklevel=2,
         )
-    return _DERIVED[policy_class]
+        return _MaskAwarePolicy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def condense_policy(
@@ -203,8 +210,7 @@ def condense_policy(
         raise TypeError(
             f"policy must be a stable_baselines3 BasePolicy (model.policy), got {type(policy).__name__}"
         )
-    twin = sparse_policy_class(type(policy))
-    copy = twin(**policy._get_constructor_parameters()).to(policy.device)
+    copy = sparse_policy_class(type(policy))(**policy._get_constructor_parameters()).to(policy.device)
     copy.load_state_dict(policy.state_dict())
     copy.set_training_mode(False)
     return condense(copy, config, example_input=example_input)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparseapps.core import SparsityConfig
+from sparseapps.core.validation import check_bool, check_choice, check_number
 from sparseapps.rl.callback import DynamicSparsityCallback
 
 ALGORITHMS = ("ppo", "a2c", "sac", "td3", "ddpg", "dqn")
@@ -72,9 +73,12 @@ class RLPreset:
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, SparsityConfig):
             raise TypeError(f"sparsity must be a SparsityConfig, got {type(self.sparsity).__name__}")
-        unknown = [a for a in self.algorithms if a not in ALGORITHMS]
-        if not self.algorithms or unknown:
-            raise ValueError(f"algorithms must be among {ALGORITHMS}, got {self.algorithms!r}")
+        if not self.algorithms:
+            raise ValueError(f"algorithms must name at least one of {ALGORITHMS}, got {self.algorithms!r}")
+        for algorithm in self.algorithms:
+            check_choice("algorithms entry", algorithm, ALGORITHMS)
+        check_number("critic_density_ratio", self.critic_density_ratio, low=0.0, low_open=True)
+        check_bool("dense_output_layers", self.dense_output_layers)
 
     def kwargs_for(self, algorithm: str) -> dict[str, Any]:
         """A fresh copy of the algorithm kwargs, for one of :attr:`algorithms`."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sparseapps.continual import benchmarks
+from sparseapps.continual import benchmarks, sources
 from sparseapps.continual.benchmarks import (
     BENCHMARK_NAMES,
     LabeledImages,
@@ -127,9 +127,9 @@ def test_bad_n_tasks(n_tasks):
 def test_bad_name_seed_and_flag():
     with pytest.raises(ValueError, match=r"got 'split-digit'"):
         make_benchmark("split-digit")
-    with pytest.raises(ValueError, match=r"seed: .*got -1"):
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0 .*got -1"):
         make_benchmark("split-digits", seed=-1)
-    with pytest.raises(TypeError, match=r"task_incremental: expected a bool, got 1"):
+    with pytest.raises(TypeError, match=r"task_incremental must be True or False, got 1"):
         make_benchmark("split-digits", task_incremental=1)
     assert set(BENCHMARK_NAMES) == set(benchmarks.DEFAULT_N_TASKS)
 
@@ -360,7 +360,7 @@ def test_load_mnist_both_layouts(tmp_path):
 def test_make_split_and_permuted_mnist_from_files(tmp_path, monkeypatch):
     arrays = _write_mnist(tmp_path, gz=True)
     patched = {name: _md5_of(tmp_path / name) for name in benchmarks.MNIST_MD5}
-    monkeypatch.setattr(benchmarks, "MNIST_MD5", patched)
+    monkeypatch.setattr(sources, "MNIST_MD5", patched)
 
     split = make_benchmark("split-mnist", dataset_root=tmp_path, seed=1)
     assert split.n_tasks == 5

@@ -1,36 +1,39 @@
-"""Parameter isolation: capacity plans by hand, ownership invariants, frozen tasks bit for bit, bad input."""
+"""Parameter isolation on the core engine: ownership invariants, frozen tasks bit for bit, a registered criterion
+used unchanged, the ITOP rate, state round trips, bad input."""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseapps.continual.capacity import plan_capacity
 from sparseapps.continual.isolation import (
     FREE,
-    IsolatedConv2d,
     IsolatedLinear,
     IsolationConfig,
     TaskIsolation,
-    TaskModule,
-    plan_capacity,
     set_active_task,
 )
-from sparseapps.continual.models import IsolatedCNN, IsolatedMLP, TaskBatchNorm2d, TaskHeads
+from sparseapps.continual.models import IsolatedCNN, IsolatedMLP, TaskBatchNorm2d
+from sparseapps.core import DynamicSparsity, SparsityConfig, scores
 
 SHAPE = (1, 4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one CPU thread (and the CI machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _config(sparsity: float = 0.7, *, forward_transfer: bool = False, capacity: str = "equal", **core: Any):
+    core.setdefault("grow", "random")
+    if core["grow"] == "none":
+        core["method"] = "static"
+    return IsolationConfig(
+        sparsity=SparsityConfig(sparsity=sparsity, distribution=core.pop("distribution", "uniform"), **core),
+        forward_transfer=forward_transfer,
+        capacity=capacity,
+    )
 
 
 def _mlp(n_tasks: int = 3, hidden: tuple[int, ...] = (20, 12)) -> IsolatedMLP:
@@ -44,19 +47,21 @@ def _data(task: int, n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _train(model, isolation, optimizer, task, steps, *, set_to_none=True, check=None):
+def _steps(model, optimizer, task, steps, *, offset=0, set_to_none=True, check=None):
     x, y = _data(task)
-    isolation.begin_task(task, optimizer, total_steps=steps)
     model.train()
-    for step in range(steps):
+    for step in range(offset, offset + steps):
         batch = slice((step * 16) % 48, (step * 16) % 48 + 16)
         optimizer.zero_grad(set_to_none=set_to_none)
         F.cross_entropy(model(x[batch], task), y[batch]).backward()
-        isolation.before_optimizer_step()
-        optimizer.step()
-        isolation.after_optimizer_step()
+        optimizer.step()  # the task's engine masks, updates the topology and keeps the ownership map
         if check is not None:
             check()
+
+
+def _train(model, isolation, optimizer, task, steps, **kwargs):
+    isolation.begin_task(task, optimizer, total_steps=steps)
+    _steps(model, optimizer, task, steps, **kwargs)
     isolation.end_task()
 
 
@@ -66,134 +71,47 @@ def _outputs(model, task):
         return model(_data(task)[0], task)
 
 
-# ----------------------------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------------------------- the engine
+
+
+def test_each_task_runs_on_a_core_engine_restricted_to_its_capacity():
+    model = _mlp()
+    isolation = TaskIsolation(model, _config(update_interval=2, seed=0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, isolation, optimizer, 0, 4)
+    assert isolation.engine is None
+    isolation.begin_task(1, optimizer, total_steps=8)
+    engine = isolation.engine
+    assert isinstance(engine, DynamicSparsity) and engine.optimizer is optimizer
+    assert sorted(engine.masks) == ["backbone.1.weight", "backbone.3.weight"]
+    for fqn, layer in isolation.layers.items():
+        assert engine.masks[f"{fqn}.weight"] is layer.weight_mask  # the engine writes the layer's own mask
+        assert engine.tensors[f"{fqn}.weight"].param is layer.weight
+        region = engine.growth_regions[f"{fqn}.weight"]
+        assert torch.equal(region, (layer.owner == FREE) | (layer.owner == 1))
+        assert not bool((region & (layer.owner == 0)).any())  # task 0's weights are out of reach
+    assert engine.generator is isolation.generator
+    _steps(model, optimizer, 1, 8)
+    assert len(engine.history) == 2  # steps 2 and 4 (end_fraction 0.75 of 8)
+    isolation.end_task()
+    assert isolation.engine is None and not optimizer._optimizer_step_pre_hooks  # the engine detached
+    assert [h["task"] for h in isolation.history] == [0, 1, 1]
+    assert isolation.history[-1]["tensors"]["backbone.1.weight"]["grown"] > 0
 
 
 @pytest.mark.parametrize(
-    ("changes", "error", "match"),
+    ("drop", "grow"),
     [
-        ({"sparsity": 1.0}, ValueError, r"sparsity: expected a number in \[0.0, 1.0\), got 1.0"),
-        ({"sparsity": "0.9"}, ValueError, r"sparsity: expected a finite number, got '0.9'"),
-        ({"sparsity": 0.0}, ValueError, r"sparsity: expected > 0 with capacity='equal'"),
-        ({"distribution": "er_k"}, ValueError, r"distribution: expected one of .* got 'er_k'"),
-        ({"growth": "cosine"}, ValueError, r"growth: expected one of .* got 'cosine'"),
-        ({"capacity": "grow"}, ValueError, r"capacity: expected one of .* got 'grow'"),
-        ({"update_interval": 0}, ValueError, r"update_interval: expected an integer >= 1, got 0"),
-        ({"forward_transfer": 1}, TypeError, r"forward_transfer: expected a bool, got 1"),
-        ({"seed": -3}, ValueError, r"seed: expected an integer >= 0, got -3"),
+        ("magnitude", "random"),
+        ("magnitude", "unfired"),
+        ("magnitude", "gradient"),
+        ("random", "momentum"),
+        ("signed_magnitude", "random"),
     ],
 )
-def test_config_rejects_bad_values(changes, error, match):
-    with pytest.raises(error, match=match):
-        IsolationConfig(**changes)
-
-
-def test_new_weights_start_at_the_scale_of_their_fan_in():
-    layer = IsolatedLinear(100, 3, n_tasks=1)
-    mask = torch.zeros(3, 100, dtype=torch.bool)
-    mask[0, :4] = True  # fan-in 4: bound 1/2
-    mask[1, :] = True  # fan-in 100: bound 1/10
-    values = layer.initial_values(torch.Generator().manual_seed(0), mask)
-    assert bool((values[~mask] == 0).all())
-    assert 0.2 < float(values[0, :4].abs().max()) <= 0.5
-    assert 0.08 < float(values[1].abs().max()) <= 0.1
-    dense = layer.initial_values(torch.Generator().manual_seed(0))  # PyTorch's bound 1/sqrt(100)
-    assert 0.08 < float(dense.abs().max()) <= 0.1 and bool((dense != 0).all())
-    conv = IsolatedConv2d(2, 1, 3, n_tasks=1)
-    conv_mask = torch.zeros(1, 2, 3, 3, dtype=torch.bool)
-    conv_mask[0, 0] = True  # fan-in 9 of 18: bound 1/3
-    conv_values = conv.initial_values(torch.Generator().manual_seed(1), conv_mask)
-    assert 0.2 < float(conv_values.abs().max()) <= 1 / 3 and bool((conv_values[0, 1] == 0).all())
-
-
-def test_config_drives_the_core_schedules():
-    config = IsolationConfig(sparsity=0.8, growth="momentum", update_interval=7, drop_fraction=0.5)
-    core = config.sparsity_config()
-    assert (core.grow, core.update_interval, core.drop_fraction, core.method) == ("momentum", 7, 0.5, "dst")
-    assert IsolationConfig(growth="none").sparsity_config().method == "static"
-    assert config.to_dict()["growth"] == "momentum"
-
-
-# ----------------------------------------------------------------------------------------------- capacity plans
-
-
-def test_equal_plan_is_the_target_for_every_task():
-    config = IsolationConfig(sparsity=0.75, distribution="uniform")
-    target, plan = plan_capacity({"a": (10, 10), "b": (4, 10)}, 4, config)
-    assert target == {"a": 25, "b": 10}
-    assert plan == [{"a": 25, "b": 10}] * 4
-
-
-def test_equal_plan_rounds_down_a_rounding_overflow():
-    # 0.2 * 16384 = 3276.8 rounds to 3277, and 5 x 3277 > 16384: the target is rounded down to 16384 // 5.
-    config = IsolationConfig(sparsity=0.8, distribution="uniform")
-    target, _ = plan_capacity({"a": (256, 64), "b": (256, 256)}, 5, config)
-    assert target == {"a": 3276, "b": 13107}
-
-
-def test_equal_plan_refuses_more_tasks_than_the_capacity():
-    config = IsolationConfig(sparsity=0.8, distribution="uniform")
-    with pytest.raises(ValueError, match=r"capacity: .* a: 6 x 20 = 120 > 100 .*capacity='redistribute'"):
-        plan_capacity({"a": (10, 10)}, 6, config)
-
-
-def test_erk_dense_layer_needs_a_policy():
-    # ERK makes the small layer dense (density 1), which no second task could share.
-    shapes = {"small": (4, 3), "big": (64, 64)}
-    with pytest.raises(ValueError, match=r"small: 2 x 12 = 24 > 12 .*distribution='uniform'"):
-        plan_capacity(shapes, 2, IsolationConfig(sparsity=0.7, distribution="erk"))
-    target, plan = plan_capacity(
-        shapes, 2, IsolationConfig(sparsity=0.7, distribution="erk", capacity="redistribute")
-    )
-    assert target["small"] == 12
-    budget = sum(target.values())
-    assert plan[0]["small"] == 6  # its fair share of 12 between 2 tasks
-    assert sum(plan[0].values()) == budget  # the surplus moved to the big layer
-    assert plan[1] == {"small": 6, "big": budget - 6}
-
-
-def test_redistribute_shares_equally_when_targets_exceed_the_network():
-    config = IsolationConfig(sparsity=0.5, distribution="uniform", capacity="redistribute")
-    target, plan = plan_capacity({"a": (4, 10)}, 3, config)
-    assert target == {"a": 20}
-    assert plan == [{"a": 13}, {"a": 13}, {"a": 14}]
-    assert sum(p["a"] for p in plan) == 40
-
-
-def test_free_plan_takes_the_density_of_what_is_free():
-    config = IsolationConfig(sparsity=0.5, distribution="uniform", capacity="free")
-    _, plan = plan_capacity({"a": (10, 10)}, 3, config)
-    # 0.5 * 100, then 0.5 * 50, then 0.5 * 25 (12.5 rounds to even)
-    assert [p["a"] for p in plan] == [50, 25, 12]
-    erk = IsolationConfig(sparsity=0.7, distribution="erk", capacity="free")
-    with pytest.raises(ValueError, match=r"got none for task #1 .*\['small'\]"):
-        plan_capacity({"small": (4, 3), "big": (64, 64)}, 2, erk)  # ERK takes the small layer whole
-
-
-def test_dense_first_layer_gives_the_fair_share():
-    config = IsolationConfig(sparsity=0.9, distribution="uniform", dense_first_layer=True)
-    target, plan = plan_capacity({"first": (10, 10), "rest": (10, 10)}, 4, config)
-    assert target == {"first": 25, "rest": 10}
-    assert plan[3] == target
-
-
-def test_strict_isolation_refuses_an_empty_layer_and_transfer_allows_it():
-    shapes = {"a": (2, 2), "b": (30, 30)}
-    strict = IsolationConfig(sparsity=0.5, distribution="uniform", capacity="redistribute")
-    with pytest.raises(ValueError, match=r"at least one weight .* got none for task #0 .*\['a'\]"):
-        plan_capacity(shapes, 5, strict)
-    _, plan = plan_capacity(shapes, 5, IsolationConfig(**{**strict.to_dict(), "forward_transfer": True}))
-    assert plan[0]["a"] == 0 and sum(p["a"] for p in plan) == 4
-
-
-# ----------------------------------------------------------------------------------------------- task lifecycle
-
-
-@pytest.mark.parametrize("growth", ["random", "unfired", "gradient", "momentum"])
-def test_dst_stays_within_own_and_free_weights(growth):
+def test_dst_stays_within_own_and_free_weights(drop, grow):
     model = _mlp()
-    config = IsolationConfig(sparsity=0.7, distribution="uniform", growth=growth, update_interval=2, seed=0)
-    isolation = TaskIsolation(model, config)
+    isolation = TaskIsolation(model, _config(drop=drop, grow=grow, update_interval=2, seed=0))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     _train(model, isolation, optimizer, 0, 6)
     owners_after_task_0 = {fqn: owner.clone() for fqn, owner in isolation.ownership().items()}
@@ -209,33 +127,122 @@ def test_dst_stays_within_own_and_free_weights(growth):
                 if isinstance(value, torch.Tensor) and value.shape == mask.shape:
                     assert bool((value[~mask] == 0).all())
 
-    masks_at_start = {}
-
-    def remember_then_check():
-        if not masks_at_start:
-            masks_at_start.update({fqn: layer.weight_mask.clone() for fqn, layer in isolation.layers.items()})
-        check()
-
-    _train(model, isolation, optimizer, 1, 12, check=remember_then_check)
+    isolation.begin_task(1, optimizer, total_steps=12)
+    masks_at_start = {fqn: layer.weight_mask.clone() for fqn, layer in isolation.layers.items()}
+    _steps(model, optimizer, 1, 12, check=check)
+    isolation.end_task()
     updates = [h for h in isolation.history if h["task"] == 1]
     assert len(updates) == 4  # steps 2, 4, 6, 8 (end_fraction 0.75 of 12)
-    assert all(s["dropped"] == s["grown"] for u in updates for s in u["layers"].values())
-    assert all(s["grown"] > 0 for s in updates[0]["layers"].values())
+    assert all(t["dropped"] == t["grown"] for u in updates for t in u["tensors"].values())
+    assert all(t["grown"] > 0 for t in updates[0]["tensors"].values())
     owner = isolation.ownership()["backbone.1"]
     assert int((owner == 1).sum()) == isolation.plan[1]["backbone.1"]
     assert not torch.equal(masks_at_start["backbone.1"], owner == 1)  # the topology moved
 
 
+def test_a_registered_grow_criterion_works_unchanged():
+    """A criterion registered with scores.register_grow grows, in each layer, the free entries it ranks first."""
+    calls = []
+
+    @scores.register_grow("test_fixed_ranking", needs=(), tie_noise=False)
+    def _fixed_ranking(ctx: scores.ScoreContext) -> torch.Tensor:
+        calls.append(ctx.fqn)
+        return _ranking(ctx.mask.shape)
+
+    try:
+        model = _mlp()
+        isolation = TaskIsolation(model, _config(grow="test_fixed_ranking", update_interval=2, seed=0))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        _train(model, isolation, optimizer, 0, 4)
+        calls.clear()
+        isolation.begin_task(1, optimizer, total_steps=12)
+        before = {}
+
+        def remember(new_masks):
+            before.update({fqn: layer.owner.clone() for fqn, layer in isolation.layers.items()})
+            before.update(
+                {f"{fqn} mask": layer.weight_mask.clone() for fqn, layer in isolation.layers.items()}
+            )
+
+        isolation.engine.commit_hooks.insert(0, remember)
+        _steps(model, optimizer, 1, 2)  # the first update, at step 2
+        assert calls == ["backbone.1.weight", "backbone.3.weight"]
+        for fqn, layer in isolation.layers.items():
+            free = before[fqn] == FREE
+            grown = layer.weight_mask & ~before[f"{fqn} mask"]
+            assert bool(grown.any()) and not bool((grown & ~free).any())
+            rank = _ranking(layer.weight.shape)
+            # every free entry grown ranks above every free entry left: the custom score decided
+            assert float(rank[grown].min()) > float(rank[free & ~layer.weight_mask].max())
+        isolation.end_task()
+    finally:
+        scores.unregister("grow", "test_fixed_ranking")
+
+
+def _ranking(shape: torch.Size) -> torch.Tensor:
+    """A fixed score per entry: a seeded permutation of 0 .. numel - 1."""
+    numel = int(torch.tensor(shape).prod())
+    return torch.randperm(numel, generator=torch.Generator().manual_seed(numel)).float().reshape(shape)
+
+
+def test_itop_rate_per_task_and_overall():
+    model = _mlp()
+    isolation = TaskIsolation(model, _config(update_interval=2, seed=0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    total = sum(layer.weight.numel() for layer in isolation.layers.values())
+    for task in range(2):
+        _train(model, isolation, optimizer, task, 8)
+    itop = isolation.itop()
+    owned = [t["weights"] / total for t in isolation.capacity()["tasks"]]
+    assert [t["task"] for t in itop["tasks"]] == [0, 1]
+    for record, share in zip(itop["tasks"], owned, strict=True):
+        assert share < record["rate"] <= 1.0  # dynamic: more weights were active than a task keeps
+        assert set(record["per_layer"]) == set(isolation.layers)
+    assert max(t["rate"] for t in itop["tasks"]) < itop["overall"] <= sum(t["rate"] for t in itop["tasks"])
+
+    static = TaskIsolation(_mlp(), _config(grow="none", seed=0))
+    optimizer = torch.optim.Adam(static.model.parameters(), lr=1e-2)
+    _train(static.model, static, optimizer, 0, 4)
+    assert static.itop()["tasks"][0]["rate"] == static.capacity()["tasks"][0]["fraction"]
+
+
+def test_layers_where_a_task_owns_nothing_stay_zero():
+    # ERK gives the 4x4 first layer its whole size to the first task; with forward transfer the second task
+    # reuses it read-only and owns nothing there.
+    model = IsolatedMLP(input_shape=(1, 2, 2), n_outputs=2, n_tasks=2, hidden=(4, 64))
+    config = _config(
+        0.4, distribution="erk", capacity="free", forward_transfer=True, update_interval=2, seed=0
+    )
+    isolation = TaskIsolation(model, config)
+    assert isolation.plan[1]["backbone.1"] == 0 and isolation.plan[1]["backbone.3"] > 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.rand(16, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(1))
+    for task in range(2):
+        isolation.begin_task(task, optimizer, total_steps=6)
+        for _ in range(6):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x, task), y).backward()
+            optimizer.step()
+            if task == 1:
+                assert int(isolation.layers["backbone.1"].weight.count_nonzero()) == 0
+        if task == 1:
+            assert sorted(isolation.engine.masks) == ["backbone.3.weight"]
+        isolation.end_task()
+    assert not optimizer._optimizer_step_pre_hooks
+
+
+# ----------------------------------------------------------------------------------------------- freezing
+
+
 def test_end_task_moves_weights_to_buffers_and_freezes_task_parameters():
     model = _mlp()
-    isolation = TaskIsolation(model, IsolationConfig(sparsity=0.7, distribution="uniform", seed=1))
+    isolation = TaskIsolation(model, _config(seed=1))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = _data(0)
     isolation.begin_task(0, optimizer, total_steps=1)
     F.cross_entropy(model(x, 0), y).backward()
-    isolation.before_optimizer_step()
     optimizer.step()
-    isolation.after_optimizer_step()
     layer = isolation.layers["backbone.1"]
     trained = layer.weight.detach().clone()
     mask = layer.weight_mask.clone()
@@ -262,14 +269,9 @@ def test_end_task_moves_weights_to_buffers_and_freezes_task_parameters():
 )
 def test_finished_tasks_compute_the_same_outputs_bit_for_bit(forward_transfer, make_optimizer):
     model = _mlp()
-    config = IsolationConfig(
-        sparsity=0.7,
-        distribution="uniform",
-        growth="gradient",
-        update_interval=3,
-        forward_transfer=forward_transfer,
+    isolation = TaskIsolation(
+        model, _config(grow="gradient", update_interval=3, forward_transfer=forward_transfer)
     )
-    isolation = TaskIsolation(model, config)
     optimizer = make_optimizer(model.parameters())
     _train(model, isolation, optimizer, 0, 9, set_to_none=False)
     before = _outputs(model, 0)
@@ -283,9 +285,7 @@ def test_finished_tasks_compute_the_same_outputs_bit_for_bit(forward_transfer, m
 
 def test_forward_transfer_reads_earlier_tasks_and_strict_does_not():
     model = _mlp()
-    isolation = TaskIsolation(
-        model, IsolationConfig(sparsity=0.7, distribution="uniform", forward_transfer=True, seed=0)
-    )
+    isolation = TaskIsolation(model, _config(forward_transfer=True, seed=0))
     optimizer = torch.optim.Adam(model.parameters())
     _train(model, isolation, optimizer, 0, 2)
     layer = isolation.layers["backbone.1"]
@@ -301,13 +301,13 @@ def test_forward_transfer_reads_earlier_tasks_and_strict_does_not():
 def test_cnn_fits_cifar_mnist_and_tiny_images(shape):
     model = IsolatedCNN(input_shape=shape, n_outputs=4, n_tasks=2, channels=(4, 8), hidden=16)
     assert model(torch.zeros(2, *shape), torch.tensor([1, 1])).shape == (2, 4)
-    isolation = TaskIsolation(model, IsolationConfig(sparsity=0.6, distribution="uniform"))
+    isolation = TaskIsolation(model, _config(0.6))
     assert len(isolation.layers) == 3  # two convolutions and the hidden layer (pooling stops at 1x1)
 
 
 def test_frozen_batch_norm_statistics_never_drift():
     model = IsolatedCNN(input_shape=SHAPE, n_outputs=3, n_tasks=2, channels=(4,), hidden=8, batch_norm=True)
-    isolation = TaskIsolation(model, IsolationConfig(sparsity=0.5, distribution="uniform", seed=0))
+    isolation = TaskIsolation(model, _config(0.5, seed=0))
     optimizer = torch.optim.Adam(model.parameters())
     _train(model, isolation, optimizer, 0, 3)
     norm = next(m for m in model.modules() if isinstance(m, TaskBatchNorm2d))
@@ -322,45 +322,54 @@ def test_frozen_batch_norm_statistics_never_drift():
     assert not torch.equal(norm.norms[1].running_mean, torch.zeros_like(statistics))
 
 
+# ----------------------------------------------------------------------------------------------- state
+
+
 def test_state_dict_resumes_bit_for_bit():
     def setup():
         torch.manual_seed(0)
         model = _mlp()
-        isolation = TaskIsolation(
-            model,
-            IsolationConfig(
-                sparsity=0.7, distribution="uniform", growth="momentum", update_interval=2, seed=5
-            ),
-        )
+        isolation = TaskIsolation(model, _config(grow="momentum", update_interval=2, seed=5))
         return model, isolation, torch.optim.Adam(model.parameters(), lr=1e-2)
-
-    def steps(model, isolation, optimizer, n, offset):
-        x, y = _data(1)
-        for step in range(offset, offset + n):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[step : step + 8], 1), y[step : step + 8]).backward()
-            isolation.before_optimizer_step()
-            optimizer.step()
-            isolation.after_optimizer_step()
 
     model, isolation, optimizer = setup()
     _train(model, isolation, optimizer, 0, 4)
     isolation.begin_task(1, optimizer, total_steps=12)
-    steps(model, isolation, optimizer, 3, 0)
+    _steps(model, optimizer, 1, 3)
     saved = copy.deepcopy((model.state_dict(), isolation.state_dict(), optimizer.state_dict()))
-    steps(model, isolation, optimizer, 6, 3)
+    _steps(model, optimizer, 1, 6, offset=3)
+    isolation.end_task()
 
     resumed, resumed_isolation, resumed_optimizer = setup()
+    resumed_isolation.begin_task(
+        1, resumed_optimizer, total_steps=12
+    )  # as a resumed run starts the task anew
     resumed.load_state_dict(saved[0])
-    resumed_isolation.load_state_dict(saved[1], resumed_optimizer)
     resumed_optimizer.load_state_dict(saved[2])
-    steps(resumed, resumed_isolation, resumed_optimizer, 6, 3)
+    resumed_isolation.load_state_dict(saved[1], resumed_optimizer)
+    assert len(resumed_optimizer._optimizer_step_pre_hooks) == 1  # one engine: the one of the saved task
+    _steps(resumed, resumed_optimizer, 1, 6, offset=3)
+    resumed_isolation.end_task()
     for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(), strict=True):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
     assert resumed_isolation.history == isolation.history
-    with pytest.raises(ValueError, match=r"expected the config"):
-        TaskIsolation(_mlp(), IsolationConfig(sparsity=0.7, distribution="uniform")).load_state_dict(saved[1])
+    assert resumed_isolation.itop() == isolation.itop()
+    assert torch.equal(resumed_isolation.generator.get_state(), isolation.generator.get_state())
+
+
+def test_foreign_states_are_refused():
+    model = _mlp()
+    isolation = TaskIsolation(model, _config(seed=0))
+    optimizer = torch.optim.Adam(model.parameters())
+    isolation.begin_task(0, optimizer, total_steps=2)
+    state = isolation.state_dict()
+    with pytest.raises(ValueError, match=r"must have the config"):
+        TaskIsolation(_mlp(), _config(0.8)).load_state_dict(state, optimizer)
+    with pytest.raises(ValueError, match=r"optimizer must be the one of task 0, saved in training, got None"):
+        TaskIsolation(_mlp(), _config(seed=0)).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"version 1 \(written before each task ran on the core engine"):
+        TaskIsolation(_mlp(), _config(seed=0)).load_state_dict({**state, "version": 1})
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -368,7 +377,7 @@ def test_state_dict_resumes_bit_for_bit():
 
 def test_model_without_isolated_layers_is_refused():
     with pytest.raises(
-        ValueError, match=r"expected IsolatedLinear / IsolatedConv2d layers .* got Sequential"
+        ValueError, match=r"must hold IsolatedLinear / IsolatedConv2d layers .* got Sequential"
     ):
         TaskIsolation(nn.Sequential(nn.Linear(4, 2)), IsolationConfig())
 
@@ -376,14 +385,14 @@ def test_model_without_isolated_layers_is_refused():
 def test_shared_parameters_are_refused():
     model = nn.Sequential(IsolatedLinear(4, 4, n_tasks=2), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"shared parameters \['1.weight', '1.bias'\]"):
-        TaskIsolation(model, IsolationConfig(sparsity=0.5, distribution="uniform"))
+        TaskIsolation(model, _config(0.5))
 
 
 def test_task_sequence_errors():
     model = _mlp(n_tasks=2)
-    isolation = TaskIsolation(model, IsolationConfig(sparsity=0.5, distribution="uniform"))
+    isolation = TaskIsolation(model, _config(0.5))
     optimizer = torch.optim.Adam(model.parameters())
-    with pytest.raises(ValueError, match=r"task: expected an integer in \[0, 1\], got 2"):
+    with pytest.raises(ValueError, match=r"task must be an integer >= 0 and <= 1, got 2"):
         isolation.begin_task(2, optimizer, total_steps=1)
     with pytest.raises(RuntimeError, match=r"no task in training"):
         isolation.end_task()
@@ -391,27 +400,22 @@ def test_task_sequence_errors():
     with pytest.raises(RuntimeError, match=r"task 0 is still in training"):
         isolation.begin_task(1, optimizer, total_steps=1)
     isolation.end_task()
-    with pytest.raises(ValueError, match=r"expected a task not trained before, got 0"):
+    with pytest.raises(ValueError, match=r"task must be one not trained before, got 0"):
         isolation.begin_task(0, optimizer, total_steps=1)
-    with pytest.raises(ValueError, match=r"optimizer: expected it to hold the isolated weights"):
+    with pytest.raises(ValueError, match=r"optimizer must hold the isolated weights"):
         isolation.begin_task(1, torch.optim.Adam(model.heads.parameters()), total_steps=1)
-    with pytest.raises(ValueError, match=r"n_tasks: expected at most 2"):
+    with pytest.raises(ValueError, match=r"n_tasks must be at most 2 \(the model's task slots\), got 3"):
         TaskIsolation(model, IsolationConfig(), n_tasks=3)
 
 
 def test_more_tasks_than_capacity_is_refused_before_training():
     model = _mlp(n_tasks=6)
     with pytest.raises(ValueError, match=r"capacity: expected n_tasks x \(weights per task\) <= layer size"):
-        TaskIsolation(model, IsolationConfig(sparsity=0.8, distribution="uniform"))
+        TaskIsolation(model, _config(0.8))
 
 
-def test_forward_needs_an_active_task_in_range():
-    layer = IsolatedConv2d(1, 2, 3, n_tasks=2)
-    with pytest.raises(RuntimeError, match=r"no active task"):
-        layer(torch.zeros(1, 1, 4, 4))
-    layer.active_task = 2
-    with pytest.raises(ValueError, match=r"task id: expected one in \[0, 2\), got 2"):
-        layer(torch.zeros(1, 1, 4, 4))
-    with pytest.raises(ValueError, match=r"n_tasks: expected an integer in \[1, 255\], got 256"):
-        TaskHeads(4, 2, n_tasks=256)
-    assert FREE == 255 and issubclass(TaskHeads, TaskModule)
+def test_plan_is_the_capacity_modules_plan():
+    model = _mlp()
+    isolation = TaskIsolation(model, _config(0.8))
+    shapes = {fqn: tuple(layer.weight.shape) for fqn, layer in isolation.layers.items()}
+    assert (isolation.target, isolation.plan) == plan_capacity(shapes, 3, isolation.config)

@@ -1,26 +1,16 @@
-"""End to end: run_continual, results.json and plots, the CLI, metrics by hand, bad run settings."""
+"""End to end: run_continual, results.json and plots, the CLI (options from the config fields), metrics by hand."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
-from sparseapps.cli import main
+from sparseapps.cli import build_parser, main
 from sparseapps.continual import cli as continual_cli
-from sparseapps.continual.benchmarks import BENCHMARK_NAMES
-from sparseapps.continual.isolation import IsolationConfig
-from sparseapps.continual.train import ContinualRun, run_continual, stream_metrics, write_results
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one CPU thread (and the CI machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from sparseapps.continual.config import ContinualRun, IsolationConfig
+from sparseapps.continual.train import run_continual, stream_metrics, write_results
+from sparseapps.core import SparsityConfig
 
 
 def test_stream_metrics_by_hand():
@@ -36,12 +26,13 @@ def test_stream_metrics_by_hand():
 
 
 def test_run_continual_writes_results_and_plots(tmp_path):
+    sparsity = SparsityConfig(sparsity=0.9, distribution="erk", grow="unfired", update_interval=3)
     run = ContinualRun(
         benchmark="split-digits",
         epochs=2,
         hidden=(32, 32),
         threads=1,
-        isolation=IsolationConfig(sparsity=0.9, distribution="erk", growth="unfired", update_interval=3),
+        isolation=IsolationConfig(sparsity=sparsity),
     )
     result = run_continual(run, progress=False)
     matrix = result["accuracy_matrix"]
@@ -52,11 +43,16 @@ def test_run_continual_writes_results_and_plots(tmp_path):
     capacity = result["capacity"]
     assert sum(t["weights"] for t in capacity["tasks"]) + capacity["free"] == capacity["total"]
     assert capacity["total"] == result["model"]["isolated_weights"] == 64 * 32 + 32 * 32
-    assert result["run"]["isolation"]["distribution"] == "erk"
+    assert result["run"]["isolation"]["sparsity"]["distribution"] == "erk"
     assert result["topology_updates"] > 0 and len(result["train_seconds"]) == 5
+    itop = result["itop"]
+    assert [t["task"] for t in itop["tasks"]] == [0, 1, 2, 3, 4]
+    assert all(t["rate"] > c["fraction"] for t, c in zip(itop["tasks"], capacity["tasks"], strict=True))
+    assert max(t["rate"] for t in itop["tasks"]) < itop["overall"] <= 1.0
     paths = write_results(result, tmp_path / "out")
     stored = json.loads(paths["results"].read_text())
     assert stored["accuracy_matrix"] == matrix and stored["acc"] == result["acc"]
+    assert stored["itop"] == itop
     for name in ("accuracy_matrix", "capacity"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
@@ -66,46 +62,85 @@ def test_run_continual_writes_results_and_plots(tmp_path):
     ]
 
 
+def _cli(out, *options):
+    return [
+        "continual",
+        "run",
+        "--epochs",
+        "1",
+        "--hidden",
+        "16,16",
+        "--no-progress",
+        "--out",
+        str(out),
+        *options,
+    ]
+
+
 def test_cli_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "x"
     code = main(
-        [
-            "continual",
-            "run",
-            "--benchmark",
-            "split-digits",
-            "--sparsity",
-            "0.9",
-            "--init",
-            "uniform",
-            "--growth",
-            "momentum",
-            "--epochs",
-            "1",
-            "--hidden",
-            "16,16",
-            "--no-progress",
-            "--out",
-            str(out),
-        ]
+        _cli(out, "--sparsity", "0.9", "--distribution", "uniform", "--grow", "momentum", "--tie-noise", "0")
     )
-    printed = capsys.readouterr().out
-    assert code == 0
+    captured = capsys.readouterr()
+    assert code == 0 and "deprecated" not in captured.err
+    printed = captured.out
     assert "BWT 0.0000" in printed and "R[T-1][j] == R[j][j] for all j: True" in printed
+    assert "uniform, drop magnitude, grow momentum" in printed and "ITOP rate" in printed
     stored = json.loads((out / "results.json").read_text())
-    assert stored["run"]["isolation"]["growth"] == "momentum" and stored["run"]["hidden"] == [16, 16]
+    sparsity = stored["run"]["isolation"]["sparsity"]
+    assert (sparsity["grow"], sparsity["distribution"], sparsity["tie_noise"]) == ("momentum", "uniform", 0.0)
+    assert sparsity["seed"] == 0 and stored["run"]["hidden"] == [16, 16]
+    assert 0.0 < stored["itop"]["overall"] <= 1.0
+
+
+def test_deprecated_option_names_still_work_with_a_note(tmp_path, capsys):
+    old = build_parser().parse_args(_cli(tmp_path, "--init", "uniform", "--growth", "gradient"))
+    new = build_parser().parse_args(_cli(tmp_path, "--distribution", "uniform", "--grow", "gradient"))
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [
+        "note: --init is deprecated; use --distribution",
+        "note: --growth is deprecated; use --grow",
+    ]
+    assert continual_cli.run_from_arguments(old) == continual_cli.run_from_arguments(new)
+    assert "--init" not in build_parser().format_help() and "--growth" not in _run_help()
+
+
+def _run_help() -> str:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["continual"]
+    return next(a for a in sub._actions if a.dest == "continual_command").choices["run"].format_help()
+
+
+def test_options_are_the_config_fields():
+    help_text = _run_help()
+    names = [f for f in ContinualRun.__dataclass_fields__ if f != "isolation"]
+    names += [f for f in IsolationConfig.__dataclass_fields__ if f != "sparsity"]
+    names += list(continual_cli.SPARSITY_OPTIONS)
+    for name in names:
+        assert f"--{name.replace('_', '-')}" in help_text, name
+    defaults = continual_cli.run_from_arguments(build_parser().parse_args(["continual", "run"]))
+    isolation = ContinualRun().isolation
+    seeded = isolation.replace(sparsity=isolation.sparsity.replace(seed=0))  # --seed seeds the engines too
+    assert defaults == ContinualRun(threads=1, isolation=seeded)
+    static = continual_cli.run_from_arguments(
+        build_parser().parse_args(["continual", "run", "--grow", "none", "--seed", "3", "--forward-transfer"])
+    )
+    assert (static.isolation.sparsity.method, static.isolation.sparsity.seed, static.seed) == ("static", 3, 3)
+    assert static.isolation.forward_transfer
 
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--sparsity", "1.5"], "sparsity: expected a number in [0.0, 1.0), got 1.5"),
+        (["--sparsity", "1.5"], "sparsity must be a finite number in [0, 1), got 1.5"),
         (
-            ["--benchmark", "permuted-digits", "--n-tasks", "12", "--init", "uniform"],
+            ["--benchmark", "permuted-digits", "--n-tasks", "12", "--distribution", "uniform"],
             "capacity: expected n_tasks x (weights per task) <= layer size",
         ),
         (["--benchmark", "split-mnist", "--dataset-root", "{tmp}"], "MNIST"),
-        (["--epochs", "0"], "epochs: expected an integer >= 1, got 0"),
+        (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+        (["--drop", "random", "--drop-schedule", "linear", "--end-fraction", "1.5"], "end_fraction must be"),
     ],
 )
 def test_cli_bad_input_exits_with_a_message(tmp_path, capsys, arguments, message):
@@ -114,24 +149,3 @@ def test_cli_bad_input_exits_with_a_message(tmp_path, capsys, arguments, message
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before the output directory is claimed
-
-
-def test_cli_benchmark_choices_match_the_benchmarks():
-    assert continual_cli.BENCHMARK_CHOICES == BENCHMARK_NAMES
-
-
-@pytest.mark.parametrize(
-    ("changes", "error", "match"),
-    [
-        ({"benchmark": "split-digit"}, ValueError, r"benchmark: expected one of .* got 'split-digit'"),
-        ({"model": "rnn"}, ValueError, r"model: expected 'mlp' or 'cnn', got 'rnn'"),
-        ({"hidden": ()}, ValueError, r"hidden: expected a non-empty tuple of positive integers, got \(\)"),
-        ({"lr": 0.0}, ValueError, r"lr: expected a positive number, got 0.0"),
-        ({"device": "gpu:x"}, ValueError, r"device: expected a torch device .* got 'gpu:x'"),
-        ({"isolation": {"sparsity": 0.9}}, TypeError, r"isolation: expected an IsolationConfig, got dict"),
-        ({"task_agnostic": "yes"}, TypeError, r"task_agnostic: expected a bool, got 'yes'"),
-    ],
-)
-def test_run_settings_are_validated(changes, error, match):
-    with pytest.raises(error, match=match):
-        ContinualRun(**changes)

@@ -14,14 +14,15 @@ from sparseapps.continual.isolation import IsolationConfig
 from sparseapps.continual.models import IsolatedMLP
 from sparseapps.continual.plugin import continual_evaluator
 from sparseapps.continual.train import train_and_evaluate
+from sparseapps.core import SparsityConfig
 
 
-def make_config(**overrides: Any) -> IsolationConfig:
-    values: dict[str, Any] = dict(
-        sparsity=0.8, distribution="uniform", growth="gradient", update_interval=2, seed=0
+def make_config(sparsity: float = 0.8) -> IsolationConfig:
+    return IsolationConfig(
+        sparsity=SparsityConfig(
+            sparsity=sparsity, distribution="uniform", grow="gradient", update_interval=2, seed=0
+        )
     )
-    values.update(overrides)
-    return IsolationConfig(**values)
 
 
 def make_strategy(plugin: DistributedIsolationPlugin) -> Naive:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from sparseapps.recsys.distributed import ShardedSparseEmbeddings, ShardingConfig, shard_model
-from sparseapps.recsys.dsl import DSLConfig
+from sparseapps.recsys.dsl import DSL_SPARSITY, DSLConfig
 from sparseapps.recsys.models import MatrixFactorization, ModelConfig
 
 N_USERS, N_ITEMS, DIM = 12, 20, 8
@@ -26,11 +26,12 @@ def make_model(collection: str = "embedding", layout: str = "per_table") -> Matr
 
 
 def dsl_config(**overrides: Any) -> DSLConfig:
-    values: dict[str, Any] = dict(
-        density=0.5, init="random", grow="gradient", update_interval=4, drop_fraction=0.3, end_fraction=0.75
-    )
-    values.update(overrides)
-    return DSLConfig(**values)
+    """DSL at density 0.5 from random masks, gradient growth every 4 steps; ``overrides`` of the engine's
+    settings (``grow``, ``update_interval``, ...) go to the held SparsityConfig."""
+    own = {name: overrides.pop(name) for name in ("density", "init", "method") if name in overrides}
+    engine: dict[str, Any] = dict(grow="gradient", update_interval=4, drop_fraction=0.3, end_fraction=0.75)
+    engine.update(overrides)
+    return DSLConfig(**{"density": 0.5, "init": "random", **own}, sparsity=DSL_SPARSITY.replace(**engine))
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -87,9 +88,9 @@ def lookup_all(dmp: Any, rank: int, world: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def train(
-    rank: int, world: int, sharding: str, collection: str, layout: str, column_shards: int = 0
+    rank: int, world: int, sharding: str, collection: str, layout: str, column_shards: int = 0, **dsl: Any
 ) -> dict[str, Any]:
-    dmp, optimizer, sparse = setup(sharding, collection, layout, column_shards)
+    dmp, optimizer, sparse = setup(sharding, collection, layout, column_shards, **dsl)
     initial = sparse.full_tables()
     snapshots = run_steps(dmp, optimizer, sparse, rank, world, range(STEPS))
     final = sparse.full_tables()
@@ -136,4 +137,15 @@ def corrupt_replicated(rank: int, world: int) -> dict[str, Any]:
     if rank == 1:
         sparse.shards[0].mask[0, 0] = ~sparse.shards[0].mask[0, 0]
     sparse.verify_replicated()
+    return {}
+
+
+def train_growing_by(rank: int, world: int, grow: str) -> dict[str, Any]:
+    """:func:`train` with column-wise shards and the growth criterion ``grow`` (a score registry name)."""
+    return train(rank, world, "column_wise", "embedding", "per_table", grow=grow)
+
+
+def refuse_criterion(rank: int, world: int, grow: str) -> dict[str, Any]:
+    """Builds sharded DSL with a growth criterion that shards cannot feed (the error comes back)."""
+    setup("column_wise", "embedding", "per_table", grow=grow)
     return {}

@@ -28,7 +28,7 @@ def test_isolation_plugin_under_avalanche_ddp_keeps_ranks_identical_and_forgets_
 def test_configuration_mismatch_names_the_rank() -> None:
     for result in run_distributed(workers.mismatched):
         assert result["error"] == "RankMismatchError"
-        assert "rank 1 differs from rank 0 in {'sparsity': (0.8, 0.85)" in result["message"]
+        assert "rank 1 differs from rank 0 in {'sparsity.sparsity': (0.8, 0.85)" in result["message"]
 
 
 def test_divergent_masks_name_the_rank_and_layer() -> None:

@@ -28,12 +28,12 @@ def check_invariants(result: dict, sharding: str) -> None:
             assert int(mask.sum()) == initial_nnz[name]
             assert bool((weight[~mask] == 0).all())
     for record in result["history"]:
-        for stats in record["shards"].values():
+        for stats in record["tensors"].values():
             assert stats["dropped"] == stats["grown"]
-    assert sum(s["grown"] for s in result["history"][0]["shards"].values()) > 0
+    assert sum(s["grown"] for s in result["history"][0]["tensors"].values()) > 0
     budgets = {(fqn, offsets): budget for fqn, offsets, _, budget in result["shard_shapes"]}
     for record in result["history"]:
-        for key, stats in record["shards"].items():
+        for key, stats in record["tensors"].items():
             fqn, offsets = key.split("@")
             assert stats["nnz"] == budgets[(fqn, tuple(int(v) for v in offsets.strip("()").split(",")))]
     # the sharded lookup returns the masked tables
@@ -77,6 +77,21 @@ def test_sharded_dsl_keeps_masks_with_shards(sharding: str) -> None:
         for name in first:
             assert torch.equal(first[name][1], second[name][1])
             assert torch.equal(first[name][0], second[name][0])
+
+
+def test_any_registered_criterion_grows_sharded_tables() -> None:
+    """Growth by name from the score registry, as the single-process engine: random growth needs no gradient, so
+    none is collected; a criterion reading what shards cannot provide (ever-active entries) is refused by name."""
+    ranks = run_distributed(workers.train_growing_by, "random")
+    assert all("error" not in r for r in ranks), [r.get("traceback") for r in ranks]
+    for result in ranks:
+        check_invariants(result, "column_wise")
+        assert set(result["history"][0]) == {"step", "drop_fraction", "tensors"}  # UpdateRecord.to_dict()
+    for first, second in zip(ranks[0]["snapshots"], ranks[1]["snapshots"], strict=True):
+        assert all(torch.equal(first[name][1], second[name][1]) for name in first)
+    (result,) = run_distributed(workers.refuse_criterion, "unfired", world_size=1)
+    assert result["error"] == "ValueError"
+    assert "grow='unfired' need ['ever_active']" in result["message"]
 
 
 @pytest.mark.parametrize(

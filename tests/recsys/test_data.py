@@ -58,7 +58,7 @@ def test_parse_ratings_reads_each_layout(format: str) -> None:
 
 @pytest.mark.parametrize("format", FORMATS)
 def test_parse_ratings_across_block_boundaries(format: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_BLOCK_BYTES", 7)
+    monkeypatch.setattr(data.parsers, "_BLOCK_BYTES", 7)
     assert_rows(parse_ratings(io.BytesIO(ratings_text(format)), format))
 
 
@@ -87,7 +87,7 @@ def test_parse_ratings_rejects_wrong_layouts(format: str, content: bytes, messag
 
 
 def test_parse_ratings_reports_line_of_later_block(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_BLOCK_BYTES", 30)
+    monkeypatch.setattr(data.parsers, "_BLOCK_BYTES", 30)
     rows = "".join(f"{u}::{u}::3::97830076{u}\n" for u in range(1, 10)) + "10::oops::3::978300760\n"
     with pytest.raises(
         ValueError, match=r"^ratings: line 10: item id 'oops' in '10::oops::3::978300760' is not a"
@@ -151,9 +151,8 @@ def test_parse_ratings_unknown_format() -> None:
 def test_download_then_load_each_archive(
     name: str, tmp_path: Path, fake_archive, serve_archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        data, "find_recbole_ml100k", lambda: None
-    )  # ml-100k would come from RecBole otherwise
+    # ml-100k would come from RecBole otherwise
+    monkeypatch.setattr(data.sources, "find_recbole_ml100k", lambda: None)
     served = serve_archive(name, fake_archive(name))
     root = tmp_path / "cache"
     assert_rows(load_interactions(name, root, download=True, progress=False))
@@ -781,15 +780,19 @@ def test_synthetic_reaches_ml25m_scale() -> None:
         ({"split": "loo"}, "split must be one of"),
         ({"user_core": -1}, "user_core must be an integer >= 0, got -1"),
         ({"item_core": 2.5}, "item_core must be an integer >= 0, got 2.5"),
-        ({"rating_threshold": math.inf}, "rating_threshold must be a finite number or None, got inf"),
+        ({"rating_threshold": math.inf}, "rating_threshold must be a finite number, got inf"),
         ({"seed": -1}, "seed must be an integer >= 0, got -1"),
-        ({"download": "yes"}, "download must be a bool"),
         ({"data_root": 3}, "data_root must be a path or None"),
     ],
 )
 def test_data_config_validation(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DataConfig(**changes)
+
+
+def test_data_config_refuses_a_non_bool_download() -> None:
+    with pytest.raises(TypeError, match="download must be True or False, got 'yes'"):
+        DataConfig(download="yes")  # type: ignore[arg-type]
 
 
 def test_data_config_normalizes_ratios_to_a_tuple() -> None:
@@ -902,7 +905,17 @@ def test_sampler_rejects_bad_input(small_split: InteractionSplit) -> None:
 # Worked examples
 
 
-@pytest.mark.parametrize("name", ["sparseapps.recsys.data", "sparseapps.recsys.metrics"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sparseapps.recsys.data",
+        *(
+            f"sparseapps.recsys.data.{module}"
+            for module in ("interactions", "parsers", "sources", "splits", "synthetic", "sampler")
+        ),
+        "sparseapps.recsys.metrics",
+    ],
+)
 def test_docstring_examples(name: str) -> None:
     import doctest
     import importlib

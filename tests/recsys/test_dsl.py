@@ -10,7 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparseapps.core import SparsityConfig, rules, scores
 from sparseapps.recsys.dsl import (
+    DSL_SPARSITY,
     CompactEmbeddings,
     CompactScorer,
     CompactTable,
@@ -150,8 +152,8 @@ def test_rescale_init_keeps_row_norms() -> None:
 @pytest.mark.parametrize("grow", ["gradient", "momentum"])
 @pytest.mark.parametrize("model", ["mf", "lightgcn"])
 def test_dsl_updates_keep_the_budget_and_the_zeros(grow: str, model: str) -> None:
-    config = DSLConfig(density=0.25, grow=grow, update_interval=5, drop_fraction=0.5, end_fraction=0.9)
-    net, optimizer, sparse = make_sparse(config, model=model)
+    schedule = DSL_SPARSITY.replace(grow=grow, update_interval=5, drop_fraction=0.5, end_fraction=0.9)
+    net, optimizer, sparse = make_sparse(DSLConfig(density=0.25, sparsity=schedule), model=model)
     before = sparse.stacked_mask().clone()
     nnz = sparse.nnz
     run_steps(net, optimizer, 30)
@@ -170,7 +172,8 @@ def test_dsl_updates_keep_the_budget_and_the_zeros(grow: str, model: str) -> Non
 
 def test_config_maps_to_the_engine() -> None:
     fqns = ("tables.collection.embeddings.nodes.weight",)
-    dsl = DSLConfig(density=0.2, grow="gradient", update_interval=7).sparsity_config(fqns)
+    schedule = DSL_SPARSITY.replace(grow="gradient", update_interval=7)
+    dsl = DSLConfig(density=0.2, sparsity=schedule).sparsity_config(fqns)
     assert (dsl.method, dsl.drop, dsl.grow, dsl.update_interval, dsl.drop_fraction) == (
         "dst",
         "magnitude",
@@ -179,6 +182,7 @@ def test_config_maps_to_the_engine() -> None:
         0.5,
     )
     assert dsl.drop_schedule == "cosine" and dsl.include == fqns and dsl.module_types == ("embedding",)
+    assert dsl == schedule.replace(include=fqns)  # DSL sets the density and the tables, nothing else
     assert DSLConfig(method="static").sparsity_config(fqns).method == "static"
     prune = DSLConfig(method="prune", prune_fraction=0.3).sparsity_config(fqns)
     assert (prune.method, prune.start_fraction) == ("one_shot", 0.3)
@@ -212,7 +216,7 @@ def test_prune_trains_dense_then_prunes_by_magnitude() -> None:
 
 
 def test_state_dict_round_trip_resumes_identically() -> None:
-    config = DSLConfig(density=0.25, update_interval=4, end_fraction=0.9)
+    config = DSLConfig(density=0.25, sparsity=DSL_SPARSITY.replace(update_interval=4, end_fraction=0.9))
     net, optimizer, sparse = make_sparse(config)
     run_steps(net, optimizer, 10)
     saved = (
@@ -231,6 +235,41 @@ def test_state_dict_round_trip_resumes_identically() -> None:
     assert torch.equal(other.tables.stacked().detach(), expected)
 
 
+def test_a_registered_grow_criterion_works_unchanged_in_dsl() -> None:
+    """A criterion registered with scores.register_grow is one more name: DSL grows what it ranks first."""
+    ranking = torch.randperm(2 * (N_USERS + N_ITEMS) * 4, generator=torch.Generator().manual_seed(3)).float()
+
+    @scores.register_grow("test_fixed_ranking", needs=(), tie_noise=False)
+    def fixed_ranking(ctx: scores.ScoreContext) -> torch.Tensor:
+        # entries active before the update rank last, so only never-active entries compete (by `ranking`)
+        return torch.where(ctx.mask, -1.0, ranking[: ctx.mask.numel()].reshape(ctx.mask.shape))
+
+    try:
+        schedule = DSL_SPARSITY.replace(grow="test_fixed_ranking", update_interval=5, end_fraction=0.9)
+        net, optimizer, sparse = make_sparse(DSLConfig(density=0.25, init="random", sparsity=schedule))
+        fqn = sparse.fqns["nodes"]
+        run_steps(net, optimizer, 4)
+        before = sparse.engine.masks[fqn].clone()
+        run_steps(net, optimizer, 1)  # step 5: the first update
+    finally:
+        scores.unregister("grow", "test_fixed_ranking")
+    after = sparse.engine.masks[fqn]
+    (record,) = sparse.engine.history
+    n_grown = record["tensors"][fqn]["grown"]
+    assert n_grown == rules.drop_counts({fqn: before}, record["drop_fraction"])[fqn] > 0
+    expected = rules.select_top(
+        fixed_ranking(
+            scores.ScoreContext(
+                fqn=fqn, weight=before.float(), mask=before, step=5, generator=torch.Generator()
+            )
+        ),
+        ~before,
+        n_grown,
+    )
+    assert torch.equal(after & ~before, expected)
+    assert int(after.sum()) == int(before.sum())
+
+
 def test_load_state_dict_refuses_another_configuration() -> None:
     _, _, sparse = make_sparse(DSLConfig(density=0.25))
     _, _, other = make_sparse(DSLConfig(density=0.5))
@@ -239,12 +278,22 @@ def test_load_state_dict_refuses_another_configuration() -> None:
 
 
 def test_bad_configs_and_inputs() -> None:
-    with pytest.raises(ValueError, match=r"density must be in \(0, 1\], got 0"):
+    with pytest.raises(ValueError, match=r"density must be a finite number in \(0, 1\], got 0"):
         DSLConfig(density=0)
-    with pytest.raises(ValueError, match="grow must be one of 'gradient', 'momentum', got 'random'"):
-        DSLConfig(grow="random")
-    with pytest.raises(ValueError, match="update_interval must be a positive integer, got 0"):
-        DSLConfig(update_interval=0)
+    with pytest.raises(ValueError, match=r"grow must be one of 'none', 'random', .*, got 'unknown'"):
+        DSLConfig(sparsity=DSL_SPARSITY.replace(grow="unknown"))
+    with pytest.raises(
+        ValueError, match="grow='cosine' reads layer activations, which embedding tables do not"
+    ):
+        DSLConfig(sparsity=DSL_SPARSITY.replace(grow="cosine"))
+    with pytest.raises(ValueError, match="update_interval must be an integer >= 1, got 0"):
+        DSLConfig(sparsity=DSL_SPARSITY.replace(update_interval=0))
+    with pytest.raises(ValueError, match=r"sparsity must be a 'dst' SparsityConfig .*, got method='static'"):
+        DSLConfig(sparsity=SparsityConfig(method="static", grow="none"))
+    with pytest.raises(TypeError, match="sparsity must be a SparsityConfig, got dict"):
+        DSLConfig(sparsity={"grow": "gradient"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="rescale_init must be True or False, got 1"):
+        DSLConfig(rescale_init=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"model must be a sparseapps\.recsys Recommender"):
         SparseEmbeddings(torch.nn.Linear(2, 2), None, DSLConfig(), 10)  # type: ignore[arg-type]
     net = MatrixFactorization(N_USERS, N_ITEMS, ModelConfig(dim=8))
@@ -309,7 +358,8 @@ def test_export_at_density_0_2_takes_under_30_percent_of_dense_bytes() -> None:
 
 @pytest.mark.parametrize("model", ["mf", "lightgcn"])
 def test_compact_scorer_matches_the_masked_dense_model(model: str) -> None:
-    net, optimizer, _ = make_sparse(DSLConfig(density=0.25, update_interval=5), model=model)
+    config = DSLConfig(density=0.25, sparsity=DSL_SPARSITY.replace(update_interval=5))
+    net, optimizer, _ = make_sparse(config, model=model)
     run_steps(net, optimizer, 12)
     compact = CompactEmbeddings.from_dict(export_compact(net).to_dict())
     scorer = CompactScorer(compact, PAIRS if model == "lightgcn" else None)

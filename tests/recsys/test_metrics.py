@@ -230,7 +230,7 @@ def test_bad_metrics_and_batch_size() -> None:
         evaluate_ranking(table_scores(torch.zeros(1, 5)), targets, ks=[1], metrics=["auc"])
     with pytest.raises(ValueError, match="metrics must be a non-empty sequence"):
         evaluate_ranking(table_scores(torch.zeros(1, 5)), targets, ks=[1], metrics="recall")
-    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         evaluate_ranking(table_scores(torch.zeros(1, 5)), targets, ks=[1], batch_size=0)
 
 

@@ -202,15 +202,21 @@ def test_cli_trains_pep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: PEPConfig(density=0.0), "density must be in (0, 1], got 0.0"),
+        (lambda: PEPConfig(density=0.0), "density must be a finite number in (0, 1], got 0.0"),
         (lambda: PEPConfig(granularity="field"), "granularity must be one of 'row', 'dimension', 'global'"),
         (lambda: PEPConfig(threshold_init=float("nan")), "threshold_init must be a finite number, got nan"),
-        (lambda: PEPConfig(search_fraction=1.5), "search_fraction must be in (0, 1], got 1.5"),
-        (lambda: PEPConfig(threshold_weight_decay=-1.0), "threshold_weight_decay must be >= 0, got -1.0"),
+        (
+            lambda: PEPConfig(search_fraction=1.5),
+            "search_fraction must be a finite number in (0, 1], got 1.5",
+        ),
+        (
+            lambda: PEPConfig(threshold_weight_decay=-1.0),
+            "threshold_weight_decay must be a finite number >= 0, got -1.0",
+        ),
         (lambda: threshold_shape("feature_dim", 3, 4), "granularity must be one of"),
         (
             lambda: TrainConfig(method="pep", density=1.5),
-            "density must be a finite number > 0 and <= 1, got 1.5",
+            "density must be a finite number in (0, 1], got 1.5",
         ),
         (lambda: TrainConfig(method="pep", pep_granularity="field"), "pep_granularity must be one of"),
         (lambda: TrainConfig(method="pep", pep_search_fraction=0.0), "pep_search_fraction must be a finite"),
@@ -224,7 +230,7 @@ def test_bad_input_is_refused(make: object, message: str) -> None:
 def test_search_refuses_a_foreign_state_and_bad_arguments(tiny_split: InteractionSplit) -> None:
     model = build_model(ModelConfig(dim=8), 40, 60)
     optimizer = make_optimizer(model, 0.01)
-    with pytest.raises(ValueError, match="max_steps must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 1, got 0"):
         ThresholdSearch(model, optimizer, PEPConfig(), lr=0.01, max_steps=0)
     search = ThresholdSearch(model, optimizer, PEPConfig(density=0.5), lr=0.01, max_steps=10)
     state = search.state_dict()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import urllib.error
 import urllib.request
@@ -15,8 +14,10 @@ import torch
 
 from sparseapps.core.config import ConfigMismatchError
 from sparseapps.core.io import OWNER_FILE, OutputConflictError, claim_output
+from sparseapps.recsys import demo as demo_module
 from sparseapps.recsys.cli import add_commands
 from sparseapps.recsys.data import MOVIELENS_ARCHIVES, InteractionSplit, synthetic_interactions
+from sparseapps.recsys.demo import _demo_job
 from sparseapps.recsys.train import (
     CHECKPOINT,
     COMPACT,
@@ -24,14 +25,11 @@ from sparseapps.recsys.train import (
     RESULTS,
     SLOW_CHECKPOINT_VARIABLE,
     TrainConfig,
-    _demo_job,
     demo_configs,
     format_table,
     load_checkpoint,
     train,
 )
-
-train_module = importlib.import_module("sparseapps.recsys.train")  # the package exports the function `train`
 
 
 def tiny_config(**changes: object) -> TrainConfig:
@@ -57,6 +55,8 @@ def test_dense_and_dsl_runs_report_what_the_issue_asks(tiny_split: InteractionSp
     for key in ("valid", "test", "parameters", "bytes", "seconds_per_epoch", "seed", "config", "history"):
         assert key in written
     assert written["config"]["method"] == "dsl" and written["seed"] == 0
+    # the ITOP rate: the engine's fraction of table entries ever active, above the density once entries moved
+    assert written["itop_rate"] == results["itop_rate"] and 0.25 < written["itop_rate"] <= 1.0
     assert set(written["test"]) >= {
         f"{m}@{k}" for m in ("recall", "ndcg", "hit", "precision", "mrr") for k in (5, 10)
     }
@@ -69,6 +69,7 @@ def test_dense_and_dsl_runs_report_what_the_issue_asks(tiny_split: InteractionSp
 
     dense = train(tiny_config(method="dense"), None, progress=False, split=tiny_split)
     assert dense["parameters"] == dense["dense_parameters"] == (tiny_split.n_users + tiny_split.n_items) * 8
+    assert dense["itop_rate"] is None
     table = format_table([dense, results], k=10)
     assert "Recall@10" in table and "dense" in table and f"{results['test']['recall@10']:.4f}" in table
 
@@ -109,7 +110,9 @@ def test_existing_run_needs_resume_and_the_same_configuration(
     with pytest.raises(ValueError, match=r"another configuration.*'density': \(0.25, 0.5\)"):
         train(config.replace(density=0.5), tmp_path, resume=True, progress=False, split=tiny_split)
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=f"{CHECKPOINT} is not a readable file"):
+    with pytest.raises(
+        ValueError, match=f"{CHECKPOINT} is not a file of a checkpoint written by sparseapps recsys"
+    ):
         train(config, tmp_path, resume=True, progress=False, split=tiny_split)
 
 
@@ -122,8 +125,8 @@ def test_k_above_the_number_of_items_is_refused(tiny_split: InteractionSplit) ->
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"density": 0.0}, "density must be a finite number > 0 and <= 1, got 0.0"),
-        ({"density": 1.5}, "density must be a finite number > 0 and <= 1, got 1.5"),
+        ({"density": 0.0}, "density must be a finite number in (0, 1], got 0.0"),
+        ({"density": 1.5}, "density must be a finite number in (0, 1], got 1.5"),
         ({"dataset": "ml-7m"}, "dataset must be one of"),
         (
             {"method": "sparse"},
@@ -131,6 +134,10 @@ def test_k_above_the_number_of_items_is_refused(tiny_split: InteractionSplit) ->
         ),
         ({"selection_metric": "recall@50"}, "selection_metric must be"),
         ({"epochs": 0}, "epochs must be an integer >= 1, got 0"),
+        ({"update_interval": 0}, "update_interval must be an integer >= 1, got 0"),
+        ({"grow": "cosine"}, "grow='cosine' reads layer activations, which embedding tables do not have"),
+        ({"grow": "unknown"}, "grow must be one of 'none', 'random', 'gradient'"),
+        ({"drop": "unknown"}, "drop must be one of 'magnitude'"),
     ],
 )
 def test_bad_configs(changes: dict[str, object], message: str) -> None:
@@ -189,7 +196,7 @@ def test_cli_trains_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["recsys", "train", "--density", "1.5", "--out", str(tmp_path)]) == 2
-    assert "density must be a finite number > 0 and <= 1, got 1.5" in capsys.readouterr().err
+    assert "density must be a finite number in (0, 1], got 1.5" in capsys.readouterr().err
     missing = tmp_path / "missing.inter"
     assert run_cli(["recsys", "train", "--dataset", str(missing), "--out", str(tmp_path / "x")]) == 2
     assert "missing.inter" in capsys.readouterr().err
@@ -271,12 +278,12 @@ def test_demo_rerun_reuses_its_runs_and_refuses_foreign_files(
     data = write_inter(tmp_path / "tiny.inter")
     base = TrainConfig(dataset=str(data), dim=8, epochs=1, batch_size=128, update_interval=2)
     configs = [base, base.replace(model="lightgcn", layers=1, method="dsl", density=0.25)]
-    monkeypatch.setattr(train_module, "demo_configs", lambda seed=0: configs)
+    monkeypatch.setattr(demo_module, "demo_configs", lambda seed=0: configs)
     monkeypatch.setattr(
-        train_module.multiprocessing, "get_context", lambda method: SimpleNamespace(Pool=SerialPool)
+        demo_module.multiprocessing, "get_context", lambda method: SimpleNamespace(Pool=SerialPool)
     )
     out = tmp_path / "demo"
-    first = train_module.run_demo(out, workers=1)
+    first = demo_module.run_demo(out, workers=1)
     runs = [out / "mf-dense", out / "lightgcn-dsl-0.25"]
     checkpoints = [(run / CHECKPOINT).read_bytes() for run in runs]
     assert read_record(out) == {
@@ -286,7 +293,7 @@ def test_demo_rerun_reuses_its_runs_and_refuses_foreign_files(
     }
     assert [read_record(run)["settings"] for run in runs] == [c.to_dict() for c in configs]
 
-    second = train_module.run_demo(out, workers=1)  # finished runs are reused, not retrained
+    second = demo_module.run_demo(out, workers=1)  # finished runs are reused, not retrained
     assert [row["test"] for row in second] == [row["test"] for row in first]
     assert [(run / CHECKPOINT).read_bytes() for run in runs] == checkpoints
 
@@ -294,7 +301,7 @@ def test_demo_rerun_reuses_its_runs_and_refuses_foreign_files(
     foreign.mkdir()
     (foreign / "table.txt").write_text("theirs\n")
     with pytest.raises(OutputConflictError, match=r"holds .*table\.txt but no sparseapps-run\.json"):
-        train_module.run_demo(foreign, workers=1)
+        demo_module.run_demo(foreign, workers=1)
     assert (foreign / "table.txt").read_text() == "theirs\n" and sorted(foreign.iterdir()) == [
         foreign / "table.txt"
     ]
@@ -302,7 +309,7 @@ def test_demo_rerun_reuses_its_runs_and_refuses_foreign_files(
     assert run_cli(["recsys", "demo", "--out", str(foreign)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and error.count("\n") == 1 and "--overwrite" in error
-    train_module.run_demo(foreign, workers=1, overwrite=True)
+    demo_module.run_demo(foreign, workers=1, overwrite=True)
     assert "theirs" not in (foreign / "table.txt").read_text()
 
 

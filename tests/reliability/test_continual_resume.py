@@ -24,12 +24,22 @@ from typing import Any
 import pytest
 import torch
 
+import sparseapps.continual.resume as resume
 import sparseapps.continual.train as train
 from sparseapps.cli import main
 from sparseapps.continual.benchmarks import make_benchmark
-from sparseapps.continual.isolation import IsolationConfig
+from sparseapps.continual.checkpoint import FORMAT, TOOL
+from sparseapps.continual.config import IsolationConfig
 from sparseapps.continual.train import ContinualRun, run_continual
-from sparseapps.core.io import TEMPORARY_GLOB, CorruptFileError, OutputConflictError, load_torch, save_torch
+from sparseapps.core import SparsityConfig
+from sparseapps.core.io import (
+    TEMPORARY_GLOB,
+    CorruptFileError,
+    OutputConflictError,
+    claim_output,
+    load_torch,
+    save_torch,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 WALL_CLOCK = ("train_seconds", "task_elapsed_seconds")
@@ -40,7 +50,9 @@ MLP = ContinualRun(
     hidden=(16, 16),
     lr=1e-2,
     threads=1,
-    isolation=IsolationConfig(sparsity=0.8, distribution="uniform", growth="momentum", update_interval=2),
+    isolation=IsolationConfig(
+        sparsity=SparsityConfig(sparsity=0.8, distribution="uniform", grow="momentum", update_interval=2)
+    ),
 )
 CNN = ContinualRun(
     benchmark="split-digits",
@@ -52,7 +64,9 @@ CNN = ContinualRun(
     epochs=2,
     lr=1e-2,
     threads=1,
-    isolation=IsolationConfig(sparsity=0.7, distribution="uniform", growth="gradient", update_interval=3),
+    isolation=IsolationConfig(
+        sparsity=SparsityConfig(sparsity=0.7, distribution="uniform", grow="gradient", update_interval=3)
+    ),
 )
 
 
@@ -117,7 +131,7 @@ def _run(
             raise _Interrupted
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "save_torch", save)
+        patch.setattr(resume, "save_torch", save)
         try:
             result = run_continual(run, progress=False, out=out, resume=True, checkpoint_every=1)
         except _Interrupted:
@@ -225,6 +239,11 @@ def test_checkpoint_holds_only_weights_only_content_and_every_piece_of_state(ref
     assert {"torch", "numpy", "python"} <= set(state["rng"])
     isolation = state["plugin"]["isolation"]
     assert isinstance(isolation["generator"], torch.Tensor) and isolation["task_order"] == [0, 1, 2, 3, 4]
+    assert isolation["engine"] is None and [t["task"] for t in isolation["task_itop"]] == [0, 1, 2, 3, 4]
+    inside = next(s for s in references["mlp"][1] if s["steps"] == 5)["plugin"]["isolation"]
+    assert inside["engine"]["step"] == 5 and set(inside["engine"]["growth_regions"]) == set(
+        inside["engine"]["masks"]
+    )  # a checkpoint inside a task holds the task's engine
     assert any(key.endswith("owner") for key in state["model"])
     assert any(key.endswith("weight_mask") for key in state["model"])
 
@@ -246,7 +265,7 @@ def _cli(out: Path, *extra: str, seed: int = 0, every: int = 5) -> list[str]:
         "16,16",
         "--sparsity",
         "0.8",
-        "--init",
+        "--distribution",
         "uniform",
         "--seed",
         str(seed),
@@ -293,7 +312,7 @@ def test_resume_of_a_finished_run_reuses_its_results(tmp_path, capsys, monkeypat
     def never(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
 
-    monkeypatch.setattr(train, "_train_and_evaluate", never)
+    monkeypatch.setattr(train, "train_and_evaluate", never)
     assert main(_cli(out, "--resume")) == 0
     again = capsys.readouterr().out
     assert again.splitlines()[:-1] == first.splitlines()[:-1]  # the same summary, every metric
@@ -313,7 +332,7 @@ def test_overwrite_replaces_the_run_and_keeps_other_files(tmp_path, capsys):
     assert json.loads((out / "sparseapps-run.json").read_text())["settings"]["seed"] == 1
     assert (out / "notes.txt").read_text() == "mine"
     assert main(_cli(out, "--overwrite", "--resume")) == 2
-    assert "at most one of them" in _one_error_line(capsys.readouterr().err)
+    assert "must not both be set" in _one_error_line(capsys.readouterr().err)
 
 
 def test_resume_into_an_empty_or_missing_directory_starts_the_run(tmp_path, capsys):
@@ -359,7 +378,39 @@ def test_checkpoint_of_another_configuration_is_refused_naming_the_fields(tmp_pa
     assert main(_cli(second, "--resume", seed=1)) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert str(second / "checkpoint.pt") in line
-    assert "{'isolation.seed': (0, 1), 'seed': (0, 1)}" in line
+    assert "{'isolation.sparsity.seed': (0, 1), 'seed': (0, 1)}" in line
+
+
+def _earlier_version_run(out: Path, *, finished: bool) -> None:
+    """A run directory as the version before the engine redesign left it: its settings name isolation.growth
+    (IsolationConfig copied SparsityConfig's fields) and its checkpoint is of version 1."""
+    settings = json.loads(json.dumps(MLP.settings()))
+    settings["isolation"] = {
+        "sparsity": 0.8,
+        "distribution": "uniform",
+        "growth": "momentum",
+        "update_interval": 2,
+    }
+    claim_output(out, tool=TOOL, settings=settings, outputs=["checkpoint.pt", "results.json"])
+    save_torch(out / "checkpoint.pt", {"format": FORMAT, "version": 1, "settings": settings, "completed": 1})
+    if finished:
+        (out / "results.json").write_text(json.dumps({"accuracy_matrix": [[1.0]], "acc": 1.0, "bwt": 0.0}))
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_run_of_the_version_before_the_engine_redesign_is_refused_naming_its_files(tmp_path, finished):
+    out = tmp_path / "old"
+    _earlier_version_run(out, finished=finished)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for resume_it in (False, True):
+        with pytest.raises(OutputConflictError) as error:
+            run_continual(MLP, progress=False, out=out, resume=resume_it)
+        message = str(error.value)
+        assert str(out / "sparseapps-run.json") in message and str(out / "checkpoint.pt") in message
+        assert "earlier sparseapps version" in message and "--overwrite" in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing was changed
+    result = run_continual(MLP, progress=False, out=out, overwrite=True, checkpoint_every=0)
+    assert result["bwt_exact_zero"] and load_torch(out / "checkpoint.pt")["version"] == 2
 
 
 def test_python_api_refuses_a_second_run_and_checks_its_arguments(tmp_path):
@@ -373,11 +424,11 @@ def test_python_api_refuses_a_second_run_and_checks_its_arguments(tmp_path):
     assert _differences(first, run_continual(MLP, progress=False, out=out, overwrite=True)) == []
     tmp_path = tmp_path / "unused"
     tmp_path.mkdir()
-    with pytest.raises(ValueError, match=r"out: expected an output directory with resume or overwrite"):
+    with pytest.raises(ValueError, match=r"out must be an output directory with resume or overwrite"):
         run_continual(MLP, resume=True)
-    with pytest.raises(ValueError, match=r"checkpoint_every: expected an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"checkpoint_every must be an integer >= 0, got -1"):
         run_continual(MLP, out=tmp_path, checkpoint_every=-1)
-    with pytest.raises(TypeError, match=r"resume: expected a bool, got 'yes'"):
+    with pytest.raises(TypeError, match=r"resume must be True or False, got 'yes'"):
         run_continual(MLP, out=tmp_path, resume="yes")  # type: ignore[arg-type]
     assert not any(tmp_path.iterdir())  # nothing claimed
 
@@ -400,7 +451,7 @@ def test_damaged_checkpoint_content_is_a_clear_error(tmp_path):
 _SLOW_CLI = """
 import io, os, sys, time
 import torch
-import sparseapps.continual.train as train
+import sparseapps.continual.resume as resume
 from sparseapps.core.io import write_atomic
 
 delay, fast = float(os.environ["SLOW_WRITE"]), int(os.environ["SLOW_AFTER"])
@@ -423,7 +474,7 @@ def slow_save(path, state):
 
     write_atomic(path, write)
 
-train.save_torch = slow_save
+resume.save_torch = slow_save
 from sparseapps.cli import main
 sys.exit(main(sys.argv[1:]))
 """

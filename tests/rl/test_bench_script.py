@@ -35,7 +35,12 @@ def test_slow_suite_only_with_slow_and_its_budget_follows_slow_steps(bench: Modu
     # The same RigL schedule as the Pendulum suite.
     assert cheetah.rigl_overrides == bench.SAC_RIGL
     run = next(r for r in bench.make_runs(cheetah, [10]) if r.method == "rigl")
-    assert run.sparsity_overrides == {"drop_fraction": 0.5, "end_fraction": 0.8}
+    assert run.sparsity is not None
+    assert (run.sparsity.drop_fraction, run.sparsity.end_fraction, run.sparsity.update_interval) == (
+        0.5,
+        0.8,
+        1000,
+    )
     assert run.algorithm_kwargs()["learning_starts"] == 10_000  # rl-zoo3's MuJoCo warm-up
 
 
@@ -47,7 +52,7 @@ def test_plan_shares_dense_runs_and_runs_seed_by_seed(bench: ModuleType, tmp_pat
     # 2 seeds x (dense + 2 x static + 2 x rigl), each dense run once.
     assert len(jobs) == 10 and len({d for _, d in jobs}) == 10
     assert [run.seed for run, _ in jobs] == [3] * 5 + [4] * 5
-    assert {run.sparsity for run, _ in jobs if run.method != "dense"} == {0.9, 0.98}
+    assert {run.sparsity.sparsity for run, _ in jobs if run.sparsity is not None} == {0.9, 0.98}
 
 
 def test_paired_difference_is_rigl_minus_static_seed_by_seed(bench: ModuleType) -> None:

@@ -20,11 +20,11 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import polyak_update
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from sparseapps.core import SparsityConfig
+from sparseapps.core import ConfigMismatchError, SparsityConfig, scores
 from sparseapps.core.io import load_torch, save_torch
 from sparseapps.core.masks import get_mask
 from sparseapps.rl.callback import DynamicSparsityCallback, count_optimizer_steps, find_networks
-from sparseapps.rl.policies import MaskAwarePolicy
+from sparseapps.rl.policies import SparsePolicyClass
 from sparseapps.rl.resume import pickle_environments, random_state, restore_environments, set_random_state
 from tests.rl.compare import differences
 
@@ -106,8 +106,9 @@ def test_every_algorithm_trains_sparse_with_exact_gradient_step_counts(name: str
     assert {n: e.total_steps for n, e in callback.engines.items()} == expected
     assert all(engine.history for engine in callback.engines.values())
     assert_sparse_invariants(callback)
-    assert isinstance(model.policy, MaskAwarePolicy)
-    assert issubclass(model.policy_class, MaskAwarePolicy)
+    # the policy keeps its class; the class SB3 rebuilds it from on load builds policies that accept masks
+    assert type(model.policy).__module__.startswith("stable_baselines3")
+    assert isinstance(model.policy_class, SparsePolicyClass)
     # hooks are gone after training: another optimizer step does not re-mask
     assert not callback._handles
 
@@ -177,6 +178,65 @@ def test_gradients_of_inactive_weights_are_zero_before_clipping_except_on_update
     backward()  # step 3 is an update step: RigL needs the dense gradient
     assert any(bool((r.param.grad[~r.mask] != 0).any()) for r in engine.tensors.values())
     callback.detach()
+
+
+class RecordCommits(BaseCallback):
+    """Records (step, masks before, masks after) of every topology update of the sparsity callback's engines."""
+
+    def __init__(self, sparsity: DynamicSparsityCallback) -> None:
+        super().__init__()
+        self.sparsity = sparsity
+        self.commits: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_start(self) -> None:
+        for engine in self.sparsity.engines.values():
+
+            def record(new: Any, engine: Any = engine) -> None:
+                before = {fqn: mask.clone() for fqn, mask in engine.masks.items()}
+                self.commits.append((engine.step, before, {fqn: mask.clone() for fqn, mask in new.items()}))
+
+            engine.commit_hooks.append(record)
+
+
+@pytest.mark.parametrize("name", ["ppo", "sac"])
+def test_a_registered_grow_criterion_works_unchanged_through_the_callback(name: str) -> None:
+    """A criterion registered with scores.register_grow is used as is: it reads the dense gradient (the callback
+    leaves it whole at update steps because the criterion declares "grad"), and the grown entries are the ones
+    its scores rank first."""
+    seen: dict[tuple[int, str], torch.Tensor] = {}  # (update step, fqn) -> the criterion's scores
+    dense_at_inactive: list[bool] = []
+    tie_breaker = torch.Generator().manual_seed(0)
+
+    @scores.register_grow("test_gradient_plus_rank", needs=("grad",), tie_noise=False)
+    def _score(ctx: scores.ScoreContext) -> torch.Tensor:
+        assert ctx.grad is not None
+        dense_at_inactive.append(bool((ctx.grad[~ctx.mask] != 0).any()))
+        rank = torch.rand(ctx.mask.shape, generator=tie_breaker)
+        seen[ctx.step, ctx.fqn] = ctx.grad.abs() + 1e-3 * rank
+        return seen[ctx.step, ctx.fqn]
+
+    try:
+        model, steps = make_model(name)
+        callback = DynamicSparsityCallback(rigl(grow="test_gradient_plus_rank", update_interval=3))
+        recorder = RecordCommits(callback)
+        model.learn(steps, callback=[callback, recorder])
+    finally:
+        scores.unregister("grow", "test_gradient_plus_rank")
+    assert recorder.commits and any(dense_at_inactive)
+    grown_any = False
+    for step, before, after in recorder.commits:
+        for fqn, new in after.items():
+            grown, left_out = new & ~before[fqn], ~new
+            if not bool(grown.any()):
+                continue
+            grown_any = True
+            # every grown entry scores at least as high as every inactive entry that was not grown
+            assert float(seen[step, fqn][grown].min()) >= float(seen[step, fqn][left_out].max()), fqn
+    assert grown_any
+    assert_sparse_invariants(callback)
 
 
 def test_targets_stay_masked_through_polyak_updates_and_topology_changes() -> None:
@@ -395,9 +455,14 @@ def test_rejects_masks_and_checkpoints_of_another_configuration(tmp_path: Path) 
     model.learn(steps, callback=callback)
     with pytest.raises(ValueError, match="another configuration"):
         DynamicSparsityCallback(rigl(sparsity=0.5)).attach(model, 1_000)
-    with pytest.raises(ValueError, match="another configuration"):
-        DynamicSparsityCallback(rigl(drop_fraction=0.1)).load_state_dict(callback.state_dict())
-    with pytest.raises(ValueError, match="another configuration"):
+    # the engines compare the checkpoint's configuration when they load it
+    other_config = DynamicSparsityCallback(rigl(drop_fraction=0.1))
+    other_config.load_state_dict(callback.state_dict())
+    with pytest.raises(
+        ConfigMismatchError, match=r"DQN\.q_net: .*another SparsityConfig.*'drop_fraction': \(0\.3, 0\.1\)"
+    ):
+        other_config.attach(model, model.num_timesteps)
+    with pytest.raises(ConfigMismatchError, match=r"another configuration.*dense_output_layers"):
         DynamicSparsityCallback(rigl(), dense_output_layers=False).load_state_dict(callback.state_dict())
     # the same configuration but a longer run: the engines' total steps differ
     other = DynamicSparsityCallback(rigl())
@@ -412,9 +477,14 @@ def test_rejects_masks_and_checkpoints_of_another_configuration(tmp_path: Path) 
     "module",
     [
         "sparseapps.rl",
+        "sparseapps.rl.budgets",
         "sparseapps.rl.callback",
+        "sparseapps.rl.checkpoints",
+        "sparseapps.rl.networks",
         "sparseapps.rl.policies",
         "sparseapps.rl.resume",
+        "sparseapps.rl.run_config",
+        "sparseapps.rl.summary",
         "sparseapps.rl.train",
     ],
 )

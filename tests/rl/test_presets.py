@@ -1,7 +1,8 @@
-"""RL presets: published values, callbacks and algorithm kwargs that SB3 accepts; mask-aware policy classes."""
+"""RL presets: published values, callbacks and algorithm kwargs that SB3 accepts; policies that accept masks."""
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,12 @@ from stable_baselines3.sac.policies import SACPolicy
 import sparseapps.rl.presets
 from sparseapps.core.kernels import CondenseConfig
 from sparseapps.core.masks import attach_mask
+from sparseapps.rl import policies
 from sparseapps.rl.policies import (
-    MaskAwarePolicy,
     SparseActorCriticPolicy,
+    SparsePolicyClass,
     SparseSACPolicy,
+    accept_masks,
     adopt_masks,
     condense_policy,
     sparse_policy_class,
@@ -85,6 +88,12 @@ def test_bad_presets_and_overrides() -> None:
     with pytest.raises(ValueError, match="is for ppo"):
         rl_preset("graesser-ppo").kwargs_for("sac")
     assert rl_preset("rlx2", sparsity=0.95).sparsity.sparsity == 0.95
+    with pytest.raises(ValueError, match=r"algorithms entry must be one of 'ppo'.*got 'trpo'"):
+        dataclasses.replace(rl_preset("rlx2"), algorithms=("trpo",))
+    with pytest.raises(ValueError, match="critic_density_ratio must be a finite number > 0, got 0"):
+        dataclasses.replace(rl_preset("rlx2"), critic_density_ratio=0)
+    with pytest.raises(TypeError, match="dense_output_layers must be True or False, got 1"):
+        dataclasses.replace(rl_preset("rlx2"), dense_output_layers=1)
     assert rl_preset("rlx2").kwargs_for("td3") is not rl_preset("rlx2").kwargs_for("td3")
 
 
@@ -95,28 +104,51 @@ def test_presets_docstring_examples() -> None:
 # ------------------------------------------------------------------------------------------------ policies
 
 
-def test_sparse_policy_class_maps_sb3_policies_to_mask_aware_twins() -> None:
-    assert sparse_policy_class(ActorCriticPolicy) is SparseActorCriticPolicy
-    assert sparse_policy_class(SACPolicy) is SparseSACPolicy
+def test_sparse_policy_class_wraps_sb3_policy_classes_without_subclassing() -> None:
+    assert sparse_policy_class(ActorCriticPolicy) == SparseActorCriticPolicy  # the former names are aliases
+    assert sparse_policy_class(SACPolicy) == SparseSACPolicy
     assert sparse_policy_class(SparseSACPolicy) is SparseSACPolicy
+    assert SparseSACPolicy.__name__ == "SACPolicy"  # SB3 reads it
+    policy = SAC(SparseSACPolicy, "Pendulum-v1", device="cpu", policy_kwargs={"net_arch": [8]}).policy
+    assert type(policy) is SACPolicy  # the policies it builds are SB3's own class
     with pytest.raises(TypeError, match="BasePolicy subclass"):
         sparse_policy_class(torch.nn.Linear)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        accept_masks("policy")  # type: ignore[arg-type]
 
 
 class CustomSACPolicy(SACPolicy):
     """A user's subclass (importable by reference from this test module)."""
 
 
-def test_user_policy_subclasses_get_a_mask_aware_subclass_that_survives_save_and_load(tmp_path: Path) -> None:
+def test_user_policy_classes_accept_masks_through_save_and_load(tmp_path: Path) -> None:
     twin = sparse_policy_class(CustomSACPolicy)
-    assert issubclass(twin, MaskAwarePolicy) and issubclass(twin, CustomSACPolicy)
-    assert sparse_policy_class(CustomSACPolicy) is twin
+    assert isinstance(twin, SparsePolicyClass) and twin.policy_class is CustomSACPolicy
     model = SAC(twin, "Pendulum-v1", device="cpu", policy_kwargs={"net_arch": [8]})
+    assert type(model.policy) is CustomSACPolicy
     layer = model.policy.actor.latent_pi[0]
     attach_mask(layer, "weight", torch.rand(layer.weight.shape) < 0.5)
     model.save(tmp_path / "model.zip")
     loaded = SAC.load(tmp_path / "model.zip", device="cpu")
     assert torch.equal(loaded.policy.actor.latent_pi[0].weight_mask, layer.weight_mask)
+    # BasePolicy.save / load of the policy alone
+    model.policy.save(tmp_path / "policy.pt")
+    policy = loaded.policy_class.load(tmp_path / "policy.pt", device="cpu")
+    assert type(policy) is CustomSACPolicy
+    assert torch.equal(policy.actor.latent_pi[0].weight_mask, layer.weight_mask)
+
+
+def test_the_deprecated_mask_aware_mixin_warns_and_still_builds_policies_that_accept_masks() -> None:
+    with pytest.warns(DeprecationWarning, match="MaskAwarePolicy is deprecated"):
+        from sparseapps.rl import MaskAwarePolicy
+    # what a model saved by an earlier sparseapps with a Sparse<YourPolicy> class rebuilds on load
+    older = type("SparseCustomSACPolicy", (MaskAwarePolicy, CustomSACPolicy), {})
+    model = SAC(older, "Pendulum-v1", device="cpu", policy_kwargs={"net_arch": [8]})
+    layer = model.policy.actor.latent_pi[0]
+    attach_mask(layer, "weight", torch.rand(layer.weight.shape) < 0.5)
+    fresh = SAC(older, "Pendulum-v1", device="cpu", policy_kwargs={"net_arch": [8]})
+    fresh.policy.load_state_dict(model.policy.state_dict())
+    assert torch.equal(fresh.policy.actor.latent_pi[0].weight_mask, layer.weight_mask)
 
 
 def test_plain_sb3_policies_reject_masks_that_mask_aware_ones_adopt() -> None:
@@ -132,8 +164,18 @@ def test_plain_sb3_policies_reject_masks_that_mask_aware_ones_adopt() -> None:
     assert bool((plain.policy.actor.mu[0].weight[~layer.weight_mask] == 0).all())
     # keys that name nothing are left to the strict load to report
     assert adopt_masks(plain.policy, {"nowhere.weight_mask": torch.ones(2, dtype=torch.bool)}) == []
+    # a pre-hook on the policy module: nested prefixes too, and registered once however often asked
+    accept_masks(plain.policy)
+    accept_masks(plain.policy)
+    assert len(plain.policy._load_state_dict_pre_hooks) == 1
+    holder = torch.nn.ModuleDict(
+        {"inner": TD3("MlpPolicy", "Pendulum-v1", device="cpu", policy_kwargs={"net_arch": [8]}).policy}
+    )
+    accept_masks(holder["inner"])
+    holder.load_state_dict({f"inner.{k}": v for k, v in state.items()})
+    assert torch.equal(holder["inner"].actor.mu[0].weight_mask, layer.weight_mask)
     ppo = PPO(sparse_policy_class(ActorCriticPolicy), "CartPole-v1", device="cpu")
-    assert isinstance(ppo.policy, BasePolicy) and isinstance(ppo.policy, MaskAwarePolicy)
+    assert isinstance(ppo.policy, BasePolicy) and ppo.policy in policies._ACCEPTING
 
 
 @pytest.mark.parametrize("algo", ["ppo", "sac"])

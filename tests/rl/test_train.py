@@ -19,6 +19,7 @@ from sparseapps.core.io import MANIFEST, OWNER_FILE, CorruptFileError, claim_out
 from sparseapps.rl.train import (
     SUMMARY_OUTPUTS,
     RLRun,
+    make_sparsity_config,
     mean_confidence_interval,
     shared_settings,
     summarize,
@@ -44,13 +45,22 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def tiny_run(algo: str = "ppo", **changes: Any) -> RLRun:
+def tiny_run(
+    algo: str = "ppo",
+    *,
+    method: str = "rigl",
+    sparsity: float = 0.8,
+    update_interval: int = 2,
+    **changes: Any,
+) -> RLRun:
+    config = None
+    if method != "dense":
+        config = make_sparsity_config(method, sparsity=sparsity, update_interval=update_interval)
     values: dict[str, Any] = dict(
         env="CartPole-v1",
         algo=algo,
-        method="rigl",
-        sparsity=0.8,
-        update_interval=2,
+        method=method,
+        sparsity=config,
         steps=256,
         eval_every=128,
         eval_episodes=2,
@@ -82,6 +92,9 @@ def test_train_run_writes_model_result_and_tensorboard_logs(tmp_path: Path) -> N
     assert [point[0] for point in result["curve"]] == [128, 256]
     assert 0 < result["training_flops"]["ratio"] < 1
     assert result["topology_updates"]["policy"] > 0
+    # the ITOP rate: the fraction of weights ever active, above the density once the topology has moved
+    assert result["density"]["policy"] < result["itop_rate"]["policy"] <= 1
+    assert result["itop_rate"]["policy"] == result["sparsity_report"]["policy"]["itop_rate"]
     assert all(0 < t <= 1 for t in result["turnover"]["policy"])
     assert 0 <= result["dormant_fraction"]["policy"] <= 1
     assert json.loads((tmp_path / "result.json").read_text())["final_return"] == result["final_return"]
@@ -170,21 +183,36 @@ def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
     train_run(dataclasses.replace(run, checkpoint_every=128), tmp_path)
     with pytest.raises(ValueError, match=r"another configuration.*steps"):
         train_run(tiny_run(checkpoint_every=64, eval_every=0, steps=512), tmp_path)
-    with pytest.raises(ValueError, match=r"another configuration.*sparsity_overrides"):
-        train_run(dataclasses.replace(run, sparsity_overrides={"drop_fraction": 0.5}), tmp_path)
+    assert run.sparsity is not None
+    other = dataclasses.replace(run, sparsity=run.sparsity.replace(drop_fraction=0.5))
+    with pytest.raises(ValueError, match=r"another configuration.*'sparsity\.drop_fraction': \(0\.3, 0\.5\)"):
+        train_run(other, tmp_path)
 
 
-def test_results_saved_before_sparsity_overrides_existed_are_reused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overrides", [None, {"drop_fraction": 0.3}])
+def test_results_saved_before_the_run_contained_its_sparsity_config_are_reused(
+    overrides: dict[str, float] | None, tmp_path: Path
+) -> None:
+    """Runs saved before issue 14 stored the sparsity and update interval as fields of their own, other fields as
+    sparsity_overrides (and earlier still, none): they are recognized as the configuration those fields gave."""
     run = tiny_run(steps=64, eval_every=0)
     result = train_run(run, tmp_path)
     saved = json.loads((tmp_path / "result.json").read_text())
-    del saved["run"]["sparsity_overrides"]
+    saved["run"] |= {"sparsity": 0.8, "update_interval": 2}
+    if overrides is not None:
+        saved["run"]["sparsity_overrides"] = overrides
     (tmp_path / "result.json").write_text(json.dumps(saved))
     (tmp_path / MANIFEST).unlink()  # nor did runs of that time write a manifest
     assert train_run(run, tmp_path)["final_return"] == result["final_return"]
     assert set(load_json(tmp_path / MANIFEST)["files"]) == {"model.zip", "result.json"}
-    with pytest.raises(ValueError, match="another configuration"):
-        train_run(dataclasses.replace(run, sparsity_overrides={"drop_fraction": 0.5}), tmp_path)
+    assert run.sparsity is not None
+    with pytest.raises(ValueError, match=r"another configuration.*sparsity\.drop_fraction"):
+        train_run(dataclasses.replace(run, sparsity=run.sparsity.replace(drop_fraction=0.5)), tmp_path)
+    saved["run"]["sparsity_overrides"] = {"bogus": 1}
+    (tmp_path / "result.json").write_text(json.dumps(saved))
+    (tmp_path / MANIFEST).unlink()
+    with pytest.raises(ValueError, match=r"result\.json holds settings this version cannot read .*bogus"):
+        train_run(run, tmp_path)
 
 
 def test_drifting_run_reports_recovery_after_each_shift(tmp_path: Path) -> None:
@@ -226,20 +254,33 @@ def test_run_settings_are_validated_and_merged() -> None:
     assert kwargs["learning_rate"] == 2.3e-3  # tuned rl-zoo value kept
     assert run.sparsity_config().update_interval == 1000
     dense = RLRun(algo="dqn", env="CartPole-v1", method="dense", preset="graesser-dqn")
-    assert dense.label == "dense" and dense.callback() is None
+    assert dense.label == "dense" and dense.callback() is None and dense.sparsity is None
     assert dense.algorithm_kwargs()["target_update_interval"] == 100
     callback = run.callback()
     assert callback is not None and not callback.dense_output_layers
-    tuned = RLRun(update_interval=1000, sparsity_overrides={"drop_fraction": 0.5, "end_fraction": 0.8})
+    # the run contains its engines' SparsityConfig whole; the run's seed seeds it
+    tuned = RLRun(
+        seed=3,
+        sparsity=make_sparsity_config("rigl", update_interval=1000, drop_fraction=0.5, end_fraction=0.8),
+    )
     config = tuned.sparsity_config()
     assert (config.drop_fraction, config.end_fraction, config.update_interval) == (0.5, 0.8, 1000)
-    assert config.grow == "gradient" and config.seed == 0  # the rest stays RigL's, seeded by the run
-    with pytest.raises(ValueError, match="bogus"):
-        RLRun(sparsity_overrides={"bogus": 1})
-    with pytest.raises(ValueError, match="update_interval"):
-        RLRun(sparsity_overrides={"update_interval": 5})
+    assert config.grow == "gradient" and config.sparsity == 0.9 and config.seed == 3
+    assert tuned.to_dict()["sparsity"]["seed"] is None and RLRun().sparsity == make_sparsity_config("rigl")
+    with pytest.raises(ValueError, match=r"unknown SparsityConfig fields.*bogus"):
+        make_sparsity_config("rigl", bogus=1)
     with pytest.raises(ValueError, match="drop_fraction"):
-        RLRun(sparsity_overrides={"drop_fraction": 1.5})
+        make_sparsity_config("rigl", drop_fraction=1.5)
+    with pytest.raises(ValueError, match=r"sparsity\.seed must be None or the run's seed 0, got 5"):
+        RLRun(sparsity=make_sparsity_config("rigl", seed=5))
+    with pytest.raises(ValueError, match="method 'dense' trains no sparse network"):
+        RLRun(method="dense", sparsity=make_sparsity_config("rigl"))
+    with pytest.raises(TypeError, match="sparsity must be a SparsityConfig or None, got float"):
+        RLRun(sparsity=0.8)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'snip' prunes at initialization"):
+        RLRun(sparsity=make_sparsity_config("rigl", method="snip", grow="none"))
+    with pytest.raises(ValueError, match=r"critic_density_ratio must be a finite number > 0, got -1"):
+        RLRun(critic_density_ratio=-1.0)
 
 
 def test_summary_ratios_and_confidence_intervals() -> None:
@@ -273,11 +314,13 @@ def test_cli_trains_dense_and_sparse_and_writes_results(
         "--hp", "n_steps=64", "--hp", "batch_size=32", "--hp", "policy_kwargs={'net_arch': [16]}",
         "--out", str(tmp_path),
     ]  # fmt: skip
-    assert main(argv) == 0
+    assert main([*argv, "--no-progress"]) == 0
     summary = json.loads((tmp_path / "results.json").read_text())
     assert [row["method"] for row in summary["rows"]] == ["dense", "static"]
+    assert [row["itop_rate"] for row in summary["rows"]] == [None, None]  # a static mask: no ITOP rate
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert "static" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "static" in printed.out and "rl train" not in printed.err  # --no-progress: no progress bar
     assert main([*argv[:-2], "--seeds", "0", "--out", str(tmp_path)]) == 2
     assert main(["rl", "train", "--algo", "sac", "--preset", "ds-td3", "--out", str(tmp_path / "x")]) == 2
     assert "is for td3" in capsys.readouterr().err
@@ -312,6 +355,9 @@ def test_another_method_into_the_same_out_adds_its_rows(
     assert main(cli_options(tmp_path, "--method", "set")) == 0
     summary = json.loads((tmp_path / "results.json").read_text())
     assert [row["method"] for row in summary["rows"]] == ["dense", "rigl", "set"]
+    # every DST run carries the ITOP rate of each network, and each DST row its mean over seeds
+    assert [set(r.get("itop_rate") or ()) for r in summary["runs"]] == [set(), {"policy"}, {"policy"}]
+    assert [row["itop_rate"] is not None for row in summary["rows"]] == [False, True, True]
     assert [(r["label"], r["run"]["seed"]) for r in summary["runs"]] == [
         ("dense", 0),
         ("rigl", 0),
@@ -346,11 +392,15 @@ def test_other_settings_are_refused_with_a_one_line_error_until_overwrite(
     # the same shared settings but another configuration of one run: that run is refused
     assert main(cli_options(tmp_path, "--method", "rigl", "--sparsity", "0.5")) == 2
     error = last_line(capsys.readouterr().err)
-    assert "another configuration" in error and "'sparsity': (0.8, 0.5)" in error and "--overwrite" in error
+    assert (
+        "another configuration" in error
+        and "'sparsity.sparsity': (0.8, 0.5)" in error
+        and "--overwrite" in error
+    )
     # --overwrite retrains what conflicts and reuses the rest
     dense = (tmp_path / "dense" / "seed0" / "result.json").read_bytes()
     assert main(cli_options(tmp_path, "--method", "rigl", "--sparsity", "0.5", "--overwrite")) == 0
-    assert load_json(tmp_path / "rigl" / "seed0" / "result.json")["run"]["sparsity"] == 0.5
+    assert load_json(tmp_path / "rigl" / "seed0" / "result.json")["run"]["sparsity"]["sparsity"] == 0.5
     assert (tmp_path / "dense" / "seed0" / "result.json").read_bytes() == dense
     (tmp_path / "notes.txt").write_text("the user's own file")
     assert main([*cli_options(tmp_path, "--method", "set", "--overwrite"), "--steps", "128"]) == 0
@@ -443,7 +493,7 @@ def test_a_truncated_file_is_named_with_how_to_start_afresh(
         env="CartPole-v1",
         algo="ppo",
         method="rigl",
-        sparsity=0.8,
+        sparsity=make_sparsity_config("rigl", sparsity=0.8),
         steps=256,
         eval_every=0,
         eval_episodes=1,

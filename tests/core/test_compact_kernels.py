@@ -60,3 +60,21 @@ def test_sddmm_refuses_bad_input_by_name() -> None:
         torch.ops.sparseapps.csr_sddmm(torch.randn(2, 4), torch.randn(5, 3), row_ptr, indices)
     with pytest.raises(RuntimeError, match="row_ptr of length out"):
         torch.ops.sparseapps.csr_sddmm(torch.randn(2, 4), torch.randn(2, 7), row_ptr, indices)
+
+
+@needs_compiled
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_compiled_sddmm_sums_over_several_column_tiles(isa: str) -> None:
+    """A wide input (5000) leaves room for 64 batch columns per tile: 150 rows take tiles of 64, 64 and 32."""
+    if f"{isa}=1" not in str(torch.ops.sparseapps.kernel_info()) and isa != "generic":
+        pytest.skip(f"this CPU lacks {isa}")
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(8, 5000, generator=g) < 0.05
+    row_ptr, indices = formats.csr_structure(mask, torch.int16)
+    x, dy = torch.randn(150, 5000, generator=g), torch.randn(150, 8, generator=g)
+    try:
+        configure_kernels(isa)
+        got = torch.ops.sparseapps.csr_sddmm(x, dy, row_ptr, indices)
+    finally:
+        configure_kernels("")
+    assert_close(got, (dy.T @ x)[mask])

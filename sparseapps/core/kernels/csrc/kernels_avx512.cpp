@@ -297,88 +297,41 @@ void unpack_entry(const float* yt, int64_t ldyt, int64_t out, const float* bias,
   }
 }
 
-// ---- SDDMM: the weight gradient on the active entries -----------------------------------------------
-// Few batch rows: 16 entries at a time, one hardware gather of their inputs per batch row.
+// ---- SDDMM: the weight gradient on the active entries (row loops in kernels_sddmm.h) -------------------
+inline float sddmm_dot(const float* d, const float* p, int64_t c0, int64_t c1) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = c0; c < c1; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(d + c), _mm512_loadu_ps(p + c), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+// Four entries at a time: four FMA chains share each load of d.
+inline void sddmm_dot4(const float* d, const float* const p[4], int64_t c0, int64_t c1, float out[4]) {
+  __m512 acc[4];
+  for (int u = 0; u < 4; ++u) acc[u] = _mm512_setzero_ps();
+  for (int64_t c = c0; c < c1; c += 16) {
+    const __m512 dv = _mm512_loadu_ps(d + c);
+    for (int u = 0; u < 4; ++u) acc[u] = _mm512_fmadd_ps(dv, _mm512_loadu_ps(p[u] + c), acc[u]);
+  }
+  for (int u = 0; u < 4; ++u) out[u] = _mm512_reduce_add_ps(acc[u]);
+}
+
+// 16 entries at a time, one hardware gather of their inputs per batch row.
 template <int NB, typename Index>
-void sddmm_gather_rows(const SparseRows& rows, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                       float* grad, int64_t r0, int64_t r1) {
-  const Index* all_indices = static_cast<const Index*>(rows.indices);
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t start, length;
-    row_range(rows, r, &start, &length);
-    const Index* ind = all_indices + start;
-    float* g = grad + start;
-    __m512 d[NB];
-    for (int b = 0; b < NB; ++b) d[b] = _mm512_set1_ps(dy[b * lddy + r]);
-    for (int64_t t = 0; t < length; t += 16) {
-      const __mmask16 m = tail_mask(length - t);
-      const __m512i i0 = load_index(ind + t, m);
-      __m512 acc = _mm512_setzero_ps();
-      for (int b = 0; b < NB; ++b) {
-        acc = _mm512_fmadd_ps(d[b], _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i0, x + b * ldx, 4), acc);
-      }
-      _mm512_mask_storeu_ps(g + t, m, acc);
+inline void sddmm_gather_row(const Index* ind, int64_t length, const float* x, int64_t ldx, const float* dr,
+                             float* g) {
+  for (int64_t t = 0; t < length; t += 16) {
+    const __mmask16 m = tail_mask(length - t);
+    const __m512i i0 = load_index(ind + t, m);
+    __m512 acc = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) {
+      const __m512 inputs = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i0, x + b * ldx, 4);
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(dr[b]), inputs, acc);
     }
+    _mm512_mask_storeu_ps(g + t, m, acc);
   }
 }
 
-// Transposed activations: per entry, a dot product of the row's dy tile with its input's tile, four entries at
-// a time so that four FMA chains share each dy load.
-template <typename Index>
-void sddmm_tile_rows(const SparseRows& rows, const float* xt, const float* dyt, int64_t ld, float* grad, int64_t r0,
-                     int64_t r1, int64_t c0, int64_t c1) {
-  const Index* all_indices = static_cast<const Index*>(rows.indices);
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t start, length;
-    row_range(rows, r, &start, &length);
-    const Index* ind = all_indices + start;
-    const float* d = dyt + r * ld;
-    float* g = grad + start;
-    int64_t t = 0;
-    for (; t + 4 <= length; t += 4) {
-      const float* p[4];
-      __m512 acc[4];
-      for (int u = 0; u < 4; ++u) {
-        p[u] = xt + static_cast<int64_t>(ind[t + u]) * ld;
-        acc[u] = _mm512_setzero_ps();
-      }
-      for (int64_t c = c0; c < c1; c += 16) {
-        const __m512 dv = _mm512_loadu_ps(d + c);
-        for (int u = 0; u < 4; ++u) acc[u] = _mm512_fmadd_ps(dv, _mm512_loadu_ps(p[u] + c), acc[u]);
-      }
-      for (int u = 0; u < 4; ++u) g[t + u] += _mm512_reduce_add_ps(acc[u]);
-    }
-    for (; t < length; ++t) {
-      const float* p0 = xt + static_cast<int64_t>(ind[t]) * ld;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = c0; c < c1; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(d + c), _mm512_loadu_ps(p0 + c), acc);
-      g[t] += _mm512_reduce_add_ps(acc);
-    }
-  }
-}
-
-template <typename Index>
-void sddmm_gather_dispatch(const SparseRows& rows, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                           int64_t n_batch, float* grad, int64_t r0, int64_t r1) {
-  switch (n_batch) {
-    case 1: sddmm_gather_rows<1, Index>(rows, x, ldx, dy, lddy, grad, r0, r1); break;
-    case 2: sddmm_gather_rows<2, Index>(rows, x, ldx, dy, lddy, grad, r0, r1); break;
-    case 3: sddmm_gather_rows<3, Index>(rows, x, ldx, dy, lddy, grad, r0, r1); break;
-    default: sddmm_gather_rows<4, Index>(rows, x, ldx, dy, lddy, grad, r0, r1); break;
-  }
-}
-
-void sddmm_gather_entry(const SparseRows& rows, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                        int64_t n_batch, float* grad, int64_t r0, int64_t r1) {
-  if (rows.index16) sddmm_gather_dispatch<int16_t>(rows, x, ldx, dy, lddy, n_batch, grad, r0, r1);
-  else sddmm_gather_dispatch<int32_t>(rows, x, ldx, dy, lddy, n_batch, grad, r0, r1);
-}
-
-void sddmm_tile_entry(const SparseRows& rows, const float* xt, const float* dyt, int64_t ld, float* grad, int64_t r0,
-                      int64_t r1, int64_t c0, int64_t c1) {
-  if (rows.index16) sddmm_tile_rows<int16_t>(rows, xt, dyt, ld, grad, r0, r1, c0, c1);
-  else sddmm_tile_rows<int32_t>(rows, xt, dyt, ld, grad, r0, r1, c0, c1);
-}
+#include "kernels_sddmm.h"
 
 }  // namespace
 }  // namespace sparseapps

@@ -201,72 +201,33 @@ void unpack_entry(const float* yt, int64_t ldyt, int64_t out, const float* bias,
   }
 }
 
-// ---- SDDMM: the weight gradient on the active entries -----------------------------------------------
+// ---- SDDMM: the weight gradient on the active entries (row loops in kernels_sddmm.h) -------------------
+inline float sddmm_dot(const float* d, const float* p, int64_t c0, int64_t c1) {
+  float acc[kLanes] = {};
+  for (int64_t c = c0; c < c1; c += kLanes) {
+    for (int v = 0; v < kLanes; ++v) acc[v] += d[c + v] * p[c + v];
+  }
+  float sum = 0.0f;
+  for (int v = 0; v < kLanes; ++v) sum += acc[v];
+  return sum;
+}
+
+inline void sddmm_dot4(const float* d, const float* const p[4], int64_t c0, int64_t c1, float out[4]) {
+  for (int u = 0; u < 4; ++u) out[u] = sddmm_dot(d, p[u], c0, c1);
+}
+
 template <int NB, typename Index>
-void sddmm_gather_rows(const SparseRows& rows, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                       float* grad, int64_t r0, int64_t r1) {
-  const Index* all_indices = static_cast<const Index*>(rows.indices);
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t start, length;
-    row_range(rows, r, &start, &length);
-    const Index* ind = all_indices + start;
-    float d[NB];
-    for (int b = 0; b < NB; ++b) d[b] = dy[b * lddy + r];
-    float* g = grad + start;
-    for (int64_t t = 0; t < length; ++t) {
-      const int64_t j = ind[t];
-      float acc = 0.0f;
-      for (int b = 0; b < NB; ++b) acc += d[b] * x[b * ldx + j];
-      g[t] = acc;
-    }
+inline void sddmm_gather_row(const Index* ind, int64_t length, const float* x, int64_t ldx, const float* dr,
+                             float* g) {
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t j = ind[t];
+    float acc = 0.0f;
+    for (int b = 0; b < NB; ++b) acc += dr[b] * x[b * ldx + j];
+    g[t] = acc;
   }
 }
 
-template <typename Index>
-void sddmm_tile_rows(const SparseRows& rows, const float* xt, const float* dyt, int64_t ld, float* grad, int64_t r0,
-                     int64_t r1, int64_t c0, int64_t c1) {
-  const Index* all_indices = static_cast<const Index*>(rows.indices);
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t start, length;
-    row_range(rows, r, &start, &length);
-    const Index* ind = all_indices + start;
-    const float* d = dyt + r * ld;
-    float* g = grad + start;
-    for (int64_t t = 0; t < length; ++t) {
-      const float* p = xt + static_cast<int64_t>(ind[t]) * ld;
-      float acc[kLanes] = {};
-      for (int64_t c = c0; c < c1; c += kLanes) {
-        for (int v = 0; v < kLanes; ++v) acc[v] += d[c + v] * p[c + v];
-      }
-      float sum = 0.0f;
-      for (int v = 0; v < kLanes; ++v) sum += acc[v];
-      g[t] += sum;
-    }
-  }
-}
-
-template <typename Index>
-void sddmm_gather_dispatch(const SparseRows& rows, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                           int64_t n_batch, float* grad, int64_t r0, int64_t r1) {
-  switch (n_batch) {
-    case 1: sddmm_gather_rows<1, Index>(rows, x, ldx, dy, lddy, grad, r0, r1); break;
-    case 2: sddmm_gather_rows<2, Index>(rows, x, ldx, dy, lddy, grad, r0, r1); break;
-    case 3: sddmm_gather_rows<3, Index>(rows, x, ldx, dy, lddy, grad, r0, r1); break;
-    default: sddmm_gather_rows<4, Index>(rows, x, ldx, dy, lddy, grad, r0, r1); break;
-  }
-}
-
-void sddmm_gather_entry(const SparseRows& rows, const float* x, int64_t ldx, const float* dy, int64_t lddy,
-                        int64_t n_batch, float* grad, int64_t r0, int64_t r1) {
-  if (rows.index16) sddmm_gather_dispatch<int16_t>(rows, x, ldx, dy, lddy, n_batch, grad, r0, r1);
-  else sddmm_gather_dispatch<int32_t>(rows, x, ldx, dy, lddy, n_batch, grad, r0, r1);
-}
-
-void sddmm_tile_entry(const SparseRows& rows, const float* xt, const float* dyt, int64_t ld, float* grad, int64_t r0,
-                      int64_t r1, int64_t c0, int64_t c1) {
-  if (rows.index16) sddmm_tile_rows<int16_t>(rows, xt, dyt, ld, grad, r0, r1, c0, c1);
-  else sddmm_tile_rows<int32_t>(rows, xt, dyt, ld, grad, r0, r1, c0, c1);
-}
+#include "kernels_sddmm.h"
 
 }  // namespace
 }  // namespace SPARSEAPPS_PORTABLE_NS

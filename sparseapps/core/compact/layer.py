@@ -155,17 +155,23 @@ class CompactLinear(nn.Module):
             raise ValueError(
                 f"expected a bool mask of shape {tuple(self.weight_shape)}, got {_describe(mask)}"
             )
-        mask = mask.to(self.row_ptr.device)
+        new_flat = mask.to(self.row_ptr.device).reshape(-1)
         old = self.positions()
-        new = mask.reshape(-1).nonzero().squeeze(1)
-        found = torch.searchsorted(old, new).clamp(max=max(old.numel() - 1, 0))
-        kept = old[found] == new if old.numel() else torch.zeros_like(new, dtype=torch.bool)
-        repack = Repack(found[kept], kept.nonzero().squeeze(1), nnz=new.numel())
+        new = new_flat.nonzero().squeeze(1)
+        old_flat = torch.zeros_like(new_flat)
+        old_flat[old] = True
+        # Both lists ascend by position, so the kept entries come in the same order on either side.
+        repack = Repack(
+            new_flat[old].nonzero().squeeze(1), old_flat[new].nonzero().squeeze(1), nnz=new.numel()
+        )
         with torch.no_grad():
             self.values.data = repack.apply(self.values.detach())
             if self.values.grad is not None:
                 self.values.grad = repack.apply(self.values.grad)
-        self.row_ptr, self.col_indices = formats.csr_structure(mask, self.col_indices.dtype)
+        rows = torch.div(new, self.in_features, rounding_mode="floor")
+        self.row_ptr = torch.zeros_like(self.row_ptr)
+        self.row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0)
+        self.col_indices = (new - rows * self.in_features).to(self.col_indices.dtype)
         self._build_transpose()
         return repack
 

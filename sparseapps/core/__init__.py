@@ -10,6 +10,7 @@ Example:
 
 from sparseapps.core import rules, scores
 from sparseapps.core.accounting import SparsityReport, TensorReport, training_flops_per_step
+from sparseapps.core.compact import CompactLinear, to_compact
 from sparseapps.core.config import PRESETS, ConfigMismatchError, SparsityConfig
 from sparseapps.core.distributions import target_nnz
 from sparseapps.core.engine import DynamicSparsity
@@ -20,6 +21,7 @@ from sparseapps.core.selection import select_tensors
 
 __all__ = [
     "PRESETS",
+    "CompactLinear",
     "CondenseConfig",
     "ConfigMismatchError",
     "DynamicSparsity",
@@ -33,5 +35,6 @@ __all__ = [
     "scores",
     "select_tensors",
     "target_nnz",
+    "to_compact",
     "training_flops_per_step",
 ]

@@ -22,6 +22,7 @@ DropSchedule = Literal["constant", "cosine", "linear"]
 Redistribution = Literal["none", "momentum", "dsr"]
 Method = Literal["dst", "static", "gmp", "one_shot", "snip", "grasp", "synflow", "lottery"]
 ModuleKind = Literal["linear", "conv", "embedding"]
+Storage = Literal["masked", "compact"]
 
 DISTRIBUTIONS = ("uniform", "erk", "er")
 DROP_SCHEDULES = ("constant", "cosine", "linear")
@@ -31,6 +32,7 @@ MODULE_KINDS = ("linear", "conv", "embedding")
 GROW_OPTIMIZER_STATES = ("reset", "momentum")
 EMBEDDING_ROWS = ("all", "looked_up")
 FORESIGHT_METHODS = ("snip", "grasp", "synflow")
+STORAGES = ("masked", "compact")
 
 
 class ConfigMismatchError(ValueError):
@@ -190,6 +192,14 @@ class SparsityConfig(PlainConfig):
     seed: int | None = field(
         default=None, metadata={"help": "seed of the engine's own RNG (None: from torch)"}
     )
+    storage: Storage = field(
+        default="masked",
+        metadata={
+            "help": "masked: dense weights with exact zeros and a mask buffer (any layer, any method); compact: "
+            "Linear layers hold only their active weights (sparseapps.core.to_compact), with sparse forward and "
+            "backward kernels and gradients and optimizer state of the same size (methods dst and static)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_number("sparsity", self.sparsity, low=0.0, high=1.0, high_open=True)
@@ -239,6 +249,23 @@ class SparsityConfig(PlainConfig):
             )
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        check_choice("storage", self.storage, STORAGES)
+        if self.storage == "compact":
+            self._check_compact()
+
+    def _check_compact(self) -> None:
+        """Compact storage drops the dense state that dense-to-sparse methods and momentum criteria read."""
+        if self.method not in ("dst", "static"):
+            raise ValueError(
+                f"storage='compact' trains sparse from the start (method 'dst' or 'static'), got "
+                f"method={self.method!r}, which starts dense; use storage='masked'"
+            )
+        for name in ("redistribution", "grow_optimizer_state"):
+            if getattr(self, name) == "momentum":
+                raise ValueError(
+                    f"storage='compact' keeps no dense gradient between updates, which {name}='momentum' "
+                    "tracks every step; use storage='masked'"
+                )
 
     @property
     def density(self) -> float:

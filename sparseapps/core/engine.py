@@ -2,6 +2,8 @@
 
 The training loop does not change: hooks on the optimizer zero the gradients of inactive entries before each
 ``optimizer.step()``, re-apply the masks after it, and run topology updates (drop/grow, pruning) on schedule.
+Layers made compact by ``to_compact`` (``storage="compact"``) need none of the per-step work; the updates treat
+them like masked tensors and re-pack them (``sparseapps.core.compact.storage``).
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from torch import nn
 from sparseapps.core import pruning, redistribution, rules, schedules, scores, scoring, structured
 from sparseapps.core import state as state_module
 from sparseapps.core.accounting import SparsityReport, TensorReport
+from sparseapps.core.compact import storage as compact_storage
+from sparseapps.core.compact.storage import CompactTensor
 from sparseapps.core.config import FORESIGHT_METHODS, SparsityConfig
 from sparseapps.core.distributions import target_nnz
 from sparseapps.core.embedding_rows import LookedUpRows
 from sparseapps.core.finite import check_finite
-from sparseapps.core.masks import attach_mask
-from sparseapps.core.selection import SparseTensor, select_tensors
+from sparseapps.core.masks import attach_mask, draw_mask
+from sparseapps.core.selection import SparseTensor, select_tensors, tensor_shape
 from sparseapps.core.state import EngineState, StateField
 
 logger = logging.getLogger(__name__)
-_FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg")
 _MULTIPLIER_LIMIT = 1 << 24
 
 
@@ -34,7 +37,8 @@ class DynamicSparsity:
     """Sparse training attached to a model and its optimizer.
 
     Args:
-        model: any ``nn.Module``; its Linear / Conv / Embedding(Bag) weights are selected by ``config``.
+        model: any ``nn.Module``; its Linear / Conv / Embedding(Bag) weights are selected by ``config``. With
+            ``config.storage == "compact"`` its selected Linear layers must be compact (``to_compact``).
         optimizer: the optimizer that updates those weights (it must hold every one of them).
         config: a :class:`SparsityConfig`, e.g. ``SparsityConfig.preset("rigl", sparsity=0.9)``.
         total_steps: optimizer steps of the whole run (schedules are fractions of it).
@@ -113,6 +117,7 @@ class DynamicSparsity:
                     f"grow={config.grow!r} reads layer activations, which needs Linear/Conv layers; embeddings "
                     f"selected: {bad}"
                 )
+        compact = compact_storage.compact_fqns(config, selected, self._needs)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [fqn for fqn, module, name, _ in selected if id(getattr(module, name)) not in owned]
         if missing:
@@ -121,7 +126,7 @@ class DynamicSparsity:
         seed = config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator().manual_seed(seed)
 
-        shapes = {fqn: getattr(module, name).shape for fqn, module, name, _ in selected}
+        shapes = {fqn: tensor_shape(module, name) for fqn, module, name, _ in selected}
         if initial_masks is not None:
             budgets = state_module.check_masks(initial_masks, shapes, "initial_masks")
         else:
@@ -138,35 +143,41 @@ class DynamicSparsity:
             logger.info("distribution %r keeps these tensors dense: %s", config.distribution, kept_dense)
 
         starts_dense = config.method in ("gmp", "one_shot", "lottery", *FORESIGHT_METHODS)
-        self.tensors: dict[str, SparseTensor] = {}
+        self.tensors: dict[str, SparseTensor | CompactTensor] = {}
         for index, (fqn, module, name, kind) in enumerate(selected):
-            param = getattr(module, name)
             if initial_masks is not None:
                 mask = initial_masks[fqn].to(torch.bool)
             elif starts_dense:
-                mask = torch.ones(param.shape, dtype=torch.bool)
-            elif config.constant_fan_in:
-                mask = structured.constant_fan_in_mask(param.shape, budgets[fqn], self.generator)
+                mask = torch.ones(shapes[fqn], dtype=torch.bool)
             else:
-                initial = torch.rand(param.shape, generator=self.generator)
-                mask = rules.select_top(initial, torch.ones(param.shape, dtype=torch.bool), budgets[fqn])
-            buffer = attach_mask(module, name, mask)
-            record = SparseTensor(fqn, module, name, kind, budgets[fqn], buffer)
+                mask = draw_mask(shapes[fqn], budgets[fqn], config, self.generator)
+            record: SparseTensor | CompactTensor
+            if fqn in compact:  # the layer holds its topology; the draw above keeps the generator in step
+                record = CompactTensor(fqn, module, kind, budgets[fqn])  # type: ignore[arg-type]
+                if initial_masks is not None:
+                    record.load_mask(mask)
+            else:
+                record = SparseTensor(fqn, module, name, kind, budgets[fqn], attach_mask(module, name, mask))
             if config.constant_fan_in:
                 record.allow_ablation = index < len(selected) - 1  # the output layer is never ablated
-                record.active_rows = buffer.reshape(buffer.shape[0], -1).any(1)
+                active = record.mask
+                record.active_rows = active.reshape(active.shape[0], -1).any(1)
             self.tensors[fqn] = record
-        self._clear_optimizer_state({fqn: t.mask for fqn, t in self.tensors.items()})
+        # The per-step work (gradient masking, re-masking) is the masked tensors' only.
+        self._masked = {fqn: t for fqn, t in self.tensors.items() if isinstance(t, SparseTensor)}
+        self._compact = {fqn: t for fqn, t in self.tensors.items() if isinstance(t, CompactTensor)}
+        for t in self._masked.values():
+            t.clear_optimizer_state(optimizer)
         if config.rescale_initialization and not starts_dense:
             self._rescale_initialization()
 
-        # Entries active at any time so far: the ITOP rate of every dynamic run (Liu et al. 2021), and what
-        # criteria that declare "ever_active" read.
-        self.ever_active = (
-            {fqn: t.mask.clone() for fqn, t in self.tensors.items()}
-            if config.dynamic or "ever_active" in self._needs
-            else {}
-        )
+        # Entries active at any time so far: the ITOP rate of every dynamic run (Liu et al. 2021; of compact
+        # layers only where read, being dense), and what criteria that declare "ever_active" read.
+        self.ever_active = {
+            fqn: t.mask.clone()
+            for fqn, t in self.tensors.items()
+            if "ever_active" in self._needs or (config.dynamic and fqn in self._masked)
+        }
         self.momentum = (
             {
                 fqn: torch.zeros_like(t.param, memory_format=torch.preserve_format)
@@ -195,7 +206,7 @@ class DynamicSparsity:
 
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._activations: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._capturing = False
+        self._prepare_next_step()
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -214,8 +225,8 @@ class DynamicSparsity:
         return {fqn: t.mask for fqn, t in self.tensors.items()}
 
     def masked_parameters(self) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-        """``(parameter, mask)`` pairs."""
-        for t in self.tensors.values():
+        """``(parameter, mask)`` pairs of the masked-dense tensors (compact layers have no mask to apply)."""
+        for t in self._masked.values():
             yield t.param, t.mask
 
     @property
@@ -244,14 +255,17 @@ class DynamicSparsity:
         return SparsityReport(rows)
 
     def apply_masks(self) -> None:
-        """Zeroes every masked weight (the engine does this after each step; call it after editing weights)."""
+        """Zeroes every masked weight (the engine does this after each step; call it after editing weights).
+
+        Compact layers hold no inactive weight: nothing to do for them.
+        """
         self._apply_masks_except(frozenset())
 
     def _apply_masks_except(self, skipped: Set[str]) -> None:
         """:meth:`apply_masks` on every sparse tensor but ``skipped`` (row-mode tables that kept their zeros)."""
         pairs = [
             (t.param, multiplier)
-            for (fqn, t), multiplier in zip(self.tensors.items(), self._multipliers(), strict=True)
+            for (fqn, t), multiplier in zip(self._masked.items(), self._multipliers(), strict=True)
             if fqn not in skipped
         ]
         if pairs:
@@ -267,7 +281,7 @@ class DynamicSparsity:
         if self._multiplier_cache is None:
             self._multiplier_cache = [
                 t.mask.to(t.param.dtype) if t.numel <= _MULTIPLIER_LIMIT else t.mask
-                for t in self.tensors.values()
+                for t in self._masked.values()
             ]
         return self._multiplier_cache
 
@@ -295,9 +309,9 @@ class DynamicSparsity:
             for t in self.tensors.values():
                 if t.kind == "embedding":
                     continue
-                rows = t.mask.reshape(t.mask.shape[0], -1)
-                scale = (rows.shape[1] / rows.sum(1).clamp(min=1).float()).sqrt()
-                t.param.mul_(scale.reshape(-1, *([1] * (t.param.dim() - 1))).to(t.param.dtype))
+                mask = t.mask
+                rows = mask.reshape(mask.shape[0], -1)
+                t.scale_rows_((rows.shape[1] / rows.sum(1).clamp(min=1).float()).sqrt())
 
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, record: SparseTensor) -> Callable[..., None]:
@@ -334,8 +348,10 @@ class DynamicSparsity:
         self.rows.checked = True
         self.rows.stepped.clear()
         self.rows.checking = full_step
+        if capture and self._compact:
+            self._dense_grads.update(compact_storage.take_dense_grads(self._compact.values(), upcoming))
         dense_grads, dense_masks = [], []
-        for (fqn, t), multiplier in zip(self.tensors.items(), self._multipliers(), strict=True):
+        for (fqn, t), multiplier in zip(self._masked.items(), self._multipliers(), strict=True):
             if fqn in self.rows.fqns and self.rows.before_step(
                 t, self.momentum, upcoming, full_step, multiplier, self.check_finite
             ):
@@ -380,16 +396,20 @@ class DynamicSparsity:
             pruning.prune_by_schedule(self)
         if config.method == "lottery" and self.lottery_round == 0 and self.step == config.rewind_step:
             self.lottery_snapshot = pruning.snapshot_weights(self.model)
-        self._capturing = "activations" in self._needs and schedules.is_update_step(
-            self.step + 1, config, self.total_steps
-        )
+        self._prepare_next_step()
+
+    def _prepare_next_step(self) -> None:
+        """Arms, for the step before an update, the capture of what its criteria read beyond weights and masks."""
+        update = schedules.is_update_step(self.step + 1, self.config, self.total_steps)
+        self._capturing = "activations" in self._needs and update
+        compact_storage.set_capture(self._compact.values(), self._needs_dense_gradient() and update)
 
     # ------------------------------------------------------------------ topology updates
-    def _context(self, fqn: str, t: SparseTensor) -> scores.ScoreContext:
+    def _context(self, fqn: str, t: SparseTensor | CompactTensor) -> scores.ScoreContext:
         needs = self._needs
         return scores.ScoreContext(
             fqn=fqn,
-            weight=t.param.detach(),
+            weight=t.dense_weight(),
             mask=t.mask,
             step=self.step,
             generator=self.generator,
@@ -407,18 +427,18 @@ class DynamicSparsity:
         """The configured grow criterion's scores of every sparse tensor (random draws in tensor order)."""
         return {fqn: self._grow_scores(fqn, t) for fqn, t in self.tensors.items()}
 
-    def _grow_scores(self, fqn: str, t: SparseTensor) -> torch.Tensor:
+    def _grow_scores(self, fqn: str, t: SparseTensor | CompactTensor) -> torch.Tensor:
         if self._grow_criterion is None:
             raise ValueError(f"grow criterion {self.config.grow!r} cannot score")
         return scores.compute(self._grow_criterion, self._context(fqn, t), self.config.tie_noise)
 
-    def _drop_scores(self, fqn: str, t: SparseTensor) -> torch.Tensor:
+    def _drop_scores(self, fqn: str, t: SparseTensor | CompactTensor) -> torch.Tensor:
         return scores.compute(self._drop_criterion, self._context(fqn, t), self.config.tie_noise)
 
     def _gradient_of(self, fqn: str) -> torch.Tensor:
         if fqn not in self._dense_grads:
-            # The parameter got no gradient this step (unused branch): every score ties at zero.
-            return torch.zeros_like(self.tensors[fqn].param, dtype=torch.float32)
+            mask = self.tensors[fqn].mask  # no gradient this step (unused branch): every score ties at zero
+            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         return self._dense_grads[fqn]
 
     def _grow_candidates(self, fqn: str, mask: torch.Tensor) -> torch.Tensor:
@@ -495,7 +515,7 @@ class DynamicSparsity:
         masks = self.masks
         total_nnz = sum(int(torch.count_nonzero(m)) for m in masks.values())
         target = math.ceil(fraction * total_nnz)
-        magnitudes = {fqn: t.param.detach().abs() for fqn, t in self.tensors.items()}
+        magnitudes = {fqn: t.dense_weight().abs() for fqn, t in self.tensors.items()}
         if self.dsr_threshold is None:
             self.dsr_threshold = redistribution.dsr_initial_threshold(masks, magnitudes, target)
         after_drop = redistribution.dsr_drop(masks, magnitudes, self.dsr_threshold)
@@ -522,46 +542,22 @@ class DynamicSparsity:
         for hook in self.commit_hooks:
             hook(new_masks)
         record = rules.UpdateRecord.between(self.masks, new_masks, step=self.step, drop_fraction=fraction)
-        grown_masks: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for fqn, new_mask in new_masks.items():
                 t = self.tensors[fqn]
-                old = t.mask
-                grown = new_mask & ~old
-                grown_masks[fqn] = grown
-                old.copy_(new_mask)
-                t.param.mul_(old)
+                grown = t.write_mask(new_mask, self.optimizer)  # and the optimizer state of the entries
                 self._multiplier_cache = None
+                if self.config.grow_optimizer_state == "momentum" and self.momentum:
+                    t.seed_first_moment(self.optimizer, self.momentum[fqn], grown)  # masked only (config)
                 if self.config.grow_init_range > 0 and bool(grown.any()):
                     r = self.config.grow_init_range
-                    noise = (scoring.uniform_like(t.param, self.generator) * 2 - 1) * r
-                    t.param.add_(noise.to(t.param.dtype) * grown)
+                    noise = (scoring.uniform_like(grown, self.generator) * 2 - 1) * r
+                    t.add_dense_(noise.to(t.param.dtype) * grown)
                 if fqn in self.ever_active:
                     self.ever_active[fqn] |= new_mask
-        self._clear_optimizer_state({fqn: t.mask for fqn, t in self.tensors.items() if fqn in new_masks})
-        if self.config.grow_optimizer_state == "momentum" and self.momentum:
-            self._seed_first_moment(grown_masks)
         self._dense_grads.clear()
         self._activations.clear()
         self.history.append(record.to_dict())
-
-    def _clear_optimizer_state(self, masks: Mapping[str, torch.Tensor]) -> None:
-        """Zeroes every optimizer state tensor of a parameter outside its mask."""
-        for fqn, mask in masks.items():
-            state = self.optimizer.state.get(self.tensors[fqn].param)
-            if not state:
-                continue
-            for value in state.values():
-                if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                    value.mul_(mask)
-
-    def _seed_first_moment(self, grown: Mapping[str, torch.Tensor]) -> None:
-        for fqn, mask in grown.items():
-            state = self.optimizer.state.get(self.tensors[fqn].param, {})
-            for key in _FIRST_MOMENT_KEYS:
-                value = state.get(key)
-                if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                    value.add_(self.momentum[fqn].to(value.dtype) * mask)
 
     # ------------------------------------------------------------------ dense-to-sparse pruning (pruning.py)
     def next_lottery_round(self) -> float:
@@ -600,7 +596,5 @@ class DynamicSparsity:
         hold more entries than the budget."""
         state_module.load_state_dict(self, state)
         self._multiplier_cache = None
-        self._capturing = "activations" in self._needs and schedules.is_update_step(
-            self.step + 1, self.config, self.total_steps
-        )
+        self._prepare_next_step()
         self.apply_masks()

@@ -1,15 +1,21 @@
-"""Where masks live: a boolean buffer beside each sparse parameter.
+"""Where masks live, and how the first one of a tensor is drawn.
 
 A sparse parameter ``module.<name>`` keeps ordinary dense storage with exact zeros outside its mask, and the
 mask is a ``torch.bool`` buffer ``module.<name>_mask`` of the same shape. Buffers travel with
 ``model.state_dict()``, so a checkpoint of the model alone already carries its topology, and the forward pass
-pays nothing for sparsity.
+pays nothing for sparsity. (Compact layers hold their topology as index structures instead; see
+``sparseapps.core.compact``.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+from sparseapps.core import rules, structured
+from sparseapps.core.config import SparsityConfig
 
 MASK_SUFFIX = "_mask"
 
@@ -55,3 +61,24 @@ def attach_mask(module: nn.Module, param_name: str, mask: torch.Tensor) -> torch
 def detach_mask(module: nn.Module, param_name: str = "weight") -> None:
     """Removes the mask buffer; the parameter keeps its zeros and becomes an ordinary dense tensor."""
     module._buffers.pop(mask_name(param_name), None)
+
+
+def draw_mask(
+    shape: Sequence[int], budget: int, config: SparsityConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """The initial mask of one tensor: ``budget`` entries uniformly at random, or (SRigL's ``constant_fan_in``)
+    ``budget // rows`` per row; one ``torch.rand`` of the tensor's shape from ``generator``.
+
+    The engine and :func:`~sparseapps.core.to_compact` draw every selected tensor in selection order from a
+    generator seeded with ``config.seed``, so both storages start from the same masks.
+
+    Example:
+        >>> mask = draw_mask((4, 5), 6, SparsityConfig(), torch.Generator().manual_seed(0))
+        >>> int(mask.sum()), mask.dtype
+        (6, torch.bool)
+    """
+    shape = torch.Size(shape)
+    if config.constant_fan_in:
+        return structured.constant_fan_in_mask(shape, budget, generator)
+    initial = torch.rand(shape, generator=generator)
+    return rules.select_top(initial, torch.ones(shape, dtype=torch.bool), budget)

@@ -1,4 +1,8 @@
-"""Which weights an engine sparsifies (by module kind and fqn patterns), and its record of each one."""
+"""Which weights an engine sparsifies (by module kind and fqn patterns), and its record of each one.
+
+A :class:`~sparseapps.core.compact.CompactLinear` counts as a Linear layer: its active ``values`` stand for the
+weight, under the same fqn (``"<module>.weight"``) that the ``nn.Linear`` it replaced had.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparseapps.core.compact.layer import CompactLinear
 from sparseapps.core.config import SparsityConfig
 
-__all__ = ["SparseTensor", "module_kind", "select_tensors"]
+__all__ = ["SparseTensor", "module_kind", "select_tensors", "tensor_shape"]
 
 
 def module_kind(module: nn.Module) -> str | None:
     """``"linear"``, ``"conv"``, ``"embedding"`` or ``None`` for modules whose weight is never sparsified."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear | CompactLinear):
         return "linear"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
@@ -46,6 +51,48 @@ class SparseTensor:
     def numel(self) -> int:
         return self.mask.numel()
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as scores read it (the parameter itself, detached)."""
+        return self.param.detach()
+
+    def write_mask(self, new_mask: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Installs ``new_mask`` in the mask buffer, zeroes the dropped weights and their optimizer state; returns
+        the grown entries."""
+        grown = new_mask & ~self.mask
+        self.mask.copy_(new_mask)
+        self.param.mul_(self.mask)
+        self.clear_optimizer_state(optimizer)
+        return grown
+
+    def clear_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zeroes every per-entry optimizer state of the parameter outside the mask."""
+        for value in optimizer.state.get(self.param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == self.mask.shape:
+                value.mul_(self.mask)
+
+    def seed_first_moment(
+        self, optimizer: torch.optim.Optimizer, momentum: torch.Tensor, grown: torch.Tensor
+    ) -> None:
+        """SNFS: the first moment (SGD's ``momentum_buffer``, Adam's ``exp_avg``) of ``grown`` entries starts from
+        the tracked gradient ``momentum``."""
+        state = optimizer.state.get(self.param, {})
+        for key in ("momentum_buffer", "exp_avg"):
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.shape == grown.shape:
+                value.add_(momentum.to(value.dtype) * grown)
+
+    def add_dense_(self, delta: torch.Tensor) -> None:
+        """Adds ``delta`` (the weight's shape and dtype) to the weight."""
+        self.param.add_(delta)
+
+    def scale_rows_(self, scale: torch.Tensor) -> None:
+        """Multiplies row ``r`` of the weight (output ``r``) by ``scale[r]``."""
+        self.param.mul_(scale.reshape(-1, *([1] * (self.param.dim() - 1))).to(self.param.dtype))
+
+    def load_mask(self, mask: torch.Tensor) -> None:
+        """Sets the mask from a checkpoint (the weights are the model's to load)."""
+        self.mask.copy_(mask.to(self.mask.device))
+
 
 def select_tensors(model: nn.Module, config: SparsityConfig) -> list[tuple[str, nn.Module, str, str]]:
     """The ``(fqn, module, param_name, kind)`` of every weight ``config`` sparsifies, in registration order."""
@@ -53,7 +100,8 @@ def select_tensors(model: nn.Module, config: SparsityConfig) -> list[tuple[str, 
     seen: set[int] = set()
     for name, module in model.named_modules():
         kind = module_kind(module)
-        weight = getattr(module, "weight", None)
+        param_name = "values" if isinstance(module, CompactLinear) else "weight"
+        weight = getattr(module, param_name, None)
         if kind is None or kind not in config.module_types or not isinstance(weight, nn.Parameter):
             continue
         fqn = f"{name}.weight" if name else "weight"
@@ -64,9 +112,16 @@ def select_tensors(model: nn.Module, config: SparsityConfig) -> list[tuple[str, 
         if id(weight) in seen:  # tied weights are sparsified once, under their first name
             continue
         seen.add(id(weight))
-        chosen.append((fqn, module, "weight", kind))
+        chosen.append((fqn, module, param_name, kind))
     if config.dense_first_layer and chosen:
         chosen = chosen[1:]
     if config.dense_last_layer and chosen:
         chosen = chosen[:-1]
     return chosen
+
+
+def tensor_shape(module: nn.Module, param_name: str) -> torch.Size:
+    """The dense shape of a selected weight: the parameter's, or ``[out, in]`` for a compact layer's values."""
+    if isinstance(module, CompactLinear):
+        return module.weight_shape
+    return getattr(module, param_name).shape

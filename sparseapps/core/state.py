@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sparseapps.core.config import ConfigMismatchError, SparsityConfig
+from sparseapps.core.selection import SparseTensor
 
 if TYPE_CHECKING:
     from sparseapps.core.engine import DynamicSparsity
@@ -111,14 +112,15 @@ def load_state_dict(engine: DynamicSparsity, state: Mapping[str, Any]) -> None:
     shapes = {fqn: t.mask.shape for fqn, t in engine.tensors.items()}
     check_budgets(engine, state, check_masks(state["masks"], shapes, "masks"))
     for fqn, t in engine.tensors.items():
-        t.mask.copy_(state["masks"][fqn].to(t.mask.device))
+        t.load_mask(state["masks"][fqn])
         if fqn in state["active_rows"]:
-            t.active_rows = state["active_rows"][fqn].to(t.mask.device).clone()
-    device_of = {fqn: t.mask.device for fqn, t in engine.tensors.items()}
+            t.active_rows = state["active_rows"][fqn].to(t.param.device).clone()
+    device_of = {fqn: t.param.device for fqn, t in engine.tensors.items()}
     engine.ever_active = {fqn: m.to(device_of[fqn]).clone() for fqn, m in state["ever_active"].items()}
     if engine.config.dynamic:  # a checkpoint of a version that tracked it only for 'unfired': from now on
         for fqn, t in engine.tensors.items():
-            engine.ever_active.setdefault(fqn, t.mask.clone())
+            if isinstance(t, SparseTensor):  # compact layers: only where a criterion reads it
+                engine.ever_active.setdefault(fqn, t.mask.clone())
     engine.momentum = {
         fqn: m.to(device=device_of[fqn], dtype=engine.tensors[fqn].param.dtype).clone()
         for fqn, m in state["momentum"].items()

@@ -21,6 +21,12 @@ MODULES = [
     "sparseapps.core.engine",
     "sparseapps.core.finite",
     "sparseapps.core.io",
+    "sparseapps.core.masks",
+    "sparseapps.core.compact",
+    "sparseapps.core.compact.convert",
+    "sparseapps.core.compact.layer",
+    "sparseapps.core.kernels.formats",
+    "sparseapps.core.kernels.reference",
 ]
 
 

@@ -56,6 +56,8 @@ def _self_check() -> None:
                 for index_dtype in (torch.int16, torch.int32):
                     values, indices = formats.condensed_arrays(w, mask, rows, index_dtype, pad=True)
                     row_ptr, csr_values, csr_indices = formats.csr_arrays(w, mask, rows, index_dtype)
+                    # Every row, the empty ones included: the structure of a compact training layer.
+                    full_ptr, _, full_indices = formats.csr_arrays(w, mask, torch.arange(15), index_dtype)
                     for batch in (1, 3, 37):
                         x = torch.randn(batch, 50, generator=generator).to(dtype)
                         want = reference.csr_linear_reference(
@@ -75,9 +77,16 @@ def _self_check() -> None:
                                 15,
                             ),
                         }
-                        scale = want.float().abs().max().item() + 1e-12
+                        expected = dict.fromkeys(outputs, want)
+                        if dtype == torch.float32:
+                            dy = torch.randn(batch, 15, generator=generator)
+                            outputs["csr_sddmm"] = ops.csr_sddmm(x, dy, full_ptr, full_indices)
+                            expected["csr_sddmm"] = reference.csr_sddmm_reference(
+                                x, dy, full_ptr, full_indices
+                            )
                         for name, out in outputs.items():
-                            error = (out.float() - want.float()).abs().max().item()
+                            scale = expected[name].float().abs().max().item() + 1e-12
+                            error = (out.float() - expected[name].float()).abs().max().item()
                             if not error <= tolerance * scale:
                                 raise RuntimeError(
                                     f"self-check failed: {name} isa={isa} dtype={dtype} index={index_dtype} "

@@ -1,6 +1,8 @@
 """``condense(model)``: an inference copy in which every masked Linear / Conv2d runs in its fastest correct form.
 
-For each ``nn.Linear`` or ``nn.Conv2d`` with a ``weight_mask`` buffer (``sparseapps.core.masks``):
+For each ``nn.Linear`` or ``nn.Conv2d`` with a ``weight_mask`` buffer (``sparseapps.core.masks``), and each
+trainable compact layer (``sparseapps.core.compact.CompactLinear``, already CSR: its dense views enter the same
+path, so it gets the same choice of forms):
 
 1. rows that are all False (ablated neurons) are dropped and later restored as bias only;
 2. the candidate forms are built: condensed (constant fan-in), CSR (any fan-in), dense over the active rows and
@@ -122,12 +124,29 @@ class CondenseConfig:
 
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(fqn, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` in ``model`` whose weight has a mask."""
+    """``(fqn, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` in ``model`` whose weight has a mask, and of every
+    compact layer."""
+    compact = _compact_type()
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and get_mask(module, "weight") is not None
+        if isinstance(module, compact)
+        or (isinstance(module, (nn.Linear, nn.Conv2d)) and get_mask(module, "weight") is not None)
     ]
+
+
+def _compact_type() -> type[nn.Module]:
+    # Imported here: compact layers are built on these kernels, so the compact package imports this one.
+    from sparseapps.core.compact.layer import CompactLinear
+
+    return CompactLinear
+
+
+def _dense_view(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and its mask: a masked layer's own tensors, or the dense views of a compact layer."""
+    if isinstance(module, _compact_type()):
+        return module.to_dense_weight(), module.mask()
+    return module.weight.detach(), get_mask(module, "weight")
 
 
 def condense(
@@ -186,8 +205,7 @@ def condense(
 
 
 def _check_layer(name: str, module: nn.Module, config: CondenseConfig) -> None:
-    mask = get_mask(module, "weight")
-    weight = module.weight
+    weight, mask = _dense_view(module)
     if mask is None or mask.dtype != torch.bool or mask.shape != weight.shape:
         raise ValueError(
             f"expected '{name}.weight_mask' as a bool tensor of shape {tuple(weight.shape)}, got "
@@ -233,10 +251,14 @@ def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
     setattr(parent, child, replacement)
 
 
-def _weights(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    mask = module._buffers["weight_mask"]  # checked by _check_layer
-    weight = (module.weight.detach() * mask).to(dtype)
-    bias = module.bias.detach().to(dtype).clone() if module.bias is not None else None
+def _weights(
+    module: nn.Module, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Weight (masked, in ``dtype`` or its own), mask and bias of a layer checked by :func:`_check_layer`."""
+    weight, mask = _dense_view(module)
+    assert mask is not None  # checked by _check_layer
+    weight = (weight * mask).to(dtype or weight.dtype)
+    bias = module.bias.detach().to(weight.dtype).clone() if module.bias is not None else None
     return weight, mask, bias
 
 
@@ -421,8 +443,8 @@ def _assemble(choice: dict[int, Candidate]) -> nn.Module:
 def _condense_linear(
     name: str, linear: nn.Linear, config: CondenseConfig, planner: Planner, seen: tuple[int, ...] | None
 ) -> nn.Module:
-    dtype = config.dtype or linear.weight.dtype
-    weight, mask, bias = _weights(linear, dtype)
+    weight, mask, bias = _weights(linear, config.dtype)
+    dtype = weight.dtype
     batch_sizes = (
         (max(1, math.prod(seen[:-1])),) if seen is not None else tuple(sorted(set(config.batch_sizes)))
     )
@@ -466,8 +488,8 @@ def _condense_conv(
 ) -> nn.Module:
     if isinstance(conv.padding, str):
         raise ValueError(f"'{name}': expected numeric padding, got {conv.padding!r}")
-    dtype = config.dtype or conv.weight.dtype
-    weight, mask, bias = _weights(conv, dtype)
+    weight, mask, bias = _weights(conv, config.dtype)
+    dtype = weight.dtype
     matrix, matrix_mask = _conv_as_matrix(conv, weight, mask)
     stats, candidates = _sparse_candidates(name, matrix, matrix_mask, bias, config, small_batches=False)
     candidates = [c for c in candidates if c.path != "dense"]

@@ -126,17 +126,28 @@ def condensed_arrays(
     return values.contiguous(), indices.to(index_dtype).contiguous()
 
 
+def csr_structure(mask: torch.Tensor, index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_ptr [R + 1]`` int64 and ``indices [nnz]`` of a bool mask ``[R, C]``, columns ascending in each row.
+
+    Entry ``e`` of the structure is the ``e``-th True of ``mask`` in row-major order, so ``weight[mask]`` lists
+    its values.
+
+    Example:
+        >>> csr_structure(torch.tensor([[False, True], [False, False], [True, True]]), torch.int16)
+        (tensor([0, 1, 1, 3]), tensor([1, 0, 1], dtype=torch.int16))
+    """
+    row_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
+    return row_ptr, mask.nonzero()[:, 1].to(index_dtype).contiguous()
+
+
 def csr_arrays(
     weight: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, index_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``row_ptr [R + 1]``, ``values [nnz]``, ``indices [nnz]`` of the kept ``rows`` (columns ascending)."""
     sub_mask = mask[rows]
-    counts = sub_mask.sum(1)
-    row_ptr = torch.zeros(len(rows) + 1, dtype=torch.int64)
-    row_ptr[1:] = torch.cumsum(counts, 0)
-    position = sub_mask.nonzero()
-    values = weight[rows][position[:, 0], position[:, 1]]
-    return row_ptr, values.contiguous(), position[:, 1].to(index_dtype).contiguous()
+    row_ptr, indices = csr_structure(sub_mask, index_dtype)
+    return row_ptr, weight[rows][sub_mask].contiguous(), indices
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,9 +3,9 @@
 The extension is compiled ahead of time by ``python -m sparseapps.core.kernels.build`` (the install script runs
 it) into ``sparseapps/core/kernels/_build/``. Loading here never compiles: it opens that library when its
 recorded fingerprint (torch version + source digest) matches, and otherwise defines the same operators in
-Python over the reference twins, so ``torch.ops.sparseapps.condensed_linear``, ``csr_linear`` and
-``blocked_linear`` always exist
-and a model condensed on one machine runs (more slowly) on another. ``kernel_status()`` says which happened.
+Python over the reference twins, so ``torch.ops.sparseapps.condensed_linear``, ``csr_linear``,
+``blocked_linear`` and ``csr_sddmm`` always exist and a model condensed on one machine runs (more slowly) on
+another. ``kernel_status()`` says which happened.
 
 Set ``SPARSEAPPS_KERNELS=reference`` to skip the compiled library on purpose.
 """
@@ -43,6 +43,7 @@ CSR_SCHEMA = (
     "csr_linear(Tensor x, Tensor row_ptr, Tensor values, Tensor indices, Tensor? bias, Tensor? rows, "
     "int out_features) -> Tensor"
 )
+SDDMM_SCHEMA = "csr_sddmm(Tensor x, Tensor dy, Tensor row_ptr, Tensor indices) -> Tensor"
 
 
 def source_files() -> list[Path]:
@@ -109,9 +110,11 @@ def _define_reference_ops() -> None:
     library.define(CONDENSED_SCHEMA)
     library.define(CSR_SCHEMA)
     library.define(BLOCKED_SCHEMA)
+    library.define(SDDMM_SCHEMA)
     library.impl("condensed_linear", reference.condensed_linear_reference, "CPU")
     library.impl("csr_linear", reference.csr_linear_reference, "CPU")
     library.impl("blocked_linear", reference.blocked_linear_reference, "CPU")
+    library.impl("csr_sddmm", reference.csr_sddmm_reference, "CPU")
     _libraries.append(library)
 
 
@@ -162,6 +165,14 @@ def _blocked_fake(
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _sddmm_fake(
+    x: torch.Tensor, dy: torch.Tensor, row_ptr: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    if x.dtype != dy.dtype:
+        raise TypeError(f"expected dy of dtype {x.dtype} (the inputs'), got {dy.dtype}")
+    return x.new_empty((indices.shape[0],))
+
+
 def _register_common() -> None:
     from sparseapps.core.kernels import gpu
 
@@ -169,10 +180,12 @@ def _register_common() -> None:
     library.impl("condensed_linear", gpu.condensed_linear_cuda, "CUDA")
     library.impl("csr_linear", gpu.csr_linear_cuda, "CUDA")
     library.impl("blocked_linear", reference.blocked_linear_reference, "CUDA")
+    library.impl("csr_sddmm", reference.csr_sddmm_reference, "CUDA")
     _libraries.append(library)
     torch.library.register_fake("sparseapps::condensed_linear", _condensed_fake)
     torch.library.register_fake("sparseapps::csr_linear", _csr_fake)
     torch.library.register_fake("sparseapps::blocked_linear", _blocked_fake)
+    torch.library.register_fake("sparseapps::csr_sddmm", _sddmm_fake)
 
 
 def ensure_loaded() -> LoadState:

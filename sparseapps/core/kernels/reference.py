@@ -1,9 +1,10 @@
 """Pure-torch twins of the compiled kernels: the same inputs, the same outputs, no extension needed.
 
 They define what the kernels compute and are the path used wherever the compiled library is missing (not
-built, failed to build, built for another torch) or the device has no compiled kernel. Both gather the
-activations each nonzero needs and accumulate in float32, like the kernels; work is chunked so memory stays
-bounded (about ``2**22`` gathered elements at a time) at any batch size.
+built, failed to build, built for another torch) or the device has no compiled kernel. They gather the
+activations each nonzero needs and accumulate in float32, like the kernels (float64 inputs in float64, for
+gradient checks); work is chunked so memory stays bounded (about ``2**22`` gathered elements at a time) at any
+batch size.
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ from __future__ import annotations
 import torch
 
 _CHUNK_ELEMENTS = 1 << 22
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other dtype (what the kernels accumulate in)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def assemble_rows(
@@ -21,14 +27,14 @@ def assemble_rows(
     lead: tuple[int, ...],
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Places ``y_rows [N, R]`` (float32) at output columns ``rows`` and adds the bias; ablated outputs = bias."""
+    """Places ``y_rows [N, R]`` (accumulated) at output columns ``rows`` and adds the bias; ablated outputs = bias."""
     if rows is None:
         y = y_rows
     else:
         y = y_rows.new_zeros((y_rows.shape[0], out_features))
         y[:, rows] = y_rows
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(y.dtype)
     return y.to(dtype).reshape((*lead, out_features))
 
 
@@ -54,12 +60,12 @@ def condensed_linear_reference(
         ``[*, out]`` in ``x.dtype``.
     """
     lead = tuple(x.shape[:-1])
-    x2 = x.reshape(-1, x.shape[-1]).float()
+    x2 = x.reshape(-1, x.shape[-1]).to(accumulation_dtype(x.dtype))
     n_rows, k = values.shape
     y_rows = x2.new_zeros((x2.shape[0], n_rows))
     if x2.shape[0] > 0 and n_rows > 0 and k > 0:
         index = indices.long()
-        weight = values.float()
+        weight = values.to(x2.dtype)
         step = max(1, _CHUNK_ELEMENTS // max(1, x2.shape[0] * k))
         for r0 in range(0, n_rows, step):
             gathered = x2[:, index[r0 : r0 + step]]  # [N, chunk, k]
@@ -91,19 +97,61 @@ def csr_linear_reference(
         ``[*, out]`` in ``x.dtype``.
     """
     lead = tuple(x.shape[:-1])
-    x2 = x.reshape(-1, x.shape[-1]).float()
+    x2 = x.reshape(-1, x.shape[-1]).to(accumulation_dtype(x.dtype))
     n_rows = row_ptr.numel() - 1
     y_rows = x2.new_zeros((x2.shape[0], n_rows))
     nnz = values.numel()
     if x2.shape[0] > 0 and nnz > 0:
-        row_of = torch.repeat_interleave(torch.arange(n_rows, device=x.device), row_ptr.diff())
+        row_of = row_of_entries(row_ptr)
         index = indices.long()
-        weight = values.float()
+        weight = values.to(x2.dtype)
         step = max(1, _CHUNK_ELEMENTS // max(1, x2.shape[0]))
         for t0 in range(0, nnz, step):
             products = x2[:, index[t0 : t0 + step]] * weight[t0 : t0 + step]  # [N, chunk]
             y_rows.index_add_(1, row_of[t0 : t0 + step], products)
     return assemble_rows(y_rows, bias, rows, out_features, lead, x.dtype)
+
+
+def row_of_entries(row_ptr: torch.Tensor) -> torch.Tensor:
+    """``[nnz]`` int64 row of each entry of a CSR structure with offsets ``row_ptr [R + 1]``.
+
+    Example:
+        >>> row_of_entries(torch.tensor([0, 2, 2, 3]))
+        tensor([0, 0, 2])
+    """
+    return torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device), row_ptr.diff())
+
+
+def csr_sddmm_reference(
+    x: torch.Tensor, dy: torch.Tensor, row_ptr: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    """The weight gradient of a CSR layer on its active entries only (a sampled dense-dense product).
+
+    ``grad[e] = sum_b dy[b, r] * x[b, indices[e]]`` for every entry ``e`` of row ``r``: the entries of
+    ``dy^T x`` that the structure holds, never the dense product.
+
+    Args:
+        x: ``[*, in]`` the layer's inputs.
+        dy: ``[*, out]`` the gradient of its outputs (same leading shape).
+        row_ptr: ``[out + 1]`` int64 offsets.
+        indices: ``[nnz]`` int16/int32 input positions.
+
+    Returns:
+        ``[nnz]`` in ``x.dtype``.
+    """
+    dtype = accumulation_dtype(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+    nnz = indices.numel()
+    grad = x2.new_zeros(nnz)
+    if x2.shape[0] > 0 and nnz > 0:
+        row_of = row_of_entries(row_ptr)
+        index = indices.long()
+        step = max(1, _CHUNK_ELEMENTS // max(1, x2.shape[0]))
+        for t0 in range(0, nnz, step):
+            chunk = slice(t0, t0 + step)
+            grad[chunk] = (x2[:, index[chunk]] * dy2[:, row_of[chunk]]).sum(0)
+    return grad.to(x.dtype)
 
 
 def blocked_linear_reference(
@@ -135,7 +183,7 @@ def blocked_linear_reference(
         ``[*, out]`` in ``x.dtype``.
     """
     lead = tuple(x.shape[:-1])
-    x2 = x.reshape(-1, x.shape[-1]).float()
+    x2 = x.reshape(-1, x.shape[-1]).to(accumulation_dtype(x.dtype))
     n_groups = group_ptr.numel() - 1
     if lane_rows is None:
         lane_rows = torch.arange(n_groups * 16, device=x.device)
@@ -147,7 +195,7 @@ def blocked_linear_reference(
         chunk = torch.where(position >= 16, chunks[:, 1:2].long(), chunks[:, 0:1].long())
         column = (chunk * 16 + (position & 15)).flatten()
         row = lane_rows[(group_of_step[:, None] * 16 + torch.arange(16, device=x.device)).flatten()]
-        weight = values.float().flatten()
+        weight = values.to(x2.dtype).flatten()
         keep = (row >= 0) & (weight != 0)
         column, row, weight = column[keep], row[keep], weight[keep]
         x_padded = torch.nn.functional.pad(
@@ -158,5 +206,5 @@ def blocked_linear_reference(
             products = x_padded[:, column[t0 : t0 + step]] * weight[t0 : t0 + step]
             y.index_add_(1, row[t0 : t0 + step], products)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape((*lead, out_features))

@@ -63,6 +63,18 @@ using PackFn = void (*)(const float* x, int64_t n, int64_t in, float* xt, int64_
 using UnpackFn = void (*)(const float* yt, int64_t ldyt, int64_t out, const float* bias, float* y, int64_t b0,
                           int64_t b1);
 
+// SDDMM, the weight gradient of CSR rows on their active entries only: for every entry e of row r,
+// grad[e] = sum_b dy[b, r] * x[b, indices[e]]. rows.values and rows.out_row are unused (row r is dy's column r).
+// Gather path (n_batch <= kMaxSmallBatch): x is [n_batch, ldx] and dy [n_batch, lddy], fp32 row-major; writes
+// grad of the entries of rows [r0, r1).
+using SddmmGatherFn = void (*)(const SparseRows& rows, const float* x, int64_t ldx, const float* dy, int64_t lddy,
+                               int64_t n_batch, float* grad, int64_t r0, int64_t r1);
+
+// Tile path: xt is [in, ld] and dyt [n_rows, ld] (both transposed, batch padded with zeros to ld, a multiple of
+// 16); adds the batch columns [c0, c1) (multiples of 16) to grad of the entries of rows [r0, r1).
+using SddmmTileFn = void (*)(const SparseRows& rows, const float* xt, const float* dyt, int64_t ld, float* grad,
+                             int64_t r0, int64_t r1, int64_t c0, int64_t c1);
+
 struct KernelTable {
   const char* isa;
   GatherFn gather;
@@ -70,6 +82,8 @@ struct KernelTable {
   TileFn tile;
   PackFn pack;
   UnpackFn unpack;
+  SddmmGatherFn sddmm_gather;
+  SddmmTileFn sddmm_tile;
 };
 
 KernelTable generic_kernels();

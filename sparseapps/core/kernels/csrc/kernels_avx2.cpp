@@ -12,6 +12,7 @@
 namespace sparseapps {
 KernelTable avx2_kernels() {
   using namespace avx2_isa;
-  return KernelTable{"avx2", &gather_entry, &blocked_entry, &tile_entry, &pack_entry, &unpack_entry};
+  return KernelTable{"avx2", &gather_entry, &blocked_entry, &tile_entry, &pack_entry, &unpack_entry,
+                     &sddmm_gather_entry, &sddmm_tile_entry};
 }
 }  // namespace sparseapps

@@ -297,6 +297,42 @@ void unpack_entry(const float* yt, int64_t ldyt, int64_t out, const float* bias,
   }
 }
 
+// ---- SDDMM: the weight gradient on the active entries (row loops in kernels_sddmm.h) -------------------
+inline float sddmm_dot(const float* d, const float* p, int64_t c0, int64_t c1) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = c0; c < c1; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(d + c), _mm512_loadu_ps(p + c), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+// Four entries at a time: four FMA chains share each load of d.
+inline void sddmm_dot4(const float* d, const float* const p[4], int64_t c0, int64_t c1, float out[4]) {
+  __m512 acc[4];
+  for (int u = 0; u < 4; ++u) acc[u] = _mm512_setzero_ps();
+  for (int64_t c = c0; c < c1; c += 16) {
+    const __m512 dv = _mm512_loadu_ps(d + c);
+    for (int u = 0; u < 4; ++u) acc[u] = _mm512_fmadd_ps(dv, _mm512_loadu_ps(p[u] + c), acc[u]);
+  }
+  for (int u = 0; u < 4; ++u) out[u] = _mm512_reduce_add_ps(acc[u]);
+}
+
+// 16 entries at a time, one hardware gather of their inputs per batch row.
+template <int NB, typename Index>
+inline void sddmm_gather_row(const Index* ind, int64_t length, const float* x, int64_t ldx, const float* dr,
+                             float* g) {
+  for (int64_t t = 0; t < length; t += 16) {
+    const __mmask16 m = tail_mask(length - t);
+    const __m512i i0 = load_index(ind + t, m);
+    __m512 acc = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) {
+      const __m512 inputs = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i0, x + b * ldx, 4);
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(dr[b]), inputs, acc);
+    }
+    _mm512_mask_storeu_ps(g + t, m, acc);
+  }
+}
+
+#include "kernels_sddmm.h"
+
 }  // namespace
 }  // namespace sparseapps
 
@@ -304,6 +340,7 @@ void unpack_entry(const float* yt, int64_t ldyt, int64_t out, const float* bias,
 
 namespace sparseapps {
 KernelTable avx512_kernels() {
-  return KernelTable{"avx512", &gather_entry, &blocked_entry, &tile_entry, &pack_entry, &unpack_entry};
+  return KernelTable{"avx512", &gather_entry, &blocked_entry, &tile_entry, &pack_entry, &unpack_entry,
+                     &sddmm_gather_entry, &sddmm_tile_entry};
 }
 }  // namespace sparseapps

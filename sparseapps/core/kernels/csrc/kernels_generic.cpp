@@ -9,6 +9,7 @@
 namespace sparseapps {
 KernelTable generic_kernels() {
   using namespace generic_isa;
-  return KernelTable{"generic", &gather_entry, &blocked_entry, &tile_entry, &pack_entry, &unpack_entry};
+  return KernelTable{"generic", &gather_entry, &blocked_entry, &tile_entry, &pack_entry, &unpack_entry,
+                     &sddmm_gather_entry, &sddmm_tile_entry};
 }
 }  // namespace sparseapps

@@ -201,6 +201,34 @@ void unpack_entry(const float* yt, int64_t ldyt, int64_t out, const float* bias,
   }
 }
 
+// ---- SDDMM: the weight gradient on the active entries (row loops in kernels_sddmm.h) -------------------
+inline float sddmm_dot(const float* d, const float* p, int64_t c0, int64_t c1) {
+  float acc[kLanes] = {};
+  for (int64_t c = c0; c < c1; c += kLanes) {
+    for (int v = 0; v < kLanes; ++v) acc[v] += d[c + v] * p[c + v];
+  }
+  float sum = 0.0f;
+  for (int v = 0; v < kLanes; ++v) sum += acc[v];
+  return sum;
+}
+
+inline void sddmm_dot4(const float* d, const float* const p[4], int64_t c0, int64_t c1, float out[4]) {
+  for (int u = 0; u < 4; ++u) out[u] = sddmm_dot(d, p[u], c0, c1);
+}
+
+template <int NB, typename Index>
+inline void sddmm_gather_row(const Index* ind, int64_t length, const float* x, int64_t ldx, const float* dr,
+                             float* g) {
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t j = ind[t];
+    float acc = 0.0f;
+    for (int b = 0; b < NB; ++b) acc += dr[b] * x[b * ldx + j];
+    g[t] = acc;
+  }
+}
+
+#include "kernels_sddmm.h"
+
 }  // namespace
 }  // namespace SPARSEAPPS_PORTABLE_NS
 }  // namespace sparseapps

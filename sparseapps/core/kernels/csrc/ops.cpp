@@ -1,4 +1,5 @@
-// Torch custom ops over the raw kernels (CPU): sparseapps::condensed_linear, csr_linear and blocked_linear.
+// Torch custom ops over the raw kernels (CPU): sparseapps::condensed_linear, csr_linear, blocked_linear and
+// csr_sddmm (the weight gradient of compact training layers).
 //
 // Layout work lives here: flattening leading dimensions, packing transposed activations for the tile path,
 // placing rows at their output neurons, and restoring ablated neurons as bias only. Threading uses
@@ -112,6 +113,24 @@ void check_rows(const std::optional<at::Tensor>& rows, int64_t n_rows, int64_t o
   }
 }
 
+// row_ptr as a contiguous 1-D int64 CPU tensor from 0 to nnz = indices.size(0), indices 1-D int16/int32 on the CPU.
+at::Tensor checked_row_ptr(const at::Tensor& row_ptr, const at::Tensor& indices, const char* op) {
+  TORCH_CHECK(row_ptr.device().is_cpu() && row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 &&
+                  row_ptr.size(0) >= 1,
+              op, ": expected row_ptr as a 1-D int64 CPU tensor of length rows + 1, got ", row_ptr.scalar_type(),
+              " of shape ", row_ptr.sizes());
+  TORCH_CHECK(indices.dim() == 1 && indices.device().is_cpu() &&
+                  (indices.scalar_type() == at::kShort || indices.scalar_type() == at::kInt),
+              op, ": expected 1-D int16 or int32 CPU indices, got ", indices.scalar_type(), " of shape ",
+              indices.sizes(), " on ", indices.device());
+  const at::Tensor p = row_ptr.contiguous();
+  const int64_t* pp = p.data_ptr<int64_t>();
+  const int64_t n_rows = row_ptr.size(0) - 1;
+  TORCH_CHECK(pp[0] == 0 && pp[n_rows] == indices.size(0), op, ": expected row_ptr from 0 to nnz=", indices.size(0),
+              ", got ", pp[0], " to ", pp[n_rows]);
+  return p;
+}
+
 // Zeroes the rows of yt [out, ld] that no sparse row writes (ablated neurons); has_map is false when row r
 // goes to output r for every r (then every output row is written).
 void zero_uncovered(float* yt, int64_t ld, int64_t out, bool has_map, const int64_t* row_map, int64_t n_rows) {
@@ -121,6 +140,20 @@ void zero_uncovered(float* yt, int64_t ld, int64_t out, bool has_map, const int6
   for (int64_t o = 0; o < out; ++o) {
     if (!covered[o]) std::memset(yt + o * ld, 0, sizeof(float) * ld);
   }
+}
+
+// a [n, width] contiguous fp32 -> [width, ld] (transposed; batch padded with zeros to ld, a multiple of 16).
+at::Tensor pack_transposed(const KernelTable& k, const at::Tensor& a, int64_t ld) {
+  const int64_t n = a.size(0);
+  const int64_t width = a.size(1);
+  at::Tensor packed = at::empty({std::max<int64_t>(width, 1), ld}, a.options());
+  const float* src = a.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  const int64_t blocks = (width + 15) / 16;
+  at::parallel_for(0, blocks, grain_for(blocks, 16.0 * ld), [&](int64_t i0, int64_t i1) {
+    k.pack(src, n, width, dst, ld, i0 * 16, std::min(i1 * 16, width));
+  });
+  return packed;
 }
 
 at::Tensor run_rows(const at::Tensor& x, SparseRows desc, bool has_map, int64_t total_nnz,
@@ -151,13 +184,8 @@ at::Tensor run_rows(const at::Tensor& x, SparseRows desc, bool has_map, int64_t 
   }
 
   const int64_t ld = (n + 15) / 16 * 16;
-  at::Tensor xt = at::empty({std::max<int64_t>(in, 1), ld}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
-  float* xtp = xt.data_ptr<float>();
-  const int64_t in_blocks = (in + 15) / 16;
-  at::parallel_for(0, in_blocks, grain_for(in_blocks, 16.0 * ld), [&](int64_t i0, int64_t i1) {
-    k.pack(xp, n, in, xtp, ld, i0 * 16, std::min(i1 * 16, in));
-  });
+  const at::Tensor xt = pack_transposed(k, xf, ld);
+  const float* xtp = xt.data_ptr<float>();
   at::Tensor yt = at::empty({out_features, ld}, x.options().dtype(at::kFloat));
   float* ytp = yt.data_ptr<float>();
   zero_uncovered(ytp, ld, out_features, has_map, desc.out_row, desc.n_rows);
@@ -206,21 +234,13 @@ at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::
                       const at::Tensor& indices, const std::optional<at::Tensor>& bias,
                       const std::optional<at::Tensor>& rows, int64_t out_features) {
   const char* op = "sparseapps::csr_linear";
-  TORCH_CHECK(row_ptr.device().is_cpu() && row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 &&
-                  row_ptr.size(0) >= 1,
-              op, ": expected row_ptr as a 1-D int64 CPU tensor of length rows + 1, got ", row_ptr.scalar_type(),
-              " of shape ", row_ptr.sizes());
   TORCH_CHECK(values.dim() == 1 && indices.dim() == 1 && values.size(0) == indices.size(0), op,
               ": expected 1-D values and indices of equal length, got ", values.sizes(), " and ", indices.sizes());
-  TORCH_CHECK(indices.device().is_cpu() && (indices.scalar_type() == at::kShort || indices.scalar_type() == at::kInt),
-              op, ": expected int16 or int32 CPU indices, got ", indices.scalar_type(), " on ", indices.device());
+  const at::Tensor p = checked_row_ptr(row_ptr, indices, op);
+  const int64_t* pp = p.data_ptr<int64_t>();
   const int64_t n_rows = row_ptr.size(0) - 1;
   check_common(x, values, bias, out_features, op);
   check_rows(rows, n_rows, out_features, op);
-  const at::Tensor p = row_ptr.contiguous();
-  const int64_t* pp = p.data_ptr<int64_t>();
-  TORCH_CHECK(pp[0] == 0 && pp[n_rows] == values.size(0), op, ": expected row_ptr from 0 to nnz=", values.size(0),
-              ", got ", pp[0], " to ", pp[n_rows]);
   const at::Tensor v = values.contiguous();
   const at::Tensor i = indices.contiguous();
   const at::Tensor map = rows.has_value() ? rows->contiguous() : at::Tensor();
@@ -233,6 +253,56 @@ at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::
                   i.scalar_type() == at::kShort,
                   v.scalar_type() == at::kBFloat16};
   return run_rows(x, desc, rows.has_value(), v.numel(), bias, out_features);
+}
+
+// The weight gradient of a CSR layer on its active entries: grad[e] = sum_b dy[b, r] * x[b, indices[e]] for
+// every entry e of row r (row r is output r). Few batch rows gather their inputs; more are transposed once and
+// each entry becomes a dot product over the batch, in column tiles that keep the transposed inputs in L2.
+at::Tensor csr_sddmm(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& row_ptr, const at::Tensor& indices) {
+  const char* op = "sparseapps::csr_sddmm";
+  TORCH_CHECK(x.device().is_cpu() && dy.device().is_cpu(), op, ": expected x and dy on the CPU, got ", x.device(),
+              " and ", dy.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && dy.scalar_type() == at::kFloat, op,
+              ": expected float32 x and dy, got ", x.scalar_type(), " and ", dy.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && dy.dim() >= 1 && leading_rows(x) == leading_rows(dy), op,
+              ": expected x [*, in] and dy [*, out] with the same number of rows, got ", x.sizes(), " and ",
+              dy.sizes());
+  const at::Tensor p = checked_row_ptr(row_ptr, indices, op);
+  const int64_t out = dy.size(-1);
+  TORCH_CHECK(row_ptr.size(0) == out + 1, op, ": expected row_ptr of length out + 1 = ", out + 1, ", got ",
+              row_ptr.size(0));
+  const int64_t nnz = indices.size(0);
+  at::Tensor grad = at::zeros({nnz}, x.options());
+  const int64_t n = leading_rows(x);
+  if (n == 0 || nnz == 0) return grad;
+  const Tuning& tune = tuning();
+  const KernelTable& k = tune.kernels;
+  const int64_t in = x.size(-1);
+  const at::Tensor xf = x.reshape({n, in}).contiguous();
+  const at::Tensor dyf = dy.reshape({n, out}).contiguous();
+  const at::Tensor i = indices.contiguous();
+  SparseRows desc{nullptr, i.data_ptr(), p.data_ptr<int64_t>(), nullptr, 0, out, i.scalar_type() == at::kShort, false};
+  const double mean_len = static_cast<double>(nnz) / static_cast<double>(std::max<int64_t>(out, 1));
+  float* gp = grad.data_ptr<float>();
+  if (n <= kMaxSmallBatch) {
+    const float* xp = xf.data_ptr<float>();
+    const float* dyp = dyf.data_ptr<float>();
+    at::parallel_for(0, out, grain_for(out, mean_len * n),
+                     [&](int64_t r0, int64_t r1) { k.sddmm_gather(desc, xp, in, dyp, out, n, gp, r0, r1); });
+    return grad;
+  }
+  const int64_t ld = (n + 15) / 16 * 16;
+  const at::Tensor xt = pack_transposed(k, xf, ld);
+  const at::Tensor dyt = pack_transposed(k, dyf, ld);
+  const float* xtp = xt.data_ptr<float>();
+  const float* dytp = dyt.data_ptr<float>();
+  // Column tiles of at least 64 batch rows, wider while a tile of xt still fits in tile_bytes.
+  const int64_t fit = tune.tile_bytes / (std::max<int64_t>(in, 1) * static_cast<int64_t>(sizeof(float))) / 16 * 16;
+  const int64_t columns = std::min(ld, std::max<int64_t>(64, fit));
+  at::parallel_for(0, out, grain_for(out, mean_len * ld), [&](int64_t r0, int64_t r1) {
+    for (int64_t c0 = 0; c0 < ld; c0 += columns) k.sddmm_tile(desc, xtp, dytp, ld, gp, r0, r1, c0, std::min(c0 + columns, ld));
+  });
+  return grad;
 }
 
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& lanes,
@@ -390,6 +460,7 @@ TORCH_LIBRARY(sparseapps, m) {
   m.def(
       "blocked_linear(Tensor x, Tensor values, Tensor lanes, Tensor chunks, Tensor group_ptr, Tensor? lane_rows, "
       "Tensor? bias, int out_features, int max_threads=0) -> Tensor");
+  m.def("csr_sddmm(Tensor x, Tensor dy, Tensor row_ptr, Tensor indices) -> Tensor");
   m.def("kernel_info() -> str", &sparseapps::describe);
   m.def("_configure(str isa, int gather_max_batch, int tile_bytes) -> str", &sparseapps::configure);
 }
@@ -398,4 +469,5 @@ TORCH_LIBRARY_IMPL(sparseapps, CPU, m) {
   m.impl("condensed_linear", &sparseapps::condensed_linear);
   m.impl("csr_linear", &sparseapps::csr_linear);
   m.impl("blocked_linear", &sparseapps::blocked_linear);
+  m.impl("csr_sddmm", &sparseapps::csr_sddmm);
 }

@@ -1,0 +1,311 @@
+"""`CompactLinear`: a trainable Linear layer that stores only its active weights, forward and backward sparse.
+
+For ``out`` outputs, ``in`` inputs and ``nnz`` active weights the layer holds:
+
+- ``values [nnz]``, the Parameter: its gradient and optimizer state have its size, not ``out * in``;
+- ``row_ptr [out + 1]`` int64 and ``col_indices [nnz]`` int16 (int32 when ``in > 32768``): CSR rows, columns
+  ascending, so entry ``e`` is the ``e``-th active weight in row-major order;
+- the transposed structure for the input gradient, rebuilt only when the topology changes: ``t_row_ptr [in + 1]``,
+  ``t_indices [nnz]`` (output rows, int16 when ``out <= 32768``) and ``t_order [nnz]`` (int32: where each
+  transposed entry's value sits in ``values``);
+- ``bias [out]`` (or none).
+
+Forward ``y = x W^T + b`` is the compiled ``csr_linear`` over the rows; the input gradient ``dx = dy W`` is the
+same kernel over the transposed structure; the weight gradient ``csr_sddmm`` is computed on the active entries
+only. Nothing of size ``out * in`` is allocated, except the dense gradient ``dy^T x`` of one step when
+``capture_dense_grad`` is set (the engine sets it for the step before a growth-by-gradient update). float32 runs
+on the compiled kernels (or their reference twins under ``SPARSEAPPS_KERNELS=reference``); other dtypes
+(float64 for gradient checks) on the reference twins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseapps.core.kernels import formats, library, reference
+
+__all__ = ["CompactLinear", "Repack", "compact_linear"]
+
+
+@dataclass(frozen=True)
+class Repack:
+    """How the entries of one topology map onto the next: kept entries move, new ones start at zero.
+
+    Attributes:
+        old_positions: ``[K]`` int64 positions in the old ``values`` of the entries kept.
+        new_positions: ``[K]`` int64 positions of the same entries in the new ``values``.
+        nnz: the new number of entries.
+
+    Example:
+        >>> repack = Repack(torch.tensor([0, 2]), torch.tensor([1, 2]), nnz=3)
+        >>> repack.apply(torch.tensor([5.0, 6.0, 7.0]))
+        tensor([0., 5., 7.])
+    """
+
+    old_positions: torch.Tensor
+    new_positions: torch.Tensor
+    nnz: int
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[old nnz, *]`` (values, a gradient, an optimizer state) -> ``[nnz, *]``, zeros where entries are new."""
+        moved = tensor.new_zeros((self.nnz, *tensor.shape[1:]))
+        moved[self.new_positions] = tensor[self.old_positions]
+        return moved
+
+
+class CompactLinear(nn.Module):
+    """A Linear layer with only its active weights: ``[*, in] -> [*, out]``, trainable, sparse both ways.
+
+    Args:
+        weight: ``[out, in]`` dense weight; only the entries of ``mask`` are kept.
+        mask: ``[out, in]`` bool, the active entries (any fan-in; empty rows allowed).
+        bias: ``[out]`` or None.
+
+    Example:
+        >>> linear = nn.Linear(64, 32)
+        >>> layer = CompactLinear.from_linear(linear, torch.rand(32, 64) < 0.1)
+        >>> x = torch.randn(8, 64)
+        >>> dense = nn.functional.linear(x, layer.to_dense_weight(), linear.bias)
+        >>> bool(torch.allclose(layer(x), dense, atol=1e-5))
+        True
+        >>> layer(x).sum().backward(); layer.values.grad.shape == layer.values.shape
+        True
+    """
+
+    row_ptr: torch.Tensor
+    col_indices: torch.Tensor
+    t_row_ptr: torch.Tensor
+    t_indices: torch.Tensor
+    t_order: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"expected a 2-D floating-point weight [out, in], got {_describe(weight)}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+            raise ValueError(f"expected a bool mask of shape {tuple(weight.shape)}, got {_describe(mask)}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
+            raise ValueError(f"expected a bias of shape [{weight.shape[0]}] or None, got {_describe(bias)}")
+        self.out_features, self.in_features = (int(n) for n in weight.shape)
+        mask = mask.to(weight.device)
+        row_ptr, col_indices = formats.csr_structure(mask, formats.index_dtype_for(self.in_features))
+        self.values = nn.Parameter(weight.detach()[mask].clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("col_indices", col_indices)
+        self.capture_dense_grad = False
+        self.dense_grad: torch.Tensor | None = None
+        self._build_transpose()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor) -> CompactLinear:
+        """The active entries ``mask`` of ``linear`` (its bias too), as a compact layer."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        return cls(linear.weight, mask, linear.bias)
+
+    @property
+    def nnz(self) -> int:
+        """Active weights."""
+        return self.values.numel()
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        """``[out, in]``, the shape of the dense weight this layer stands for."""
+        return torch.Size([self.out_features, self.in_features])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*, in] -> [*, out]``."""
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"expected input [*, {self.in_features}], got {tuple(x.shape)}")
+        return compact_linear(x, self.values, self.bias, self)
+
+    # ------------------------------------------------------------------ dense views (inspection, scores, export)
+    def positions(self) -> torch.Tensor:
+        """``[nnz]`` int64 row-major positions ``row * in + column`` of the entries, ascending."""
+        rows = reference.row_of_entries(self.row_ptr)
+        return rows * self.in_features + self.col_indices.long()
+
+    def mask(self) -> torch.Tensor:
+        """``[out, in]`` bool, True at the active entries (a new tensor)."""
+        mask = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.row_ptr.device)
+        mask[self.positions()] = True
+        return mask.view(self.weight_shape)
+
+    def to_dense_weight(self) -> torch.Tensor:
+        """``[out, in]`` the weight with zeros at the inactive entries (a new tensor, detached)."""
+        values = self.values.detach()
+        weight = values.new_zeros(self.out_features * self.in_features)
+        weight[self.positions()] = values
+        return weight.view(self.weight_shape)
+
+    # ------------------------------------------------------------------ topology
+    def set_mask(self, mask: torch.Tensor) -> Repack:
+        """Moves the layer to the active entries ``mask [out, in]``: kept entries keep their values (and gradient),
+        new ones start at zero, the others are removed.
+
+        The ``values`` Parameter stays the same object (its data is replaced), so an optimizer keeps holding it;
+        its per-entry state must be moved with the returned :class:`Repack` (the engine does this).
+        """
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != self.weight_shape:
+            raise ValueError(
+                f"expected a bool mask of shape {tuple(self.weight_shape)}, got {_describe(mask)}"
+            )
+        new_flat = mask.to(self.row_ptr.device).reshape(-1)
+        old = self.positions()
+        new = new_flat.nonzero().squeeze(1)
+        old_flat = torch.zeros_like(new_flat)
+        old_flat[old] = True
+        # Both lists ascend by position, so the kept entries come in the same order on either side.
+        repack = Repack(
+            new_flat[old].nonzero().squeeze(1), old_flat[new].nonzero().squeeze(1), nnz=new.numel()
+        )
+        with torch.no_grad():
+            self.values.data = repack.apply(self.values.detach())
+            if self.values.grad is not None:
+                self.values.grad = repack.apply(self.values.grad)
+        rows = torch.div(new, self.in_features, rounding_mode="floor")
+        self.row_ptr = torch.zeros_like(self.row_ptr)
+        self.row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0)
+        self.col_indices = (new - rows * self.in_features).to(self.col_indices.dtype)
+        self._build_transpose()
+        return repack
+
+    def _build_transpose(self) -> None:
+        """The transposed structure (entries by input column, output rows ascending within a column)."""
+        columns = self.col_indices.long()
+        order = torch.argsort(columns, stable=True)
+        t_row_ptr = torch.zeros(self.in_features + 1, dtype=torch.int64, device=columns.device)
+        t_row_ptr[1:] = torch.cumsum(torch.bincount(columns, minlength=self.in_features), 0)
+        rows = reference.row_of_entries(self.row_ptr)[order]
+        self.register_buffer("t_row_ptr", t_row_ptr, persistent=False)
+        self.register_buffer(
+            "t_indices", rows.to(formats.index_dtype_for(self.out_features)).contiguous(), persistent=False
+        )
+        order_dtype = torch.int32 if order.numel() < 2**31 else torch.int64
+        self.register_buffer("t_order", order.to(order_dtype), persistent=False)
+
+    def _check_structure(self) -> None:
+        row_ptr, nnz = self.row_ptr, self.values.numel()
+        valid = (
+            row_ptr.shape == (self.out_features + 1,)
+            and self.col_indices.shape == (nnz,)
+            and int(row_ptr[0]) == 0
+            and int(row_ptr[-1]) == nnz
+            and bool((row_ptr.diff() >= 0).all())
+            and (
+                nnz == 0 or 0 <= int(self.col_indices.min()) <= int(self.col_indices.max()) < self.in_features
+            )
+        )
+        if not valid:
+            raise ValueError(
+                f"expected a CSR structure of {self.out_features} rows from 0 to nnz={nnz} with columns in "
+                f"[0, {self.in_features}), got row_ptr {tuple(row_ptr.shape)} from {int(row_ptr[0])} to "
+                f"{int(row_ptr[-1])} and col_indices {tuple(self.col_indices.shape)}"
+            )
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Loads a checkpoint of any topology of this shape (its nnz may differ), then rebuilds the transpose."""
+        values = state_dict.get(prefix + "values")
+        indices = state_dict.get(prefix + "col_indices")
+        if isinstance(values, torch.Tensor) and values.shape != self.values.shape:
+            self.values.data = self.values.detach().new_empty(values.shape)
+            self.values.grad = None
+        if isinstance(indices, torch.Tensor) and indices.shape != self.col_indices.shape:
+            self.col_indices = self.col_indices.new_empty(indices.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._check_structure()
+        self._build_transpose()
+
+    def accumulate_dense_grad(self, grad: torch.Tensor) -> None:
+        """Adds one backward pass's dense gradient ``[out, in]`` to :attr:`dense_grad` (called by the backward)."""
+        self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad
+
+    def extra_repr(self) -> str:
+        density = self.nnz / max(1, self.out_features * self.in_features)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+            f"density={density:.4g}, bias={self.bias is not None}, index={self.col_indices.dtype}"
+        )
+
+
+def compact_linear(
+    x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CompactLinear
+) -> torch.Tensor:
+    """``x W^T + b`` for the structure of ``layer`` with weights ``values``, differentiable in all three tensors.
+
+    Args:
+        x: ``[*, in]``.
+        values: ``[nnz]`` the weights in the layer's entry order.
+        bias: ``[out]`` or None.
+        layer: the structure (``row_ptr``, ``col_indices`` and the transpose) and the dense-gradient capture.
+
+    Returns:
+        ``[*, out]``.
+    """
+    library.ensure_loaded()
+    return _CompactLinearFunction.apply(x, values, bias, layer)
+
+
+class _CompactLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CompactLinear
+    ) -> torch.Tensor:
+        ctx.structure = (layer.row_ptr, layer.col_indices, layer.t_row_ptr, layer.t_indices, layer.t_order)
+        ctx.in_features, ctx.out_features = layer.in_features, layer.out_features
+        ctx.capture = layer if layer.capture_dense_grad else None
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, values)
+        return _csr_linear(x, layer.row_ptr, values, layer.col_indices, bias, layer.out_features)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, values = ctx.saved_tensors
+        row_ptr, col_indices, t_row_ptr, t_indices, t_order = ctx.structure
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            transposed = values.index_select(0, t_order)
+            grad_x = _csr_linear(dy, t_row_ptr, transposed, t_indices, None, ctx.in_features)
+        if ctx.needs_input_grad[1]:
+            grad_values = _csr_sddmm(x, dy, row_ptr, col_indices)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = dy.reshape(-1, ctx.out_features).sum(0)
+        if ctx.capture is not None:
+            dy2, x2 = dy.reshape(-1, ctx.out_features), x.reshape(-1, ctx.in_features)
+            ctx.capture.accumulate_dense_grad(dy2.mT.mm(x2))
+        return grad_x, grad_values, grad_bias, None
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _csr_linear(
+    x: torch.Tensor,
+    row_ptr: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    if values.dtype in _KERNEL_DTYPES:
+        return torch.ops.sparseapps.csr_linear(x, row_ptr, values, indices, bias, None, out_features)
+    return reference.csr_linear_reference(x, row_ptr, values, indices, bias, None, out_features)
+
+
+def _csr_sddmm(
+    x: torch.Tensor, dy: torch.Tensor, row_ptr: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return torch.ops.sparseapps.csr_sddmm(x, dy, row_ptr, indices)
+    return reference.csr_sddmm_reference(x, dy, row_ptr, indices)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} of shape {tuple(value.shape)}"
+    return type(value).__name__

@@ -1,0 +1,154 @@
+"""The compact storage inside the engine: what `DynamicSparsity` does for `CompactLinear` layers.
+
+The updater never sees a storage (``rules.update_masks`` works on masks and scores), so a compact tensor only has
+to show the engine the dense views a masked one shows, and only at topology updates:
+
+- per step: nothing. Gradients exist for the active entries only, so there is no mask to apply to gradients or
+  weights, and no optimizer state of inactive entries to keep at zero;
+- in the step before a growth-by-gradient update, the layer's backward adds one dense product ``dy^T x``
+  (``capture_dense_grad``), which the engine takes as the tensor's dense gradient;
+- at an update, ``mask`` and ``dense_weight()`` are materialized for the scores, and ``write_mask`` re-packs the
+  values, their gradient and every per-entry optimizer state (Adam's moments, SGD's momentum, ...): kept entries
+  keep theirs, grown ones start at zero, dropped ones are removed. The ``values`` Parameter stays the object the
+  optimizer holds.
+
+Criteria that read a dense state every step (``"momentum"``) are refused, and the ITOP rate (entries ever active,
+a dense mask per layer) is tracked only where a criterion reads it: their cost is the one compact storage avoids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence, Set
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparseapps.core.compact.layer import CompactLinear
+from sparseapps.core.config import SparsityConfig
+from sparseapps.core.kernels.reference import row_of_entries
+
+__all__ = ["CompactTensor", "compact_fqns", "set_capture", "take_dense_grads"]
+
+
+@dataclass
+class CompactTensor:
+    """One compact layer as the engine sees a sparse tensor (the counterpart of ``selection.SparseTensor``)."""
+
+    fqn: str
+    module: CompactLinear
+    kind: str
+    budget: int
+    allow_ablation: bool = True
+    active_rows: torch.Tensor | None = None
+    positions: int = 1
+    param_name: str = "values"
+
+    def __post_init__(self) -> None:
+        if self.module.nnz > self.budget:
+            raise ValueError(
+                f"{self.fqn!r} holds {self.module.nnz} active weights, more than its budget of {self.budget}: "
+                "build the compact model with sparseapps.core.to_compact(model, config) and the same config"
+            )
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.module.values
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[out, in]`` bool, materialized from the layer's structure (a new tensor each time)."""
+        return self.module.mask()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.module.weight_shape)
+
+    def dense_weight(self) -> torch.Tensor:
+        """``[out, in]`` the weight with zeros at the inactive entries."""
+        return self.module.to_dense_weight()
+
+    def write_mask(self, new_mask: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Re-packs the layer, its gradient and its optimizer state to ``new_mask``; returns the grown entries."""
+        grown = new_mask & ~self.module.mask()
+        old_shape = self.param.shape
+        repack = self.module.set_mask(new_mask)
+        state = optimizer.state.get(self.param, {})
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == old_shape:
+                state[key] = repack.apply(value)
+        return grown
+
+    def add_dense_(self, delta: torch.Tensor) -> None:
+        """Adds the active entries of ``delta [out, in]`` to the values."""
+        self.param.add_(delta.reshape(-1)[self.module.positions()])
+
+    def scale_rows_(self, scale: torch.Tensor) -> None:
+        """Multiplies the weights of output ``r`` by ``scale[r]``."""
+        self.param.mul_(scale.to(self.param.dtype)[row_of_entries(self.module.row_ptr)])
+
+    def load_mask(self, mask: torch.Tensor) -> None:
+        """Checks that a checkpoint's mask is the layer's topology (which the model's state_dict carries)."""
+        if not torch.equal(self.module.mask(), mask.to(self.module.row_ptr.device)):
+            raise ValueError(
+                f"the mask of {self.fqn!r} differs from the topology of its CompactLinear layer: load the model's "
+                "state_dict (which holds a compact layer's topology) before the engine's"
+            )
+
+
+def compact_fqns(
+    config: SparsityConfig, selected: Sequence[tuple[str, nn.Module, str, str]], needs: Set[str]
+) -> set[str]:
+    """The selected tensors held by compact layers; refuses a model whose layers do not match ``config.storage``.
+
+    Args:
+        config: the engine's configuration.
+        selected: ``select_tensors(model, config)``.
+        needs: what the configured criteria read (``scores.NEEDS``).
+
+    Raises:
+        ValueError: compact layers under ``storage='masked'``, ``nn.Linear`` layers left under
+            ``storage='compact'``, or compact layers with a criterion that reads a dense state every step.
+    """
+    compact = {fqn for fqn, module, _, _ in selected if isinstance(module, CompactLinear)}
+    if config.storage == "masked" and compact:
+        raise ValueError(
+            f"the model holds CompactLinear layers {sorted(compact)}; use a config with storage='compact'"
+        )
+    linear = [fqn for fqn, _, _, kind in selected if kind == "linear" and fqn not in compact]
+    if config.storage == "compact" and linear:
+        raise ValueError(
+            f"storage='compact' expects the selected Linear layers as CompactLinear, got nn.Linear at {linear}: "
+            "call sparseapps.core.to_compact(model, config) before building the optimizer and the engine"
+        )
+    if compact and "momentum" in needs:
+        raise ValueError(
+            f"drop={config.drop!r} / grow={config.grow!r} read a gradient momentum tracked every step, which "
+            "compact layers do not keep; use storage='masked'"
+        )
+    return compact
+
+
+def set_capture(tensors: Iterable[CompactTensor], capture: bool) -> None:
+    """Whether the layers' next backward passes add up their dense gradient ``dy^T x`` (cleared either way)."""
+    for t in tensors:
+        t.module.capture_dense_grad = capture
+        t.module.dense_grad = None
+
+
+def take_dense_grads(tensors: Iterable[CompactTensor], step: int) -> dict[str, torch.Tensor]:
+    """``{fqn: [out, in]}`` the dense gradients captured for the update at ``step`` (layers not run: none).
+
+    Raises:
+        ValueError: a captured gradient holds NaN or Inf (the update would rank garbage).
+    """
+    grads = {}
+    for t in tensors:
+        grad, t.module.dense_grad = t.module.dense_grad, None
+        if grad is None:
+            continue
+        if not bool(torch.isfinite(grad).all()):
+            raise ValueError(f"non-finite gradient in {t.fqn!r} at update step {step}")
+        grads[t.fqn] = grad
+    return grads

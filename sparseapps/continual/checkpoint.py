@@ -19,6 +19,7 @@ code runs from it). It holds:
   tensors and numbers.
 
 Example:
+    >>> import torch
     >>> state = rng_state()
     >>> a = torch.rand(2)
     >>> set_rng_state(state)
@@ -28,15 +29,13 @@ Example:
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
-import torch
-
 from sparseapps.core.io import CorruptFileError, OutputConflictError, load_torch
+from sparseapps.core.random_state import random_state as rng_state
+from sparseapps.core.random_state import set_random_state as set_rng_state
 
 TOOL: Final = "continual run"
 """The tool name recorded in ``sparseapps-run.json``."""
@@ -66,52 +65,6 @@ KEYS: Final = (
 )
 
 _OVERWRITE_HINT = "pass --overwrite (overwrite=True) to start the run afresh"
-
-
-def rng_state() -> dict[str, Any]:
-    """The states of torch's, numpy's and Python's global generators, as tensors and numbers (no pickled objects).
-
-    CUDA's generators are included when CUDA has been initialized.
-    """
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    version, python_state, gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "python": {
-            "version": int(version),
-            "state": torch.tensor(python_state, dtype=torch.int64),
-            "gauss_next": gauss_next,
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restores :func:`rng_state`."""
-    torch.set_rng_state(state["torch"])
-    numpy = state["numpy"]
-    np.random.set_state(
-        (
-            numpy["kind"],
-            numpy["keys"].numpy().astype(np.uint32),
-            numpy["position"],
-            numpy["has_gauss"],
-            numpy["cached_gaussian"],
-        )
-    )
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

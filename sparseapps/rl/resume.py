@@ -18,6 +18,7 @@ written only inside a checkpoint directory whose ``MANIFEST.json`` is verified b
 
 Example:
     >>> import random
+    >>> import torch
     >>> from stable_baselines3 import PPO
     >>> model = PPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, seed=0)
     >>> state = random_state(model)
@@ -31,19 +32,19 @@ from __future__ import annotations
 
 import io
 import pickle
-import random
 from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
-import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
+from sparseapps.core.random_state import random_state as core_random_state
+from sparseapps.core.random_state import set_random_state as core_set_random_state
+
 __all__ = ["pickle_environments", "random_state", "restore_environments", "set_random_state"]
 
-RANDOM_STATE_VERSION = 1
+RANDOM_STATE_VERSION = 2  # 2: the generators in core.random_state's form
 ENVIRONMENTS_VERSION = 1
 
 
@@ -63,24 +64,9 @@ def random_state(model: BaseAlgorithm) -> dict[str, Any]:
 
     The result can be written with :func:`sparseapps.core.io.save_torch` and read back with ``weights_only``.
     """
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "version": RANDOM_STATE_VERSION,
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "python": {
-            "version": version,
-            "internal": torch.tensor(internal, dtype=torch.int64),
-            "gauss_next": gauss_next,
-        },
+        "generators": core_random_state(),
         "sde": {
             owner: {
                 "exploration_mat": distribution.exploration_mat.detach().clone(),
@@ -104,26 +90,7 @@ def set_random_state(model: BaseAlgorithm, state: Mapping[str, Any]) -> None:
             f"expected random states of version {RANDOM_STATE_VERSION}, got {type(state).__name__} with version "
             f"{getattr(state, 'get', lambda _: None)('version')!r}"
         )
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        if torch.cuda.device_count() != len(state["cuda"]):
-            raise ValueError(
-                f"the checkpoint holds the random states of {len(state['cuda'])} CUDA device(s), this machine has "
-                f"{torch.cuda.device_count()}: resume it where it was written"
-            )
-        torch.cuda.set_rng_state_all(state["cuda"])
-    legacy = state["numpy"]
-    np.random.set_state(
-        (
-            legacy["name"],
-            legacy["keys"].numpy().astype(np.uint32),
-            legacy["position"],
-            legacy["has_gauss"],
-            legacy["cached_gaussian"],
-        )
-    )
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
+    core_set_random_state(state["generators"])
     distributions = _sde_distributions(model)
     if set(state["sde"]) != set(distributions):
         raise ValueError(

@@ -324,7 +324,8 @@ class DynamicSparsity:
 
         return hook
 
-    def _needs_dense_gradient(self) -> bool:
+    def needs_dense_gradient(self) -> bool:
+        """Whether the configured criteria read the dense gradient (captured at update steps only)."""
         return "grad" in self._needs
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -337,7 +338,7 @@ class DynamicSparsity:
         if self.check_finite:
             check_finite([(n, p.grad) for n, p in self._checked_params if p.grad is not None], upcoming)
         update = schedules.is_update_step(upcoming, self.config, self.total_steps)
-        capture = update and self._needs_dense_gradient()
+        capture = update and self.needs_dense_gradient()
         # The first step is a full one too: a table that is also read outside its module's forward is refused
         # there, before any masked entry could change.
         full_step = (
@@ -402,7 +403,7 @@ class DynamicSparsity:
         """Arms, for the step before an update, the capture of what its criteria read beyond weights and masks."""
         update = schedules.is_update_step(self.step + 1, self.config, self.total_steps)
         self._capturing = "activations" in self._needs and update
-        compact_storage.set_capture(self._compact.values(), self._needs_dense_gradient() and update)
+        compact_storage.set_capture(self._compact.values(), self.needs_dense_gradient() and update)
 
     # ------------------------------------------------------------------ topology updates
     def _context(self, fqn: str, t: SparseTensor | CompactTensor) -> scores.ScoreContext:

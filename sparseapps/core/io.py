@@ -44,6 +44,7 @@ __all__ = [
     "claim_output",
     "load_json",
     "load_torch",
+    "remove_outputs",
     "remove_temporaries",
     "save_torch",
     "sha256",
@@ -155,10 +156,10 @@ def load_torch(path: str | os.PathLike[str], what: str = "a sparseapps checkpoin
         raise CorruptFileError(f"{path}: no such file (expected {what})") from error
     except pickle.UnpicklingError as error:  # a pickled object beyond tensors: never unpickled
         raise CorruptFileError(
-            f"{path} is not a file of {what} that sparseapps wrote: it holds Python objects that only an "
-            "unrestricted unpickler could read, which can run code, so it was refused and nothing in it ran. "
-            "Only checkpoints written by your own runs can be resumed; remove it or choose another output "
-            "directory to start afresh"
+            f"{path} holds Python objects that only an unrestricted unpickler could read (expected {what}: "
+            "tensors, numbers and strings only); reading them can run code, so the file was refused and nothing "
+            "in it ran. Only checkpoints written by your own runs can be resumed; remove it or choose another "
+            "output directory to start afresh"
         ) from error
     except Exception as error:  # torch raises many types for a damaged file
         raise CorruptFileError(
@@ -339,13 +340,19 @@ def claim_output(
                 f"{problem}. Nothing was changed. Choose another output directory, or pass --overwrite "
                 f"(overwrite=True) to replace it"
             )
-        for name in outputs:
-            path = directory / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        remove_outputs(directory, outputs)
         record.unlink(missing_ok=True)
     if not held:
         write_json(record, {"version": OWNER_VERSION, "tool": tool, "settings": requested})
     return held
+
+
+def remove_outputs(directory: str | os.PathLike[str], names: Iterable[str]) -> None:
+    """Removes the named files and folders of ``directory`` (what a tool wrote there); anything else stays."""
+    directory = Path(directory)
+    for name in names:
+        path = directory / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)

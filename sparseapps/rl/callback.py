@@ -70,7 +70,7 @@ STATE_VERSION = 1
 def _sparse_gradient(engine: DynamicSparsity, mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """A gradient tensor hook: ``grad`` masked, unless the engine reads it dense at its next step."""
     if grad.is_sparse or (
-        engine._needs_dense_gradient()
+        engine.needs_dense_gradient()
         and schedules.is_update_step(engine.step + 1, engine.config, engine.total_steps)
     ):
         return grad

@@ -31,6 +31,7 @@ from sparseapps.core.io import (
     CorruptFileError,
     load_json,
     load_torch,
+    remove_outputs,
     remove_temporaries,
     save_torch,
     verify_manifest,
@@ -133,12 +134,7 @@ def start_afresh(error: CorruptFileError, out: Path) -> CorruptFileError:
 
 def remove_run(out: Path) -> None:
     """Removes what train_run wrote into ``out`` (``overwrite``); other files stay."""
-    for name in RUN_OUTPUTS:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    remove_outputs(out, RUN_OUTPUTS)
     remove_temporaries(out)
 
 

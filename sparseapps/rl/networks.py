@@ -257,7 +257,7 @@ def training_flops(
             forward_dense,
             forward_sparse,
             config.update_interval if config.dynamic else None,
-            engine._needs_dense_gradient(),
+            engine.needs_dense_gradient(),
         )
         target = 1 if network.target is not None else 0
         dense += step_dense + target * forward_dense

@@ -31,7 +31,9 @@ def test_console_entry_point_runs() -> None:
     assert done.returncode == 0 and "sparseapps" in done.stdout
 
 
-def test_a_refused_file_or_directory_is_one_error_line_not_a_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_refused_file_or_directory_is_one_error_line_not_a_traceback(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     import sparseapps.cli as cli
     from sparseapps.core.io import CorruptFileError
 

@@ -23,17 +23,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import types
-import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from sparseapps.continual.checkpoint import DEFAULT_CHECKPOINT_EVERY, OUTPUTS
 from sparseapps.continual.config import BENCHMARK_NAMES, ContinualRun, IsolationConfig
 from sparseapps.core import scores
 from sparseapps.core.config import SparsityConfig
+from sparseapps.core.options import add_options, collect
 
+RUN_OPTIONS = tuple(item.name for item in dataclasses.fields(ContinualRun) if item.name != "isolation")
+"""The :class:`ContinualRun` fields that are options (all but ``isolation``, which the other groups set)."""
+ISOLATION_OPTIONS = tuple(
+    item.name for item in dataclasses.fields(IsolationConfig) if item.name != "sparsity"
+)
+"""The :class:`IsolationConfig` fields that are options (all but ``sparsity``: :data:`SPARSITY_OPTIONS`)."""
 SPARSITY_OPTIONS = (
     "sparsity",
     "distribution",
@@ -76,59 +81,17 @@ def _widths(text: str) -> tuple[int, ...]:
         ) from None
 
 
-class _DeprecatedAlias(argparse.Action):
-    """An old option name: stores its value under the new option's field and prints a one-line note."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option: str | None = None,
-    ) -> None:
-        replacement = "--" + self.dest.replace("_", "-")
-        print(f"note: {option} is deprecated; use {replacement}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Choices of the ``str`` fields: the benchmarks, and the score registry's names when the parser is built."""
+    # criteria that read layer activations are refused by IsolationConfig
+    usable = [n for n in scores.grow_names() if "activations" not in scores.get("grow", n).needs]
+    return {"benchmark": BENCHMARK_NAMES, "drop": scores.drop_names(), "grow": ("none", *usable)}
 
 
-def _fields(config: type, names: Iterable[str] | None = None) -> list[tuple[dataclasses.Field[Any], Any]]:
-    """``(field, type hint)`` of ``config``'s fields (all of them, or ``names`` in that order)."""
-    hints = typing.get_type_hints(config)
-    fields = {item.name: item for item in dataclasses.fields(config)}
-    return [(fields[name], hints[name]) for name in (names if names is not None else fields)]
-
-
-def _choices(name: str, hint: Any) -> tuple[str, ...] | None:
-    if name == "benchmark":
-        return BENCHMARK_NAMES
-    if name == "drop":
-        return scores.drop_names()
-    if name == "grow":  # criteria that read layer activations are refused by IsolationConfig
-        usable = [n for n in scores.grow_names() if "activations" not in scores.get("grow", n).needs]
-        return ("none", *usable)
-    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
-
-
-def _add_option(
-    group: argparse._ArgumentGroup, item: dataclasses.Field[Any], hint: Any, default: Any
-) -> None:
-    """One option for the field ``item``, typed by its hint, with the field's help string and ``default``."""
-    flag = "--" + item.name.replace("_", "-")
-    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-    help_text = f"{CONTINUAL_HELP.get(item.name, item.metadata.get('help', ''))} (default: {shown})"
-    if isinstance(hint, types.UnionType):  # X | None
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    if hint is bool:
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        return
-    choices = _choices(item.name, hint)
-    if typing.get_origin(hint) is tuple:
-        kind: Any = _widths
-    elif choices is not None:
-        kind = str
-    else:
-        kind = hint
-    group.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
+def _shown(config: Any, names: Iterable[str]) -> dict[str, Any]:
+    """``config``'s values of the fields ``names`` as the help shows them (tuples as they are typed: 256,256)."""
+    values = {name: getattr(config, name) for name in names}
+    return {name: ",".join(map(str, v)) if isinstance(v, tuple) else v for name, v in values.items()}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -143,23 +106,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     defaults = ContinualRun()
     isolation, sparsity = defaults.isolation, defaults.isolation.sparsity
+    choices = _choices()
     group = run.add_argument_group("run (ContinualRun)")
-    for item, hint in _fields(ContinualRun):
-        if item.name != "isolation":
-            default = COMMAND_DEFAULTS.get(item.name, getattr(defaults, item.name))
-            _add_option(group, item, hint, default)
+    add_options(
+        group,
+        ContinualRun,
+        names=RUN_OPTIONS,
+        choices={"benchmark": choices["benchmark"]},
+        types={"hidden": _widths, "channels": _widths},
+        defaults={**_shown(defaults, RUN_OPTIONS), **COMMAND_DEFAULTS},
+    )
     group = run.add_argument_group("each task's sparse training (SparsityConfig)")
-    for item, hint in _fields(SparsityConfig, SPARSITY_OPTIONS):
-        _add_option(group, item, hint, getattr(sparsity, item.name))
+    add_options(
+        group,
+        SparsityConfig,
+        names=SPARSITY_OPTIONS,
+        choices={"drop": choices["drop"], "grow": choices["grow"]},
+        help=CONTINUAL_HELP,
+        defaults=_shown(sparsity, SPARSITY_OPTIONS),
+        deprecated=DEPRECATED,
+    )
     group = run.add_argument_group("isolation (IsolationConfig)")
-    for item, hint in _fields(IsolationConfig):
-        if item.name != "sparsity":
-            _add_option(group, item, hint, getattr(isolation, item.name))
-    for old, field_name in DEPRECATED.items():
-        choices = _choices(field_name, typing.get_type_hints(SparsityConfig)[field_name])
-        run.add_argument(
-            old, dest=field_name, choices=choices, action=_DeprecatedAlias, help=argparse.SUPPRESS
-        )
+    add_options(
+        group, IsolationConfig, names=ISOLATION_OPTIONS, defaults=_shown(isolation, ISOLATION_OPTIONS)
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--out", type=Path, default=Path("runs/continual"), help="output directory")
     run.add_argument(
@@ -180,25 +150,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=run_command)
 
 
-def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
 def run_from_arguments(args: argparse.Namespace) -> ContinualRun:
     """The :class:`ContinualRun` of parsed ``continual run`` options: the defaults with every option given.
 
     The run's seed seeds each task's engine as well; ``--grow none`` is ``method='static'``.
     """
     defaults = ContinualRun()
-    run_names = [f.name for f in dataclasses.fields(ContinualRun) if f.name != "isolation"]
-    run_values = {name: COMMAND_DEFAULTS.get(name, getattr(defaults, name)) for name in run_names}
-    run_values.update(_given(args, run_names))
-    sparsity = _given(args, SPARSITY_OPTIONS)
+    run_values = {**COMMAND_DEFAULTS, **collect(args, ContinualRun, RUN_OPTIONS)}
+    sparsity = collect(args, SparsityConfig, SPARSITY_OPTIONS)
     grow = sparsity.get("grow", defaults.isolation.sparsity.grow)
-    sparsity.update(method="static" if grow == "none" else "dst", seed=run_values["seed"])
-    isolation_names = [f.name for f in dataclasses.fields(IsolationConfig) if f.name != "sparsity"]
+    seed = run_values.get("seed", defaults.seed)
+    sparsity.update(method="static" if grow == "none" else "dst", seed=seed)
     isolation = defaults.isolation.replace(
-        sparsity=defaults.isolation.sparsity.replace(**sparsity), **_given(args, isolation_names)
+        sparsity=defaults.isolation.sparsity.replace(**sparsity),
+        **collect(args, IsolationConfig, ISOLATION_OPTIONS),
     )
     return ContinualRun(**run_values, isolation=isolation)
 

@@ -154,7 +154,10 @@ def load_torch(path: str | os.PathLike[str], what: str = "a sparseapps checkpoin
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
         raise CorruptFileError(f"{path}: no such file (expected {what})") from error
-    except pickle.UnpicklingError as error:  # a pickled object beyond tensors: never unpickled
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):  # not a pickle at all: damaged
+            raise _damaged(path, what, error) from error
+        # a pickled object beyond tensors: refused by the restricted unpickler, never built
         raise CorruptFileError(
             f"{path} holds Python objects that only an unrestricted unpickler could read (expected {what}: "
             "tensors, numbers and strings only); reading them can run code, so the file was refused and nothing "
@@ -162,12 +165,16 @@ def load_torch(path: str | os.PathLike[str], what: str = "a sparseapps checkpoin
             "output directory to start afresh"
         ) from error
     except Exception as error:  # torch raises many types for a damaged file
-        raise CorruptFileError(
-            f"{path} is not a readable file of {what}: {type(error).__name__}: {str(error).splitlines()[0]}. "
-            "sparseapps reads only tensors, numbers and strings from .pt files (weights_only=True) and never runs "
-            "code from them; if this is your run's file, it is damaged: remove it or choose another output "
-            "directory to start afresh"
-        ) from error
+        raise _damaged(path, what, error) from error
+
+
+def _damaged(path: Path, what: str, error: Exception) -> CorruptFileError:
+    return CorruptFileError(
+        f"{path} is not a readable file of {what}: {type(error).__name__}: {str(error).splitlines()[0]}. "
+        "sparseapps reads only tensors, numbers and strings from .pt files (weights_only=True) and never runs "
+        "code from them; if this is your run's file, it is damaged: remove it or choose another output "
+        "directory to start afresh"
+    )
 
 
 def load_json(path: str | os.PathLike[str], what: str = "a sparseapps file") -> Any:

@@ -17,9 +17,9 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
 
 from sparseapps.core import scores
+from sparseapps.core.options import add_options, collect
 from sparseapps.recsys.dsl import INITIAL_MASKS
 from sparseapps.recsys.models import COLLECTION_KINDS, LAYOUTS, MODEL_NAMES
 from sparseapps.recsys.train import METHODS, MODEL_DEFAULTS, TrainConfig, run_demo, train
@@ -33,36 +33,24 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per :class:`TrainConfig` field, typed by its default, with the field's help string."""
+def _shown_defaults() -> dict[str, str]:
+    """The defaults the help shows where the models' tuned values (:data:`MODEL_DEFAULTS`) set them: MF's, then
+    the other models'."""
+    shown = {}
     for item in dataclasses.fields(TrainConfig):
-        flag = f"--{item.name.replace('_', '-')}"
-        default = item.default
-        default = MODEL_DEFAULTS["mf"].get(item.name, default)
-        help_text = f"{item.metadata.get('help', '')} (default: {default}"
-        for model, defaults in MODEL_DEFAULTS.items():
-            if model != "mf" and item.name in defaults:
-                help_text += f"; {model}: {defaults[item.name]}"
-        help_text += ")"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=None, help=help_text)
-        else:
-            kind = str if default is None else type(default)
-            choices = _CHOICES.get(item.name)
-            if item.name in ("drop", "grow"):  # the score registry's names when the parser is built
-                choices = scores.drop_names() if item.name == "drop" else scores.grow_names()
-            parser.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
+        others = [
+            f"; {model}: {values[item.name]}"
+            for model, values in MODEL_DEFAULTS.items()
+            if model != "mf" and item.name in values
+        ]
+        if item.name in MODEL_DEFAULTS["mf"] or others:
+            shown[item.name] = f"{MODEL_DEFAULTS['mf'].get(item.name, item.default)}{''.join(others)}"
+    return shown
 
 
 def _config_from(args: argparse.Namespace) -> TrainConfig:
     """The model's tuned defaults (:meth:`TrainConfig.tuned`) with every option given on the command line."""
-    values: dict[str, Any] = {}
-    for item in dataclasses.fields(TrainConfig):
-        value = getattr(args, item.name)
-        if value is not None:
-            values[item.name] = tuple(value) if isinstance(value, list) else value
+    values = collect(args, TrainConfig)
     return TrainConfig.tuned(values.pop("model", "mf"), **values)
 
 
@@ -75,7 +63,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="train MF-BPR, LightGCN or NeuMF, dense or with sparse embeddings",
         description="Train a recommender and write results.json, a checkpoint, compact tables and plots to --out.",
     )
-    _add_config_options(train_parser)
+    add_options(  # every TrainConfig field; drop and grow: the score registry's names when the parser is built
+        train_parser,
+        TrainConfig,
+        choices={**_CHOICES, "drop": scores.drop_names(), "grow": scores.grow_names()},
+        defaults=_shown_defaults(),
+    )
     train_parser.add_argument("--out", type=Path, required=True, help="output directory")
     train_parser.add_argument(
         "--resume",

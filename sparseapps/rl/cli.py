@@ -21,11 +21,31 @@ from pathlib import Path
 from typing import Any
 
 from sparseapps.core.io import OutputConflictError
+from sparseapps.core.options import add_options, collect
 from sparseapps.core.validation import check_int
 from sparseapps.rl.presets import RL_PRESETS
 from sparseapps.rl.run_config import ALGORITHM_CLASSES, METHODS, RLRun, make_sparsity_config
 from sparseapps.rl.summary import format_table
 from sparseapps.rl.train import train_many
+
+RUN_OPTIONS = (
+    "env",
+    "algo",
+    "method",
+    "preset",
+    "critic_density_ratio",
+    "steps",
+    "n_envs",
+    "eval_every",
+    "eval_episodes",
+    "checkpoint_every",
+    "threads",
+    "device",
+)
+"""The :class:`RLRun` fields that are options of their own, with the field's name, type and help; the others need
+their own syntax (``--drift``/``--drift-shift``, ``--hp KEY=VALUE``), are built from several options
+(``--sparsity`` and ``--update-interval`` over the method's or preset's configuration,
+``--sparse-output-layers``) or vary over the runs (``--seeds``)."""
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -57,40 +77,41 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="train dense and sparse agents over several seeds",
         description="Train an SB3 agent sparse (and a dense baseline) and write results.json and curves.png.",
     )
-    train.add_argument("--env", default="Pendulum-v1", help="gymnasium environment id")
-    train.add_argument("--algo", default="sac", choices=sorted(ALGORITHM_CLASSES), help="SB3 algorithm")
-    train.add_argument(
-        "--method", default="rigl", choices=METHODS, help="sparse-training method (core preset)"
+    group = train.add_argument_group("each run (RLRun)")
+    add_options(
+        group,
+        RLRun,
+        names=RUN_OPTIONS,
+        choices={"algo": sorted(ALGORITHM_CLASSES), "method": METHODS, "preset": sorted(RL_PRESETS)},
+        help={  # the fields' help lists the choices, which the options show
+            "algo": "SB3 algorithm",
+            "method": "sparse-training method (a core preset) of the sparse runs",
+            "preset": "an RL preset: replaces --method's configuration; its algorithm kwargs apply to every run",
+            "critic_density_ratio": "critic density / actor density",
+        },
+        defaults={"critic_density_ratio": "the preset's, or 1"},
     )
-    train.add_argument("--preset", choices=sorted(RL_PRESETS), help="an RL preset; replaces --method")
-    train.add_argument("--sparsity", type=float, help="sparsity (default: the preset's, or 0.9)")
-    train.add_argument("--critic-density-ratio", type=float, help="critic density / actor density")
-    train.add_argument(
-        "--sparse-output-layers", action="store_true", help="sparsify output layers too (default: dense)"
-    )
-    train.add_argument("--update-interval", type=int, help="gradient steps between topology updates")
-    train.add_argument("--steps", type=int, default=50_000, help="environment steps per run")
-    train.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    train.add_argument("--n-envs", type=int, default=1, help="parallel environment copies")
-    train.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
-    train.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation")
-    train.add_argument("--checkpoint-every", type=int, default=10_000, help="env steps between checkpoints")
-    train.add_argument("--drift", metavar="PARAMETER", help="make the environment drift this parameter")
-    train.add_argument(
+    group.add_argument("--drift", metavar="PARAMETER", help="make the environment drift this parameter")
+    group.add_argument(
         "--drift-shift", type=_shift, action="append", default=[], metavar="STEP:FACTOR", help="a drift shift"
     )
-    train.add_argument(
+    group.add_argument(
         "--hp",
         type=_key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an SB3 constructor kwarg",
+        help="an SB3 constructor kwarg (repeatable)",
     )
+    group = train.add_argument_group("the sparse runs")
+    group.add_argument("--sparsity", type=float, help="sparsity (default: the preset's, or 0.9)")
+    group.add_argument("--update-interval", type=int, help="gradient steps between topology updates")
+    group.add_argument(
+        "--sparse-output-layers", action="store_true", help="sparsify output layers too (default: dense)"
+    )
+    train.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     train.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    train.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    train.add_argument("--device", default="cpu", help="torch device")
     train.add_argument("--out", type=Path, default=Path("runs/rl"), help="output directory")
     train.add_argument(
         "--overwrite",
@@ -108,19 +129,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``sparseapps rl train``; returns the exit code."""
+    given = collect(args, RLRun, RUN_OPTIONS)
+    method = given.pop("method", RLRun.__dataclass_fields__["method"].default)
+    preset = given.pop("preset", None)
+    critic_density_ratio = given.pop("critic_density_ratio", None)
     common: dict[str, Any] = dict(
-        env=args.env,
-        algo=args.algo,
-        steps=args.steps,
-        n_envs=args.n_envs,
-        eval_every=args.eval_every,
-        eval_episodes=args.eval_episodes,
-        checkpoint_every=args.checkpoint_every,
+        **given,
         drift_parameter=args.drift,
         drift_shifts=tuple(args.drift_shift),
         hyperparameters=dict(args.hp),
-        threads=args.threads,
-        device=args.device,
     )
     try:
         check_int("--seeds", args.seeds, low=1)
@@ -130,16 +147,16 @@ def run_train(args: argparse.Namespace) -> int:
             if value is not None
         }
         sparse: dict[str, Any] = dict(
-            method=args.method,
-            preset=args.preset,
-            sparsity=make_sparsity_config(args.method, args.preset, **overrides),
-            critic_density_ratio=args.critic_density_ratio,
+            method=method,
+            preset=preset,
+            sparsity=make_sparsity_config(method, preset, **overrides),
+            critic_density_ratio=critic_density_ratio,
             dense_output_layers=False if args.sparse_output_layers else None,
         )
         runs = []
         for seed in range(args.seeds):
             if not args.no_dense:
-                runs.append(RLRun(method="dense", preset=args.preset, seed=seed, **common))
+                runs.append(RLRun(method="dense", preset=preset, seed=seed, **common))
             runs.append(RLRun(seed=seed, **common, **sparse))
         summary = train_many(
             runs,
@@ -151,7 +168,8 @@ def run_train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OutputConflictError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"\n{args.algo.upper()} on {args.env}, {args.steps} steps, {len(summary['runs'])} run(s)")
+    run = runs[-1]
+    print(f"\n{run.algo.upper()} on {run.env}, {run.steps} steps, {len(summary['runs'])} run(s)")
     print(format_table(summary["rows"]))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'curves.png'}")
     return 0

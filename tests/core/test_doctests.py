@@ -22,6 +22,7 @@ MODULES = [
     "sparseapps.core.finite",
     "sparseapps.core.io",
     "sparseapps.core.masks",
+    "sparseapps.core.options",
     "sparseapps.core.compact",
     "sparseapps.core.compact.convert",
     "sparseapps.core.compact.layer",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.error
 import urllib.request
@@ -111,7 +112,7 @@ def test_existing_run_needs_resume_and_the_same_configuration(
         train(config.replace(density=0.5), tmp_path, resume=True, progress=False, split=tiny_split)
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(
-        ValueError, match=f"{CHECKPOINT} is not a file of a checkpoint written by sparseapps recsys"
+        ValueError, match=f"{CHECKPOINT} is not a readable file of a checkpoint written by sparseapps recsys"
     ):
         train(config, tmp_path, resume=True, progress=False, split=tiny_split)
 
@@ -192,6 +193,28 @@ def test_cli_trains_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert run_cli([*argv, "--resume"]) == 0
     assert run_cli([*argv, "--resume", "--density", "0.5"]) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_cli_options_are_the_config_fields(tmp_path: Path) -> None:
+    import argparse
+
+    from sparseapps.recsys.cli import _config_from
+
+    parser = argparse.ArgumentParser(prog="sparseapps")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    recsys = next(a for a in parser._actions if a.dest == "command").choices["recsys"]
+    actions = (
+        next(a for a in recsys._actions if a.dest == "recsys_command").choices["train"]._option_string_actions
+    )
+    for item in dataclasses.fields(TrainConfig):
+        assert f"--{item.name.replace('_', '-')}" in actions, item.name
+    assert actions["--reg-weight"].help.endswith("(default: 0.02; lightgcn: 0.003; neumf: 0.01)")
+    assert actions["--ks"].help.endswith("(default: 10 20)") and actions["--no-rescale-init"].nargs == 0
+    given = parser.parse_args(
+        ["recsys", "train", "--model", "lightgcn", "--ks", "5", "20", "--out", str(tmp_path)]
+    )
+    assert _config_from(given) == TrainConfig.tuned("lightgcn", ks=(5, 20))
+    assert _config_from(parser.parse_args(["recsys", "train", "--out", str(tmp_path)])) == TrainConfig.tuned()
 
 
 def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -328,6 +328,51 @@ def test_cli_trains_dense_and_sparse_and_writes_results(
         main(["rl", "train", "--drift-shift", "nonsense"])
 
 
+def test_cli_run_options_are_the_run_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sparseapps.cli import build_parser
+    from sparseapps.rl import cli as rl_cli
+
+    rl = next(a for a in build_parser()._actions if a.dest == "command").choices["rl"]
+    actions = next(a for a in rl._actions if a.dest == "rl_command").choices["train"]._option_string_actions
+    for name in rl_cli.RUN_OPTIONS:
+        flag = f"--{name.replace('_', '-')}"
+        assert actions[flag].default is None and "(default: " in actions[flag].help, flag
+    assert (
+        actions["--eval-every"].help == "env steps between evaluations (0: only at the end) (default: 5000)"
+    )
+    built: list[RLRun] = []
+
+    def fake_train_many(runs: list[RLRun], out: Path, **kwargs: Any) -> dict[str, Any]:
+        built.extend(runs)
+        return {"runs": runs, "rows": []}
+
+    monkeypatch.setattr(rl_cli, "train_many", fake_train_many)
+    monkeypatch.setattr(rl_cli, "format_table", lambda rows: "")
+    assert (
+        main(["rl", "train", "--env", "CartPole-v1", "--algo", "ppo", "--seeds", "1", "--out", str(tmp_path)])
+        == 0
+    )
+    assert built == [
+        RLRun(env="CartPole-v1", algo="ppo", method="dense"),
+        RLRun(env="CartPole-v1", algo="ppo"),
+    ]
+    assert "PPO on CartPole-v1, 50000 steps" in capsys.readouterr().out
+    built.clear()
+    argv = [
+        "rl", "train", "--env", "CartPole-v1", "--algo", "ppo", "--method", "set", "--critic-density-ratio", "0.5",
+        "--steps", "64", "--n-envs", "2", "--eval-every", "0", "--eval-episodes", "1", "--checkpoint-every", "32",
+        "--threads", "2", "--device", "cpu", "--seeds", "2", "--no-dense", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    settings = dict(
+        env="CartPole-v1", algo="ppo", method="set", critic_density_ratio=0.5, steps=64, n_envs=2, eval_every=0,
+        eval_episodes=1, checkpoint_every=32, threads=2, device="cpu",
+    )  # fmt: skip
+    assert built == [RLRun(seed=seed, **settings) for seed in (0, 1)]
+
+
 # ---------------------------------------------------------------------------------------------- one --out, many calls
 def last_line(stderr: str) -> str:
     """The CLI's error: the one line after the progress bar, no traceback."""

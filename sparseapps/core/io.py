@@ -27,6 +27,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -155,11 +156,13 @@ def load_torch(path: str | os.PathLike[str], what: str = "a sparseapps checkpoin
     except FileNotFoundError as error:
         raise CorruptFileError(f"{path}: no such file (expected {what})") from error
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):  # not a pickle at all: damaged
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if found is None:  # not a pickle of objects at all: damaged
             raise _damaged(path, what, error) from error
         # a pickled object beyond tensors: refused by the restricted unpickler, never built
         raise CorruptFileError(
-            f"{path} holds Python objects that only an unrestricted unpickler could read (expected {what}: "
+            f"{path} holds Python objects ({found.group(1)}) that only an unrestricted unpickler could read "
+            f"(expected {what}: "
             "tensors, numbers and strings only); reading them can run code, so the file was refused and nothing "
             "in it ran. Only checkpoints written by your own runs can be resumed; remove it or choose another "
             "output directory to start afresh"
@@ -169,8 +172,12 @@ def load_torch(path: str | os.PathLike[str], what: str = "a sparseapps checkpoin
 
 
 def _damaged(path: Path, what: str, error: Exception) -> CorruptFileError:
+    text = str(error)
+    # torch's weights_only message opens with advice to load unsafely; quote only what went wrong
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    detail = found.group(1) if found else (text.splitlines() or [""])[0]
     return CorruptFileError(
-        f"{path} is not a readable file of {what}: {type(error).__name__}: {str(error).splitlines()[0]}. "
+        f"{path} is not a readable file of {what}: {type(error).__name__}: {detail}. "
         "sparseapps reads only tensors, numbers and strings from .pt files (weights_only=True) and never runs "
         "code from them; if this is your run's file, it is damaged: remove it or choose another output "
         "directory to start afresh"

@@ -42,6 +42,7 @@ __all__ = [
     "TEMPORARY_GLOB",
     "CorruptFileError",
     "OutputConflictError",
+    "check_output",
     "claim_output",
     "load_json",
     "load_torch",
@@ -321,44 +322,77 @@ def claim_output(
     """
     directory = Path(directory)
     outputs = list(outputs)
-    requested = json.loads(json.dumps(dict(settings)))  # compare as JSON would store it (tuples -> lists)
-    record = directory / OWNER_FILE
+    requested = _as_json(settings)
     remove_temporaries(directory)
-    problem = None
-    held = False
+    problem, held = _inspect(directory, tool, requested, outputs)
+    if problem is not None:
+        if not overwrite:
+            raise _conflict(problem)
+        remove_outputs(directory, outputs)
+        (directory / OWNER_FILE).unlink(missing_ok=True)
+    if not held:
+        write_json(directory / OWNER_FILE, {"version": OWNER_VERSION, "tool": tool, "settings": requested})
+    return held
+
+
+def check_output(
+    directory: str | os.PathLike[str],
+    *,
+    tool: str,
+    settings: Mapping[str, Any],
+    outputs: Iterable[str],
+    overwrite: bool = False,
+) -> bool:
+    """What :func:`claim_output` would do, writing nothing: raises its refusal, returns whether the run is there.
+
+    For a command that checks ``--out`` first and claims it only once the cheap work (loading data) succeeded.
+    """
+    directory = Path(directory)
+    problem, held = _inspect(directory, tool, _as_json(settings), list(outputs))
+    if problem is not None and not overwrite:
+        raise _conflict(problem)
+    return held
+
+
+def _as_json(settings: Mapping[str, Any]) -> Any:
+    return json.loads(json.dumps(dict(settings)))  # compare as JSON would store it (tuples -> lists)
+
+
+def _conflict(problem: str) -> OutputConflictError:
+    return OutputConflictError(
+        f"{problem}. Nothing was changed. Choose another output directory, or pass --overwrite "
+        f"(overwrite=True) to replace it"
+    )
+
+
+def _inspect(directory: Path, tool: str, requested: Any, outputs: list[str]) -> tuple[str | None, bool]:
+    """``(problem, held)``: why a run of ``tool`` with ``requested`` settings may not write ``directory``
+    (``None`` if it may), and whether the directory already holds that run."""
+    record = directory / OWNER_FILE
     if record.exists():
         saved = load_json(record, "the record of which sparseapps tool and settings wrote this directory")
         if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
-            problem = f"{record} is not a sparseapps run record"
-        elif saved.get("tool") != tool:
-            problem = f"{directory} holds a run of `sparseapps {saved.get('tool')}` ({record}), not `sparseapps {tool}`"
-        else:
-            differences = _differences(saved["settings"], requested)
-            if differences:
-                problem = (
-                    f"{directory} holds a run of other settings ({record}); (saved, requested) differ in "
-                    f"{differences}"
-                )
-            else:
-                held = True
-    else:
-        present = [name for name in outputs if (directory / name).exists()]
-        if present:
-            problem = (
-                f"{directory} holds {directory / present[0]} but no {OWNER_FILE}: it was written by another "
-                "program or by a sparseapps version that did not record its settings"
+            return f"{record} is not a sparseapps run record", False
+        if saved.get("tool") != tool:
+            return (
+                f"{directory} holds a run of `sparseapps {saved.get('tool')}` ({record}), not `sparseapps {tool}`",
+                False,
             )
-    if problem is not None:
-        if not overwrite:
-            raise OutputConflictError(
-                f"{problem}. Nothing was changed. Choose another output directory, or pass --overwrite "
-                f"(overwrite=True) to replace it"
+        differences = _differences(saved["settings"], requested)
+        if differences:
+            return (
+                f"{directory} holds a run of other settings ({record}); (saved, requested) differ in {differences}",
+                False,
             )
-        remove_outputs(directory, outputs)
-        record.unlink(missing_ok=True)
-    if not held:
-        write_json(record, {"version": OWNER_VERSION, "tool": tool, "settings": requested})
-    return held
+        return None, True
+    present = [name for name in outputs if (directory / name).exists()]
+    if present:
+        return (
+            f"{directory} holds {directory / present[0]} but no {OWNER_FILE}: it was written by another program "
+            "or by a sparseapps version that did not record its settings",
+            False,
+        )
+    return None, False
 
 
 def remove_outputs(directory: str | os.PathLike[str], names: Iterable[str]) -> None:

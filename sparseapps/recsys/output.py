@@ -2,17 +2,15 @@
 
 :func:`plan_output` reads ``--out`` (its record, checkpoints and results) against a configuration and returns an
 :class:`OutputPlan`: the state to resume from, or the refusal. The refusals of a directory that another tool, other
-settings or another program wrote are :func:`~sparseapps.core.io.claim_output`'s own, found by a dry run of the
-claim on a scratch copy of the directory (its record and empty stand-ins for the files present), so nothing is
-written to ``--out`` until :meth:`OutputPlan.claim` runs, once the data has loaded.
+settings or another program wrote are :func:`~sparseapps.core.io.claim_output`'s own, found by
+:func:`~sparseapps.core.io.check_output` (the same checks, writing nothing), so nothing is written to ``--out``
+until :meth:`OutputPlan.claim` runs, once the data has loaded.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from sparseapps.core.config import ConfigMismatchError
 from sparseapps.core.io import (
     OWNER_FILE,
     CorruptFileError,
-    OutputConflictError,
+    check_output,
     claim_output,
     load_json,
     load_torch,
@@ -128,20 +126,9 @@ class OutputPlan:
         )
 
     def check(self, out_dir: Path) -> None:
-        """Raises what :meth:`claim` would raise in ``out_dir``, writing nothing there: the claim runs on a scratch
-        copy (the record, and an empty file for each of :data:`OUTPUTS` present), and its refusal names
-        ``out_dir``."""
-        with tempfile.TemporaryDirectory(prefix="sparseapps-claim-") as scratch_name:
-            scratch = Path(scratch_name)
-            if (out_dir / OWNER_FILE).is_file():
-                shutil.copyfile(out_dir / OWNER_FILE, scratch / OWNER_FILE)
-            for name in OUTPUTS:
-                if (out_dir / name).exists():
-                    (scratch / name).touch()
-            try:
-                self.claim(scratch)
-            except OutputConflictError as error:
-                raise OutputConflictError(str(error).replace(str(scratch), str(out_dir))) from None
+        """Raises what :meth:`claim` would raise in ``out_dir``, writing nothing there."""
+        if not self.replace:  # replacing: claim removes the run there, whatever it is
+            check_output(out_dir, tool=TOOL, settings=self.settings, outputs=() if self.adopt else OUTPUTS)
 
 
 def plan_output(out_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> OutputPlan:

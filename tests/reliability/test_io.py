@@ -136,3 +136,18 @@ def test_claim_output_refuses_other_settings_tools_and_foreign_files(tmp_path: P
     with pytest.raises(OutputConflictError, match=r"checkpoint.pt but no sparseapps-run.json"):
         claim_output(foreign, tool="recsys train", settings={}, outputs=outputs)
     assert (foreign / "checkpoint.pt").read_bytes() == b"not ours"
+
+
+def test_check_output_refuses_as_claim_output_does_and_writes_nothing(tmp_path: Path) -> None:
+    from sparseapps.core.io import OutputConflictError, check_output, claim_output
+
+    out = tmp_path / "run"
+    assert check_output(out, tool="recsys train", settings={"seed": 0}, outputs=["results.json"]) is False
+    assert not out.exists()
+    claim_output(out, tool="recsys train", settings={"seed": 0}, outputs=["results.json"])
+    before = sorted(p.name for p in out.iterdir())
+    assert check_output(out, tool="recsys train", settings={"seed": 0}, outputs=["results.json"]) is True
+    with pytest.raises(OutputConflictError, match=r"differ in \{'seed': \(0, 1\)\}"):
+        check_output(out, tool="recsys train", settings={"seed": 1}, outputs=["results.json"])
+    assert check_output(out, tool="rl train", settings={}, outputs=[], overwrite=True) is False
+    assert sorted(p.name for p in out.iterdir()) == before

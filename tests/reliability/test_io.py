@@ -125,7 +125,9 @@ def test_claim_output_refuses_other_settings_tools_and_foreign_files(tmp_path: P
         claim_output(out, tool="rl train", settings={"seed": 0}, outputs=outputs)
     assert (out / "results.json").read_text() == "{}"  # refusals change nothing
     # --overwrite removes the tool's outputs and record, never the user's other files
-    assert claim_output(out, tool="recsys train", settings={"seed": 1}, outputs=outputs, overwrite=True) is False
+    assert (
+        claim_output(out, tool="recsys train", settings={"seed": 1}, outputs=outputs, overwrite=True) is False
+    )
     assert not (out / "results.json").exists()
     assert (out / "notes.txt").read_text() == "the user's own file"
     assert load_json(out / OWNER_FILE)["settings"] == {"seed": 1}

@@ -57,6 +57,15 @@ if "$VENV/bin/python" -m sparseapps.core.kernels.build >>"$LOG" 2>&1; then
 else
   echo "unavailable: the reference path will be used (see 'sparseapps info' and $LOG)"
 fi
+# Kernel parameters by measurement on this CPU (cached per CPU model; another machine kind re-tunes at first use).
+if [ -f sparseapps/core/kernels/_build/sparseapps_kernels.so ]; then
+  printf '[install] %-52s' "kernel parameters for this CPU"
+  if "$VENV/bin/python" -m sparseapps.core.kernels.tuning >>"$LOG" 2>&1; then
+    tail -n 1 "$LOG" | sed 's/^\[tuning\] //'
+  else
+    echo "defaults kept (see $LOG)"
+  fi
+fi
 
 echo "$KEY" > "$STAMP"
 echo "[install] done"

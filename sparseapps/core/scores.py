@@ -182,7 +182,8 @@ def compute(criterion: Criterion, context: ScoreContext, tie_noise: float) -> to
             f"{criterion.kind} criterion {criterion.name!r} must return a tensor of shape "
             f"{tuple(context.mask.shape)} for {context.fqn!r}, got {got}"
         )
-    if bool(torch.isnan(scores).any()):
+    # A sum is one fast reduction and NaN whenever a score is; only then (or with infinities) look closer.
+    if not bool(torch.isfinite(scores.sum())) and bool(torch.isnan(scores).any()):
         raise ValueError(
             f"{criterion.kind} criterion {criterion.name!r} returned NaN scores for {context.fqn!r}"
         )

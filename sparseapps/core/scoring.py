@@ -11,8 +11,21 @@ import torch.nn.functional as F
 
 
 def uniform_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``U(0, 1)`` of ``tensor``'s shape from a CPU ``generator``, moved to ``tensor``'s device."""
-    return torch.rand(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.device)
+    """``U(0, 1)`` float32 of ``tensor``'s shape on its device, determined by one draw from a CPU ``generator``.
+
+    The draw is a 62-bit seed; the values are a counter-based hash of (seed, position) with 24 random bits each
+    (compiled on the CPU, about 20x faster than ``torch.rand``, whose mt19937 stream was a fifth of a compact
+    RigL update; the pure-torch twin elsewhere, bit for bit equal).
+    """
+    from sparseapps.core.kernels import library, reference  # the kernels package imports this module's users
+
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    numel = tensor.numel()
+    if tensor.device.type == "cpu" and library.ensure_loaded().compiled:
+        values = torch.ops.sparseapps.hashed_uniform(seed, numel)
+    else:
+        values = reference.hashed_uniform_reference(seed, numel, tensor.device)
+    return values.view(tensor.shape)
 
 
 def add_tie_noise(scores: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:

@@ -19,9 +19,13 @@ def bench() -> Iterator[ModuleType]:
 
 
 def test_quick_grid_times_every_variant_and_counts_its_bytes(bench: ModuleType, tmp_path: Path) -> None:
-    argv = ["--quick", "--models", "block", "--interval", "3", "--rounds", "1", "--warmup", "1"]
-    bench.main([*argv, "--out", str(tmp_path)])
+    argv = ["--quick", "--models", "block", "--measure_interval", "3", "--rounds", "1", "--warmup", "1"]
+    bench.main([*argv, "--peers", "off", "--inference_repeats", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text().count("| compact-rigl |") == 1 and (tmp_path / "speedup.png").exists()
+    assert {row["batch"] for row in result["inference"]} == {1, 64}
+    goals = {goal["goal"]: goal["met"] for goal in result["goals"]}
+    assert goals["compact static step at 95%: >= 4.0x dense (speedup)"] is None  # not measured: no verdict
     rows = {row["variant"]: row for row in result["rows"]}
     assert sorted(rows) == sorted(["dense", "masked-static", "compact-static", "masked-rigl", "compact-rigl"])
     assert rows["dense"]["ratio"] == pytest.approx(1.0)
@@ -35,6 +39,7 @@ def test_quick_grid_times_every_variant_and_counts_its_bytes(bench: ModuleType, 
 def test_arguments_come_from_the_dataclass(bench: ModuleType) -> None:
     args = bench.parse_args(["--quick", "--sparsities", "0.8", "0.95"])
     assert args.sparsities == (0.8, 0.95) and args.batches == (64,) and args.interval == 10
+    assert args.measure_interval == 5 and not args.skip_inference
     assert bench.parse_args([]).threads == (1, 2)
     with pytest.raises(ValueError, match="sparsities"):
         bench.parse_args(["--sparsities", "1.5"])

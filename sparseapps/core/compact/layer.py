@@ -20,6 +20,8 @@ on the compiled kernels (or their reference twins under ``SPARSEAPPS_KERNELS=ref
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +101,8 @@ class CompactLinear(nn.Module):
         self.register_buffer("col_indices", col_indices)
         self.capture_dense_grad = False
         self.dense_grad: torch.Tensor | None = None
+        self._views: dict[str, tuple[tuple[torch.Tensor, ...], tuple[tuple[int, int, int], ...], torch.Tensor]] | None
+        self._views = None
         self._build_transpose()
 
     @classmethod
@@ -125,23 +129,74 @@ class CompactLinear(nn.Module):
         return compact_linear(x, self.values, self.bias, self)
 
     # ------------------------------------------------------------------ dense views (inspection, scores, export)
+    @contextlib.contextmanager
+    def caching_views(self) -> Iterator[None]:
+        """Within this block the dense views (positions, mask, weight) are built once and shared.
+
+        A topology update reads the mask and the positions a dozen times, and each build costs a pass over
+        ``out * in`` entries; outside the block nothing of that size is kept. An entry holds its source tensors
+        (so their storage cannot be reused by another tensor while it lives) and is valid while every source has
+        the same storage and the same in-place version.
+        """
+        outer = self._views is not None
+        if not outer:
+            self._views = {}
+        try:
+            yield
+        finally:
+            if not outer:
+                self._views = None
+
+    def _cached(self, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._views is None:
+            return build()
+        key = tuple((t.untyped_storage().data_ptr(), t.data_ptr(), t._version) for t in sources)
+        cached = self._views.get(name)
+        if cached is None or cached[1] != key:
+            cached = (sources, key, build())
+            self._views[name] = cached
+        return cached[2]
+
     def positions(self) -> torch.Tensor:
-        """``[nnz]`` int64 row-major positions ``row * in + column`` of the entries, ascending."""
-        rows = reference.row_of_entries(self.row_ptr)
-        return rows * self.in_features + self.col_indices.long()
+        """``[nnz]`` int64 row-major positions ``row * in + column`` of the entries, ascending (shared within
+        :meth:`caching_views`: do not modify)."""
+
+        def build() -> torch.Tensor:
+            rows = reference.row_of_entries(self.row_ptr)
+            return rows * self.in_features + self.col_indices.long()
+
+        return self._cached("positions", (self.row_ptr, self.col_indices), build)
+
+    def shared_mask(self) -> torch.Tensor:
+        """``[out, in]`` bool, True at the active entries; within :meth:`caching_views` one tensor per topology,
+        shared (do not modify)."""
+
+        def build() -> torch.Tensor:
+            mask = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.row_ptr.device)
+            mask[self.positions()] = True
+            return mask.view(self.weight_shape)
+
+        return self._cached("mask", (self.row_ptr, self.col_indices), build)
 
     def mask(self) -> torch.Tensor:
         """``[out, in]`` bool, True at the active entries (a new tensor)."""
-        mask = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.row_ptr.device)
-        mask[self.positions()] = True
-        return mask.view(self.weight_shape)
+        return self.shared_mask().clone()
+
+    def shared_dense_weight(self) -> torch.Tensor:
+        """``[out, in]`` the weight with zeros at the inactive entries; within :meth:`caching_views` shared until
+        the values or the topology change (do not modify)."""
+        values = self.values.detach()
+
+        def build() -> torch.Tensor:
+            weight = values.new_zeros(self.out_features * self.in_features)
+            weight[self.positions()] = values
+            return weight.view(self.weight_shape)
+
+        return self._cached("weight", (self.row_ptr, self.col_indices, values), build)
 
     def to_dense_weight(self) -> torch.Tensor:
         """``[out, in]`` the weight with zeros at the inactive entries (a new tensor, detached)."""
-        values = self.values.detach()
-        weight = values.new_zeros(self.out_features * self.in_features)
-        weight[self.positions()] = values
-        return weight.view(self.weight_shape)
+        return self.shared_dense_weight().clone()
 
     # ------------------------------------------------------------------ topology
     def set_mask(self, mask: torch.Tensor) -> Repack:
@@ -158,11 +213,12 @@ class CompactLinear(nn.Module):
         new_flat = mask.to(self.row_ptr.device).reshape(-1)
         old = self.positions()
         new = new_flat.nonzero().squeeze(1)
-        old_flat = torch.zeros_like(new_flat)
-        old_flat[old] = True
-        # Both lists ascend by position, so the kept entries come in the same order on either side.
+        # Both lists ascend by position, so the kept entries come in the same order on either side. The old
+        # mask is the one the update's scores already built (shared within caching_views).
         repack = Repack(
-            new_flat[old].nonzero().squeeze(1), old_flat[new].nonzero().squeeze(1), nnz=new.numel()
+            new_flat[old].nonzero().squeeze(1),
+            self.shared_mask().reshape(-1)[new].nonzero().squeeze(1),
+            nnz=new.numel(),
         )
         with torch.no_grad():
             self.values.data = repack.apply(self.values.detach())
@@ -271,13 +327,19 @@ class _CompactLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             transposed = values.index_select(0, t_order)
             grad_x = _csr_linear(dy, t_row_ptr, transposed, t_indices, None, ctx.in_features)
-        if ctx.needs_input_grad[1]:
-            grad_values = _csr_sddmm(x, dy, row_ptr, col_indices)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = dy.reshape(-1, ctx.out_features).sum(0)
+        dense_grad = None
         if ctx.capture is not None:
             dy2, x2 = dy.reshape(-1, ctx.out_features), x.reshape(-1, ctx.in_features)
-            ctx.capture.accumulate_dense_grad(dy2.mT.mm(x2))
+            dense_grad = dy2.mT.mm(x2)
+            ctx.capture.accumulate_dense_grad(dense_grad)
+        if ctx.needs_input_grad[1]:
+            if dense_grad is not None and dense_grad.dtype == values.dtype:  # the active entries of it: no SDDMM
+                positions = reference.row_of_entries(row_ptr) * ctx.in_features + col_indices.long()
+                grad_values = dense_grad.reshape(-1)[positions]
+            else:
+                grad_values = _csr_sddmm(x, dy, row_ptr, col_indices)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = dy.reshape(-1, ctx.out_features).sum(0)
         return grad_x, grad_values, grad_bias, None
 
 

@@ -74,8 +74,10 @@ class LoadState:
     reason: str | None
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _state: LoadState | None = None
+_ready = False
+_tuning: dict[str, Any] | None = None
 _libraries: list[torch.library.Library] = []
 
 
@@ -189,18 +191,34 @@ def _register_common() -> None:
 
 
 def ensure_loaded() -> LoadState:
-    """Loads the compiled library (or defines the reference operators) once per process; cheap afterwards."""
-    global _state
-    if _state is not None:
+    """Loads the compiled library (or defines the reference operators) once per process; cheap afterwards.
+
+    A compiled library is then configured for this CPU (``tuning.apply_tuning``: cached per CPU model, measured
+    once where there is no entry yet); other threads wait until that is done.
+    """
+    global _state, _ready, _tuning
+    if _ready:
+        assert _state is not None
         return _state
-    with _lock:
+    with _lock:  # re-entrant: the tuning's own kernel calls come back here while it runs
         if _state is None:
             state = _try_compiled()
             if not state.compiled:
                 _define_reference_ops()
             _register_common()
             _state = state
+            if state.compiled:
+                from sparseapps.core.kernels import tuning
+
+                _tuning = tuning.apply_tuning()
+            _ready = True
     return _state
+
+
+def tuning_status() -> dict[str, Any] | None:
+    """How this process's kernel parameters were chosen (see ``tuning.apply_tuning``), or None (reference)."""
+    ensure_loaded()
+    return _tuning
 
 
 def configure_kernels(isa: str = "", gather_max_batch: int = -1, tile_bytes: int = -1) -> str:
@@ -251,6 +269,7 @@ def kernel_status() -> dict[str, Any]:
             isa=info.get("isa"),
             gather_max_batch=info.get("gather_max_batch"),
             tile_bytes=info.get("tile_bytes"),
+            tuning=(_tuning or {}).get("source"),
             bf16=True,
         )
     else:

@@ -208,3 +208,38 @@ def blocked_linear_reference(
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape((*lead, out_features))
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, constant: int) -> torch.Tensor:
+    """``(a * constant) mod 2^32`` for int64 ``a`` in ``[0, 2^32)``, without int64 overflow (16-bit halves)."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (a * low + (((a * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hashed_uniform_reference(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[numel]`` float32 in ``[0, 1)``: value ``i`` is a fixed hash of ``(seed, i)`` (the compiled
+    ``hashed_uniform``'s twin, bit for bit; runs on any device).
+
+    Example:
+        >>> u = hashed_uniform_reference(7, 5)
+        >>> bool(((u >= 0) & (u < 1)).all()), torch.equal(u, hashed_uniform_reference(7, 5))
+        (True, True)
+    """
+    if numel < 0 or seed < 0:
+        raise ValueError(f"expected seed >= 0 and numel >= 0, got seed={seed}, numel={numel}")
+    index = torch.arange(numel, dtype=torch.int64, device=device)
+    key0, key1 = seed & _MASK32, (seed >> 32) & _MASK32
+    h = _fmix32((_mul32(index & _MASK32, 0x9E3779B9) + key0) & _MASK32)
+    g = _fmix32(h ^ ((key1 + _mul32(index >> 32, 0x85EBCA6B)) & _MASK32))
+    return (g >> 8).to(torch.float32) * (1.0 / 16777216.0)

@@ -414,6 +414,48 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& values, const a
   return finish(y, x, out_features);
 }
 
+// Counter-based uniform numbers for tie noise and random scores: value i is a fixed hash of (seed, i), so a
+// tensor of them is produced in parallel, with no generator state, about 20x faster than torch.rand on a CPU
+// core. Twin: reference.hashed_uniform_reference (bit for bit). Two rounds of MurmurHash3's finalizer over a
+// Weyl sequence: distinct i (below 2^32) give distinct 32-bit hashes; the top 24 bits make the float.
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// Values [i0, i1) of one 2^32 block (the high word of i is the constant `high`), cloned per instruction set so
+// the 32-bit multiplies vectorize (the baseline x86-64 has no packed 32-bit multiply).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void hashed_uniform_block(
+    float* p, int64_t i0, int64_t i1, uint32_t key0, uint32_t key_high) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint32_t h = fmix32(static_cast<uint32_t>(i) * 0x9e3779b9u + key0);
+    p[i] = static_cast<float>(fmix32(h ^ key_high) >> 8) * (1.0f / 16777216.0f);
+  }
+}
+
+at::Tensor hashed_uniform(int64_t seed, int64_t numel) {
+  TORCH_CHECK(numel >= 0, "sparseapps::hashed_uniform: expected numel >= 0, got ", numel);
+  TORCH_CHECK(seed >= 0, "sparseapps::hashed_uniform: expected seed >= 0, got ", seed);
+  at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+  float* p = out.data_ptr<float>();
+  const uint32_t key0 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
+  const uint32_t key1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  at::parallel_for(0, numel, 1 << 16, [&](int64_t i0, int64_t i1) {
+    constexpr int64_t kBlock = int64_t{1} << 32;
+    for (int64_t b0 = i0; b0 < i1;) {
+      const int64_t b1 = std::min(i1, (b0 / kBlock + 1) * kBlock);
+      const uint32_t key_high = key1 + static_cast<uint32_t>(static_cast<uint64_t>(b0) >> 32) * 0x85ebca6bu;
+      hashed_uniform_block(p, b0, b1, key0, key_high);
+      b0 = b1;
+    }
+  });
+  return out;
+}
+
 std::string describe() {
   const Tuning& t = tuning();
   return std::string("isa=") + t.kernels.isa + ";gather_max_batch=" + std::to_string(t.gather_max_batch) +
@@ -462,6 +504,7 @@ TORCH_LIBRARY(sparseapps, m) {
       "Tensor? bias, int out_features, int max_threads=0) -> Tensor");
   m.def("csr_sddmm(Tensor x, Tensor dy, Tensor row_ptr, Tensor indices) -> Tensor");
   m.def("kernel_info() -> str", &sparseapps::describe);
+  m.def("hashed_uniform(int seed, int numel) -> Tensor", &sparseapps::hashed_uniform);
   m.def("_configure(str isa, int gather_max_batch, int tile_bytes) -> str", &sparseapps::configure);
 }
 

@@ -1,0 +1,79 @@
+"""Kernel parameters chosen by measurement, cached per CPU model (``sparseapps.core.kernels.tuning``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparseapps.core.kernels import library, tuning
+
+pytestmark = pytest.mark.skipif(not library.ensure_loaded().compiled, reason="compiled kernels not loaded")
+
+
+def _current() -> tuple[int, int]:
+    info = library.kernel_status()
+    return int(info["tile_bytes"]), int(info["gather_max_batch"])
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = tmp_path / "tuning.json"
+    monkeypatch.setattr(tuning, "cache_file", lambda: path)
+    before = _current()
+    yield path
+    torch.ops.sparseapps._configure("", before[1], before[0])
+
+
+def test_tune_picks_a_candidate_and_leaves_the_library_configured_with_it(cache: Path) -> None:
+    threads = torch.get_num_threads()
+    result = tuning.tune(rounds=1)
+    assert torch.get_num_threads() == threads
+    assert result.tile_bytes in tuning.TILE_BYTES and result.gather_max_batch in tuning.GATHER_MAX_BATCH
+    assert _current() == (result.tile_bytes, result.gather_max_batch)
+    assert result.cpu == tuning.cpu_model() and result.library.startswith(result.cpu)
+    candidates = len(tuning.TILE_BYTES) * len(tuning.GATHER_MAX_BATCH)
+    assert all(len(per) == candidates for per in result.measured.values())
+
+
+def test_a_cached_entry_is_applied_without_measuring(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    isa = library.kernel_status()["isa"]
+    cache.write_text(json.dumps({tuning._key(isa): {"tile_bytes": 256 << 10, "gather_max_batch": 1}}))
+    monkeypatch.setattr(tuning, "tune", lambda **_: pytest.fail("measured although an entry was cached"))
+    assert tuning.apply_tuning()["source"] == "cache"
+    assert _current() == (256 << 10, 1)
+
+
+def test_another_cpu_model_or_a_damaged_cache_is_measured_and_saved(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache.write_text(json.dumps({"Some Other CPU | avx2 | 0": {"tile_bytes": 1, "gather_max_batch": 1}}))
+    monkeypatch.setattr(tuning, "tune", lambda **_: _fake_result())
+    assert tuning.apply_tuning()["source"] == "measured"
+    saved = json.loads(cache.read_text())
+    assert "Some Other CPU | avx2 | 0" in saved and len(saved) == 2  # the other machine's entry is kept
+    cache.write_text("{not json")
+    assert tuning.apply_tuning()["source"] == "measured"
+    assert json.loads(cache.read_text())[_fake_result().library]["tile_bytes"] == 512 << 10
+
+
+def test_tuning_off_keeps_the_defaults(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tuning.TUNE_VARIABLE, "off")
+    monkeypatch.setattr(tuning, "tune", lambda **_: pytest.fail("measured although tuning is off"))
+    status = tuning.apply_tuning()
+    assert status["source"] == "defaults" and not cache.exists()
+
+
+def _fake_result() -> tuning.Tuning:
+    isa = library.kernel_status()["isa"]
+    return tuning.Tuning(
+        cpu=tuning.cpu_model(),
+        isa=isa,
+        library=tuning._key(isa),
+        tile_bytes=512 << 10,
+        gather_max_batch=2,
+        measured={},
+        seconds=0.0,
+    )

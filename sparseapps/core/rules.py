@@ -18,17 +18,42 @@ from typing import Any
 import torch
 
 
-def select_top(scores: torch.Tensor, candidates: torch.Tensor, n: int) -> torch.Tensor:
-    """Boolean mask of the ``n`` highest-scoring entries among ``candidates``.
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """``[K]`` int64 flat positions of the True entries of a bool tensor, ascending (``mask.nonzero()`` of the
+    flattened tensor; on the CPU through NumPy's scan, about 4x faster than torch's for a 16M-entry mask).
+
+    Example:
+        >>> flat_nonzero(torch.tensor([[False, True], [True, True]]))
+        tensor([1, 2, 3])
+    """
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype == torch.bool and not flat.requires_grad:
+        return torch.from_numpy(flat.numpy().nonzero()[0].astype("int64", copy=False))
+    return flat.nonzero().squeeze(1)
+
+
+def select_top(
+    scores: torch.Tensor,
+    candidates: torch.Tensor,
+    n: int,
+    *,
+    largest: bool = True,
+    available: int | None = None,
+) -> torch.Tensor:
+    """Boolean mask of the ``n`` highest-scoring entries among ``candidates`` (lowest with ``largest=False``).
 
     Args:
         scores: ``[*S]`` float scores.
         candidates: ``[*S]`` bool; only these may be selected.
         n: how many to select; must not exceed ``candidates.sum()``.
+        largest: select the highest scores (else the lowest).
+        available: ``candidates.sum()`` when the caller knows it (saves a pass over the tensor).
 
     Example:
         >>> select_top(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([True, True, False]), 1)
         tensor([ True, False, False])
+        >>> select_top(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([True, True, False]), 1, largest=False)
+        tensor([False,  True, False])
     """
     if scores.shape != candidates.shape:
         raise ValueError(
@@ -39,8 +64,10 @@ def select_top(scores: torch.Tensor, candidates: torch.Tensor, n: int) -> torch.
         return selected
     flat_scores = scores.detach().reshape(-1)
     flat_candidates = candidates.reshape(-1)
-    index = _candidate_index(flat_scores, flat_candidates, n)
-    top = torch.topk(flat_scores[index].float(), n, sorted=False).indices
+    if available is None:
+        available = int(torch.count_nonzero(flat_candidates))
+    index = _candidate_index(flat_scores, flat_candidates, n, available, largest)
+    top = torch.topk(flat_scores[index].float(), n, largest=largest, sorted=False).indices
     selected.view(-1)[index[top]] = True
     return selected
 
@@ -49,28 +76,31 @@ _PREFILTER_MIN_SIZE = 1 << 16
 _PREFILTER_SAMPLE = 8192
 
 
-def _candidate_index(scores: torch.Tensor, candidates: torch.Tensor, n: int) -> torch.Tensor:
+def _candidate_index(
+    scores: torch.Tensor, candidates: torch.Tensor, n: int, available: int, largest: bool
+) -> torch.Tensor:
     """Indices of a subset of ``candidates`` that surely holds their top ``n`` (exact, only faster).
 
     top-k over a million entries costs ~10 ms on a CPU core; most selections take a few percent of them. A
-    threshold read off a strided sample keeps every candidate scoring at least that much; when that subset
-    holds ``n`` or more entries it contains the top ``n`` (each of them scores at least the n-th best, which is
-    at least the threshold). Otherwise all candidates are returned.
+    threshold read off a strided sample keeps every candidate scoring at least that much (at most, for the
+    lowest); when that subset holds ``n`` or more entries it contains the top ``n`` (each of them scores at
+    least the n-th best, which is at least the threshold). Otherwise all candidates are returned.
     """
-    available = int(torch.count_nonzero(candidates))
     if n > available:
         raise ValueError(f"cannot select {n} entries from {available} candidates")
     if scores.numel() >= _PREFILTER_MIN_SIZE and 8 * n < available:
         stride = max(1, scores.numel() // _PREFILTER_SAMPLE)
         sample = scores[::stride][candidates[::stride]].float()
         if sample.numel() > 64:
-            # aim for ~3n survivors: the (1 - 3n/available) quantile of the sample
-            rank = max(1, min(sample.numel(), round(sample.numel() * (1.0 - 3.0 * n / available))))
+            # aim for ~3n survivors: the (1 - 3n/available) quantile of the sample (3n/available for the lowest)
+            share = 3.0 * n / available
+            quantile = 1.0 - share if largest else share
+            rank = max(1, min(sample.numel(), round(sample.numel() * quantile)))
             threshold = torch.kthvalue(sample, rank).values
-            keep = candidates & (scores >= threshold)
+            keep = candidates & (scores >= threshold if largest else scores <= threshold)
             if int(torch.count_nonzero(keep)) >= n:
-                return keep.nonzero().squeeze(1)
-    return candidates.nonzero().squeeze(1)
+                return flat_nonzero(keep)
+    return flat_nonzero(candidates)
 
 
 def drop(mask: torch.Tensor, scores: torch.Tensor, n_drop: int) -> torch.Tensor:
@@ -80,7 +110,7 @@ def drop(mask: torch.Tensor, scores: torch.Tensor, n_drop: int) -> torch.Tensor:
         >>> drop(torch.tensor([True, True, False]), torch.tensor([0.5, -2.0, 9.0]), 1)
         tensor([ True, False, False])
     """
-    return mask & ~select_top(-scores, mask, n_drop)
+    return mask & ~select_top(scores, mask, n_drop, largest=False)
 
 
 def grow(mask: torch.Tensor, scores: torch.Tensor, n_grow: int) -> torch.Tensor:
@@ -158,18 +188,12 @@ class UpdateRecord:
         drop_fraction: float,
     ) -> UpdateRecord:
         """The record of replacing ``old_masks`` by ``new_masks`` (only the tensors in ``new_masks``)."""
-        return cls(
-            step,
-            drop_fraction,
-            {
-                fqn: TensorUpdate(
-                    dropped=int(torch.count_nonzero(old_masks[fqn] & ~new)),
-                    grown=int(torch.count_nonzero(new & ~old_masks[fqn])),
-                    nnz=int(torch.count_nonzero(new)),
-                )
-                for fqn, new in new_masks.items()
-            },
-        )
+        tensors = {}
+        for fqn, new in new_masks.items():
+            old = old_masks[fqn]
+            kept, nnz = int(torch.count_nonzero(old & new)), int(torch.count_nonzero(new))
+            tensors[fqn] = TensorUpdate(dropped=int(torch.count_nonzero(old)) - kept, grown=nnz - kept, nnz=nnz)
+        return cls(step, drop_fraction, tensors)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form, as ``history`` entries and checkpoints store it."""
@@ -252,10 +276,15 @@ def update_masks(
         n_grow = n_grow(after_drop)
     new_masks = {}
     for fqn, mask in after_drop.items():
-        region = ~mask if candidates is None or fqn not in candidates else ~mask & candidates[fqn]
-        count = min(n_grow[fqn], int(torch.count_nonzero(region)))
+        if candidates is None or fqn not in candidates:
+            region = ~mask
+            available = mask.numel() - (int(torch.count_nonzero(masks[fqn])) - n_drop[fqn])
+        else:
+            region = ~mask & candidates[fqn]
+            available = int(torch.count_nonzero(region))
+        count = min(n_grow[fqn], available)
         n_explore = round(explore_fraction * count) if explore_fraction > 0 else 0
-        grown = select_top(grow_scores[fqn], region, count - n_explore)
+        grown = select_top(grow_scores[fqn], region, count - n_explore, available=available)
         if n_explore:
             assert explore_scores is not None  # checked above
             grown |= select_top(explore_scores[fqn], region & ~grown, n_explore)

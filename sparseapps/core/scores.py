@@ -189,7 +189,14 @@ def compute(criterion: Criterion, context: ScoreContext, tie_noise: float) -> to
         )
     if not criterion.tie_noise:
         return scores
-    return scoring.add_tie_noise(scores, tie_noise, context.generator)
+    # Noise goes in place into a criterion's fresh result; a result that is one of the context's tensors (or a
+    # view of one) is copied first.
+    held = (context.weight, context.mask, context.grad, context.momentum, context.ever_active, *(context.activations or ()))
+    storage = scores.untyped_storage().data_ptr()
+    fresh = scores.dtype == torch.float32 and all(
+        t is None or t.untyped_storage().data_ptr() != storage for t in held
+    )
+    return scoring.add_tie_noise(scores, tie_noise, context.generator, in_place=fresh)
 
 
 def _needs_value(context: ScoreContext, name: str) -> torch.Tensor:

@@ -10,6 +10,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _compiled_on(tensor: torch.Tensor) -> bool:
+    from sparseapps.core.kernels import library  # the kernels package imports this module's users
+
+    return tensor.device.type == "cpu" and library.ensure_loaded().compiled
+
+
 def uniform_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``U(0, 1)`` float32 of ``tensor``'s shape on its device, determined by one draw from a CPU ``generator``.
 
@@ -17,23 +27,26 @@ def uniform_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tens
     (compiled on the CPU, about 20x faster than ``torch.rand``, whose mt19937 stream was a fifth of a compact
     RigL update; the pure-torch twin elsewhere, bit for bit equal).
     """
-    from sparseapps.core.kernels import library, reference  # the kernels package imports this module's users
+    from sparseapps.core.kernels import reference
 
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    numel = tensor.numel()
-    if tensor.device.type == "cpu" and library.ensure_loaded().compiled:
-        values = torch.ops.sparseapps.hashed_uniform(seed, numel)
-    else:
-        values = reference.hashed_uniform_reference(seed, numel, tensor.device)
-    return values.view(tensor.shape)
+    seed = _draw_seed(generator)
+    if _compiled_on(tensor):
+        return torch.ops.sparseapps.hashed_uniform(seed, tensor.numel()).view(tensor.shape)
+    return reference.hashed_uniform_reference(seed, tensor.numel(), tensor.device).view(tensor.shape)
 
 
-def add_tie_noise(scores: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+def add_tie_noise(
+    scores: torch.Tensor, scale: float, generator: torch.Generator, *, in_place: bool = False
+) -> torch.Tensor:
     """Scores plus ``U(0, scale * max|scores|)`` so that ties (e.g. many exact zeros) break at random.
 
     The noise is relative to the largest score, so it never reorders scores that differ by more than
-    ``scale`` of the range. With ``scale == 0`` the scores are returned as they are.
+    ``scale`` of the range. With ``scale == 0`` the scores are returned as they are. The noise is
+    :func:`uniform_like`'s (one draw from ``generator``), added without a temporary where the scores may be
+    overwritten (``in_place``: a float32 tensor nobody else holds, e.g. a criterion's fresh result).
     """
+    from sparseapps.core.kernels import reference
+
     scores = scores.float()
     if scale <= 0:
         return scores
@@ -41,8 +54,12 @@ def add_tie_noise(scores: torch.Tensor, scale: float, generator: torch.Generator
     magnitude = torch.maximum(low.abs(), high.abs())
     if magnitude == 0:
         magnitude = torch.ones((), device=scores.device)
-    noise = uniform_like(scores, generator)
-    return noise.mul_(scale * magnitude).add_(scores)  # the same sum, bit for bit, without two temporaries
+    factor = float(magnitude * scale)  # a float32 value
+    seed = _draw_seed(generator)
+    out = scores if in_place and scores.is_contiguous() else scores.contiguous().clone()
+    if _compiled_on(out):
+        return torch.ops.sparseapps.add_hashed_uniform_(out, seed, factor)
+    return reference.add_hashed_uniform_reference(out, seed, factor)
 
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:

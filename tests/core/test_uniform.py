@@ -54,3 +54,34 @@ def test_uniform_like_takes_one_draw_and_keeps_the_shape() -> None:
     reference_generator = torch.Generator().manual_seed(0)
     seed = int(torch.randint(0, 2**62, (1,), generator=reference_generator))
     assert torch.equal(first.reshape(-1), reference.hashed_uniform_reference(seed, 15))
+
+
+@compiled
+@pytest.mark.parametrize("seed", [0, 99, 2**40 + 3])
+@pytest.mark.parametrize("numel", [1, 16, 1001, 65537 * 2])
+def test_noise_added_in_place_equals_its_twin(seed: int, numel: int) -> None:
+    scores = torch.randn(numel, generator=torch.Generator().manual_seed(seed % 7))
+    factor = float(torch.tensor(3.7e-7))  # a float32 value, as add_tie_noise passes it
+    compiled_out = torch.ops.sparseapps.add_hashed_uniform_(scores.clone(), seed, factor)
+    assert torch.equal(compiled_out, reference.add_hashed_uniform_reference(scores.clone(), seed, factor))
+
+
+def test_tie_noise_never_writes_into_a_tensor_the_criterion_returned_from_its_context() -> None:
+    from sparseapps.core import scores as registry
+
+    @registry.register_drop("weight_itself_for_test", needs=())
+    def _weight_itself(ctx: registry.ScoreContext) -> torch.Tensor:
+        return ctx.weight
+
+    try:
+        weight = torch.randn(4, 6)
+        before = weight.clone()
+        context = registry.ScoreContext(
+            fqn="w", weight=weight, mask=torch.ones(4, 6, dtype=torch.bool), step=0, generator=torch.Generator()
+        )
+        noisy = registry.compute(registry.get("drop", "weight_itself_for_test"), context, tie_noise=1e-3)
+        assert torch.equal(weight, before) and not torch.equal(noisy, before)
+        fresh = registry.compute(registry.get("drop", "magnitude"), context, tie_noise=1e-3)
+        assert torch.equal(weight, before) and fresh.shape == weight.shape
+    finally:
+        registry.unregister("drop", "weight_itself_for_test")

@@ -243,3 +243,16 @@ def hashed_uniform_reference(seed: int, numel: int, device: torch.device | str =
     h = _fmix32((_mul32(index & _MASK32, 0x9E3779B9) + key0) & _MASK32)
     g = _fmix32(h ^ ((key1 + _mul32(index >> 32, 0x85EBCA6B)) & _MASK32))
     return (g >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def add_hashed_uniform_reference(scores: torch.Tensor, seed: int, factor: float) -> torch.Tensor:
+    """``scores += hashed_uniform(seed) * factor`` in place (the compiled ``add_hashed_uniform_``'s twin; the
+    product is rounded to float32 before the sum, as there). ``factor`` must be a float32 value.
+
+    Example:
+        >>> s = torch.zeros(3)
+        >>> torch.equal(add_hashed_uniform_reference(s, 7, 2.0), hashed_uniform_reference(7, 3) * 2.0)
+        True
+    """
+    noise = hashed_uniform_reference(seed, scores.numel(), scores.device).mul_(factor)
+    return scores.add_(noise.view(scores.shape))

@@ -67,6 +67,9 @@ class Args:
     )
     methods: tuple[str, ...] = field(default=("static", "rigl"), metadata={"help": "presets: static, rigl"})
     threads: tuple[int, ...] = field(default=(1, 2), metadata={"help": "torch thread counts"})
+    dtypes: tuple[str, ...] = field(
+        default=("float32",), metadata={"help": "float32 and/or bfloat16 (weights and activations; no SparseProp)"}
+    )
     interval: int = field(default=100, metadata={"help": "RigL: steps between topology updates (amortization)"})
     measure_interval: int = field(
         default=10, metadata={"help": "RigL: steps between updates while timing (each update is timed)"}
@@ -101,6 +104,8 @@ class Args:
         for name in ("interval", "measure_interval", "rounds", "inference_blocks", "inference_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+        if not set(self.dtypes) <= {"float32", "bfloat16"}:
+            raise ValueError(f"expected dtypes among ('float32', 'bfloat16'), got {self.dtypes}")
         if self.peers not in {"auto", "on", "off"}:
             raise ValueError(f"expected peers in ('auto', 'on', 'off'), got {self.peers!r}")
 
@@ -193,9 +198,10 @@ class Variant:
         sparsity: float,
         interval: int,
         seed: int,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         torch.manual_seed(seed)
-        self.model = build()
+        self.model = build().to(dtype)
         self.engine: DynamicSparsity | None = None
         config = None
         if storage is not None:
@@ -241,6 +247,7 @@ class Variant:
 @dataclass(frozen=True, kw_only=True)
 class Row:
     model: str
+    dtype: str
     batch: int
     sparsity: float
     threads: int
@@ -294,21 +301,30 @@ def linear_nnz(model: nn.Module) -> list[int]:
 
 
 def bench_point(
-    args: Args, model: str, batch: int, sparsity: float, threads: int, peer: peers.PeerProcess | None
+    args: Args,
+    model: str,
+    batch: int,
+    sparsity: float,
+    threads: int,
+    peer: peers.PeerProcess | None,
+    dtype_name: str = "float32",
 ) -> list[Row]:
     """Every variant at one point, interleaved step by step."""
     torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(args.seed)
     build, x, y, loss_fn = make_task(model, args.quick, batch, generator)
+    x = x.to(dtype)
+    y = y.to(dtype) if y.is_floating_point() else y
     variants: dict[str, Variant | PeerVariant] = {
-        "dense": Variant(build, None, "static", sparsity, args.measure_interval, args.seed)
+        "dense": Variant(build, None, "static", sparsity, args.measure_interval, args.seed, dtype)
     }
     for method in args.methods:
         for storage in STORAGES:
             variants[f"{storage}-{method}"] = Variant(
-                build, storage, method, sparsity, args.measure_interval, args.seed
+                build, storage, method, sparsity, args.measure_interval, args.seed, dtype
             )
-    if peer is not None:
+    if peer is not None and dtype == torch.float32:
         compact = next(v for name, v in variants.items() if name.startswith("compact"))
         assert isinstance(compact, Variant)
         variants["sparseprop"] = PeerVariant(peer, args, model, batch, sparsity, threads, linear_nnz(compact.model))
@@ -330,6 +346,7 @@ def bench_point(
         rows.append(
             Row(
                 model=model,
+                dtype=dtype_name,
                 batch=batch,
                 sparsity=sparsity,
                 threads=threads,
@@ -346,14 +363,14 @@ def bench_point(
 
 
 HEADER = (
-    f"{'model':<6} {'batch':>5} {'sparsity':>8} {'thr':>3} {'variant':<15} {'step ms':>9} "
+    f"{'model':<6} {'dtype':<8} {'batch':>5} {'sparsity':>8} {'thr':>3} {'variant':<15} {'step ms':>9} "
     f"{'amortized':>9} {'update ms':>9} {'x dense':>8} {'MB train':>9} {'MB struct':>9}"
 )
 
 
 def format_row(r: Row) -> str:
     return (
-        f"{r.model:<6} {r.batch:>5} {r.sparsity:>8.2f} {r.threads:>3} {r.variant:<15} {r.step_ms:>9.2f} "
+        f"{r.model:<6} {r.dtype:<8} {r.batch:>5} {r.sparsity:>8.2f} {r.threads:>3} {r.variant:<15} {r.step_ms:>9.2f} "
         f"{r.amortized_ms:>9.2f} {r.update_ms:>9.1f} {r.ratio:>8.3f} {r.train_mb:>9.2f} "
         f"{r.bytes['structure'] / 2**20:>9.2f}"
     )
@@ -436,7 +453,8 @@ def bench_inference(args: Args) -> list[InferenceRow]:
 
 # ---------------------------------------------------------------------------------------------- goals, report
 def goals(rows: list[Row], inference: list[InferenceRow]) -> list[tuple[str, str, bool | None]]:
-    """Issue 15's goals, each with what was measured here and whether it holds (None: not measured)."""
+    """Issue 15's goals (float32), each with what was measured here and whether it holds (None: not measured)."""
+    rows = [r for r in rows if r.dtype == "float32"]
     by_point: dict[tuple[str, int, float, int], dict[str, Row]] = {}
     for r in rows:
         by_point.setdefault((r.model, r.batch, r.sparsity, r.threads), {})[r.variant] = r
@@ -509,12 +527,12 @@ def markdown(
         "",
         "## Training steps (medians; x dense = amortized time / dense step; MB train = params + grads + optimizer)",
         "",
-        "| model | batch | sparsity | threads | variant | step ms | update ms | amortized ms | x dense | MB train |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dtype | batch | sparsity | threads | variant | step ms | update ms | amortized ms | x dense | MB train |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.batch} | {r.sparsity:.2f} | {r.threads} | {r.variant} | {r.step_ms:.2f} | "
+            f"| {r.model} | {r.dtype} | {r.batch} | {r.sparsity:.2f} | {r.threads} | {r.variant} | {r.step_ms:.2f} | "
             f"{r.update_ms:.1f} | {r.amortized_ms:.2f} | {r.ratio:.3f} | {r.train_mb:.2f} |"
         )
     if inference:
@@ -541,6 +559,7 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.dtype == "float32"]
     panels = sorted({(r.model, r.batch) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for axis, (model, batch) in zip(axes[0], panels, strict=True):
@@ -608,9 +627,10 @@ def main(argv: list[str] | None = None) -> None:
             for batch in args.batches:
                 for sparsity in args.sparsities:
                     for threads in args.threads:
-                        point = bench_point(args, model, batch, sparsity, threads, peer)
-                        print("\n".join(format_row(r) for r in point), flush=True)
-                        rows += point
+                        for dtype_name in args.dtypes:
+                            point = bench_point(args, model, batch, sparsity, threads, peer, dtype_name)
+                            print("\n".join(format_row(r) for r in point), flush=True)
+                            rows += point
     finally:
         if peer is not None:
             peer.close()

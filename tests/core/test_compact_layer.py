@@ -85,6 +85,24 @@ def test_forward_and_every_gradient_equal_the_masked_dense_layer(
             assert_close(got, want)
 
 
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_bfloat16_layer_trains_within_bfloat16_rounding_of_float32(batch: int) -> None:
+    """bf16 weights and activations: forward and every gradient in bf16, within bf16 rounding of the float32
+    masked-dense layer fed the same (bf16-representable) numbers; the weight gradient keeps bf16 storage."""
+    g = torch.Generator().manual_seed(batch)
+    layer, weight = random_layer(24, 50, 0.2, g)
+    layer = layer.to(torch.bfloat16)
+    weight = layer.to_dense_weight().float()
+    x = torch.randn(batch, 50, generator=g).bfloat16()
+    dy = torch.randn(batch, 24, generator=g).bfloat16()
+    got = compact_gradients(layer, x, dy)
+    assert all(t.dtype == torch.bfloat16 for t in got)
+    reference_layer = CompactLinear(weight, layer.mask(), layer.bias.detach().float())
+    want = dense_gradients(reference_layer, weight, x.float(), dy.float())
+    for a, b in zip(got, want, strict=True):
+        assert_close(a.float(), b, rtol=2e-2)
+
+
 def test_empty_rows_and_an_empty_layer() -> None:
     g = torch.Generator().manual_seed(1)
     for mask in (torch.zeros(5, 8, dtype=torch.bool), torch.eye(5, 8, dtype=torch.bool)):

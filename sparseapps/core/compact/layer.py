@@ -363,6 +363,10 @@ def _csr_sddmm(
 ) -> torch.Tensor:
     if x.dtype == torch.float32:
         return torch.ops.sparseapps.csr_sddmm(x, dy, row_ptr, indices)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        # bf16 activations: the float32 kernel over widened copies ([B, in] + [B, out], small beside the layer),
+        # the products summed in float32 and rounded once, as a bf16 GEMM with float accumulation does.
+        return torch.ops.sparseapps.csr_sddmm(x.float(), dy.float(), row_ptr, indices).to(torch.bfloat16)
     return reference.csr_sddmm_reference(x, dy, row_ptr, indices)
 
 

@@ -171,6 +171,63 @@ def test_triton_kernel_under_interpreter() -> None:
     assert "triton ok" in result.stdout
 
 
+def test_triton_csr_and_sddmm_kernels_under_interpreter() -> None:
+    """The compact layers' GPU kernels (CSR rows of any fan-in, empty rows included, and the SDDMM weight gradient)
+    against the reference twins, on CPU tensors through Triton's interpreter."""
+    pytest.importorskip("triton")
+    result = run_python(
+        """
+        import torch
+        from sparseapps.core.kernels import gpu, reference
+        from sparseapps.core.compact import CompactLinear
+        torch.manual_seed(0)
+        for n, width, rows, density in ((5, 40, 7, 0.3), (33, 70, 50, 0.05), (1, 300, 17, 0.5), (40, 20, 9, 0.0)):
+            mask = torch.rand(rows, width) < density
+            mask[0] = False
+            layer = CompactLinear(torch.randn(rows, width) * mask, mask, None)
+            x, dy = torch.randn(n, width), torch.randn(n, rows)
+            for index in (layer.col_indices, layer.col_indices.int()):
+                values = layer.values.detach()
+                got = gpu.csr_rows_triton(x, layer.row_ptr, values, index)
+                want = reference.csr_linear_reference(x, layer.row_ptr, values, index, None, None, rows)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                got = gpu.csr_sddmm_triton(x, dy, layer.row_ptr, index)
+                torch.testing.assert_close(got, reference.csr_sddmm_reference(x, dy, layer.row_ptr, index), rtol=1e-5, atol=1e-5)
+        print("triton csr ok")
+        """,
+        TRITON_INTERPRET="1",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "triton csr ok" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compact_rigl_on_gpu_matches_the_cpu_run() -> None:
+    """A compact RigL run on the GPU (Triton kernels) takes the CPU run's topology and stays within float32 rounding."""
+    from sparseapps.core import DynamicSparsity, SparsityConfig, to_compact
+
+    runs = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10))
+        config = SparsityConfig.preset("rigl", sparsity=0.9, seed=0, storage="compact", update_interval=10)
+        model = to_compact(model, config).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        engine = DynamicSparsity(model, optimizer, config, total_steps=60)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(60):
+            x = torch.randn(32, 64, generator=generator).to(device)
+            y = torch.randint(0, 10, (32,), generator=generator).to(device)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        runs[device] = {fqn: t.dense_weight().cpu() for fqn, t in engine.tensors.items()}
+    for fqn, weight in runs["cpu"].items():
+        assert torch.equal(weight != 0, runs["cuda"][fqn] != 0), fqn
+        torch.testing.assert_close(runs["cuda"][fqn], weight, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_condense_on_gpu_matches_masked_dense() -> None:

@@ -182,7 +182,7 @@ def _register_common() -> None:
     library.impl("condensed_linear", gpu.condensed_linear_cuda, "CUDA")
     library.impl("csr_linear", gpu.csr_linear_cuda, "CUDA")
     library.impl("blocked_linear", reference.blocked_linear_reference, "CUDA")
-    library.impl("csr_sddmm", reference.csr_sddmm_reference, "CUDA")
+    library.impl("csr_sddmm", gpu.csr_sddmm_cuda, "CUDA")
     _libraries.append(library)
     torch.library.register_fake("sparseapps::condensed_linear", _condensed_fake)
     torch.library.register_fake("sparseapps::csr_linear", _csr_fake)

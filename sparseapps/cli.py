@@ -72,15 +72,25 @@ def info() -> dict[str, object]:
 def run_demo(
     out: Path, seeds: int, epochs: int, rescale_initialization: bool = False
 ) -> list[dict[str, object]]:
-    """Core demo: digits MLP at 90% sparsity, dense vs static / SET / RigL / SNFS / SRigL / GMP."""
+    """Core demo: digits MLP at 90% sparsity, dense vs static / SET / RigL / SNFS / SRigL / GMP, and RigL on compact
+    storage (the same run as masked RigL, only the active weights stored and computed)."""
     from tqdm import tqdm
 
     from sparseapps.demo import DigitsRun, train_digits
 
-    methods = ("dense", "static", "set", "rigl", "snfs", "srigl", "gmp")
+    methods = (
+        ("dense", "masked"),
+        ("static", "masked"),
+        ("set", "masked"),
+        ("rigl", "masked"),
+        ("rigl", "compact"),
+        ("snfs", "masked"),
+        ("srigl", "masked"),
+        ("gmp", "masked"),
+    )
     rows = []
     progress = tqdm(total=len(methods) * seeds, desc="digits demo", unit="run")
-    for method in methods:
+    for method, storage in methods:
         runs = []
         for seed in range(seeds):
             run = DigitsRun(
@@ -89,13 +99,14 @@ def run_demo(
                 epochs=epochs,
                 seed=seed,
                 rescale_initialization=rescale_initialization,
+                storage=storage,
             )
             runs.append(train_digits(run))
             progress.update()
         accuracies = [r["test_accuracy"] for r in runs]
         rows.append(
             {
-                "method": method,
+                "method": method if storage == "masked" else f"{method}-{storage}",
                 "accuracy_mean": statistics.mean(accuracies),
                 "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
                 "sparsity": runs[0]["sparsity"],
@@ -112,13 +123,13 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     dense = rows[0]["accuracy_mean"]
     lines = [
-        f"{'method':<8} {'test acc':>15} {'vs dense':>9} {'sparsity':>9} {'nonzeros':>9} {'FLOPs':>7} {'ITOP':>6} "
+        f"{'method':<12} {'test acc':>15} {'vs dense':>9} {'sparsity':>9} {'nonzeros':>9} {'FLOPs':>7} {'ITOP':>6} "
         f"{'s/run':>6}",
     ]
     for r in rows:
         itop = f"{r['itop_rate']:>6.3f}" if r["itop_rate"] is not None else f"{'-':>6}"
         lines.append(
-            f"{r['method']:<8} {r['accuracy_mean']:>8.4f} ± {r['accuracy_std']:.4f} {r['accuracy_mean'] / dense:>9.3f} "
+            f"{r['method']:<12} {r['accuracy_mean']:>8.4f} ± {r['accuracy_std']:.4f} {r['accuracy_mean'] / dense:>9.3f} "
             f"{r['sparsity']:>9.3f} {r['weights_nonzero']:>9d} {r['flops_fraction']:>7.3f} {itop} {r['seconds']:>6.1f}"
         )
     table = "\n".join(lines)

@@ -5,6 +5,7 @@ Used by ``make demo`` (before the domain demos exist), the README's table and th
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -12,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseapps.core import DynamicSparsity, SparsityConfig
+from sparseapps.core import CompactLinear, DynamicSparsity, SparsityConfig, to_compact
+from sparseapps.core.validation import check_choice
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +32,13 @@ class DigitsRun:
     rescale_initialization: bool = field(
         default=False, metadata={"help": "scale surviving initial weights to the dense output variance"}
     )
+    storage: str = field(
+        default="masked",
+        metadata={"help": "'masked' (dense weights + masks) or 'compact' (active weights only; sparse-from-start)"},
+    )
+
+    def __post_init__(self) -> None:
+        check_choice("storage", self.storage, ("masked", "compact"))
 
 
 def load_digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,20 +66,25 @@ def train_digits(run: DigitsRun) -> dict[str, object]:
     """Trains one MLP and returns test accuracy, density, FLOPs, seconds and the accuracy curve."""
     torch.manual_seed(run.seed)
     x_train, y_train, x_test, y_test = load_digits_tensors(run.seed)
-    model = make_mlp(run.hidden)
-    optimizer = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9)
+    model: nn.Module = make_mlp(run.hidden)
     steps_per_epoch = -(-len(x_train) // run.batch_size)
     total_steps = run.epochs * steps_per_epoch
     sparsity = None
+    config = None
     if run.method != "dense":
         config = SparsityConfig.preset(
             run.method,
             sparsity=run.sparsity,
             seed=run.seed,
             rescale_initialization=run.rescale_initialization,
+            storage=run.storage,
         )
         if config.dynamic:
             config = config.replace(update_interval=run.update_interval)
+        if run.storage == "compact":
+            model = to_compact(model, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9)
+    if config is not None:
         sparsity = DynamicSparsity(model, optimizer, config, total_steps=total_steps)
         if config.method in ("snip", "grasp", "synflow"):
             sparsity.prune_at_initialization(x_train[:256], y_train[:256], F.cross_entropy)
@@ -92,9 +106,11 @@ def train_digits(run: DigitsRun) -> dict[str, object]:
             sparsity.next_lottery_round()
     seconds = time.perf_counter() - start
     report = sparsity.report() if sparsity else None
-    dense_params = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
+    dense_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    dense_params += sum(math.prod(m.weight_shape) for m in model.modules() if isinstance(m, CompactLinear))
     return {
         "method": run.method,
+        "storage": run.storage,
         "sparsity": 0.0 if sparsity is None else 1.0 - sparsity.density,
         "test_accuracy": curve[-1],
         "curve": curve,

@@ -59,6 +59,40 @@ def select_top(
         raise ValueError(
             f"scores and candidates must share a shape, got {tuple(scores.shape)} and {tuple(candidates.shape)}"
         )
+    if n <= 0:
+        return torch.zeros_like(candidates, dtype=torch.bool)
+    flat_scores = scores.detach().reshape(-1)
+    flat_candidates = candidates.reshape(-1)
+    if _compiled_select(flat_scores, flat_candidates):
+        if available is None:
+            available = int(torch.count_nonzero(flat_candidates))
+        if n > available:
+            raise ValueError(f"cannot select {n} entries from {available} candidates")
+        selected = torch.ops.sparseapps.select_top(
+            flat_scores, flat_candidates, n, largest, available
+        )
+        return selected.view(candidates.shape)
+    return select_top_reference(scores, candidates, n, largest=largest, available=available)
+
+
+def select_top_reference(
+    scores: torch.Tensor,
+    candidates: torch.Tensor,
+    n: int,
+    *,
+    largest: bool = True,
+    available: int | None = None,
+) -> torch.Tensor:
+    """:func:`select_top` in torch ops (the compiled ``select_top``'s twin, and the path off the CPU).
+
+    The selected set is exact: the ``n`` best scores, ties going to the lower flat position.
+
+    Example:
+        >>> select_top_reference(torch.tensor([1.0, 2.0, 2.0, 0.5]), torch.ones(4, dtype=torch.bool), 2)
+        tensor([False,  True,  True, False])
+        >>> select_top_reference(torch.tensor([1.0, 2.0, 2.0, 0.5]), torch.ones(4, dtype=torch.bool), 1)
+        tensor([False,  True, False, False])
+    """
     selected = torch.zeros_like(candidates, dtype=torch.bool)
     if n <= 0:
         return selected
@@ -66,10 +100,19 @@ def select_top(
     flat_candidates = candidates.reshape(-1)
     if available is None:
         available = int(torch.count_nonzero(flat_candidates))
-    index = _candidate_index(flat_scores, flat_candidates, n, available, largest)
-    top = torch.topk(flat_scores[index].float(), n, largest=largest, sorted=False).indices
-    selected.view(-1)[index[top]] = True
+    index = _candidate_index(flat_scores, flat_candidates, n, available, largest)  # ascending positions
+    keys = flat_scores[index].float()
+    order = torch.sort(keys if largest else -keys, descending=True, stable=True).indices[:n]
+    selected.view(-1)[index[order]] = True
     return selected
+
+
+def _compiled_select(scores: torch.Tensor, candidates: torch.Tensor) -> bool:
+    if scores.device.type != "cpu" or scores.dtype != torch.float32 or not scores.is_contiguous():
+        return False
+    from sparseapps.core.kernels import library  # the kernels package imports this module
+
+    return library.ensure_loaded().compiled and candidates.is_contiguous()
 
 
 _PREFILTER_MIN_SIZE = 1 << 16

@@ -204,3 +204,18 @@ def test_reference_mode_trains_the_layer_with_the_twins() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@needs_compiled
+@pytest.mark.parametrize(("out", "width", "density"), [(5, 8, 0.3), (300, 70, 0.1), (10, 40000, 0.001), (40000, 3, 0.3), (3, 3, 0.0)])
+def test_compiled_transpose_equals_its_twin(out: int, width: int, density: float) -> None:
+    from sparseapps.core.kernels import formats, reference
+
+    g = torch.Generator().manual_seed(out)
+    mask = torch.rand(out, width, generator=g) < density
+    layer = CompactLinear(torch.randn(out, width, generator=g) * mask, mask)
+    t_dtype = formats.index_dtype_for(out)
+    compiled = torch.ops.sparseapps.csr_transpose(layer.row_ptr, layer.col_indices, width, t_dtype)
+    twin = reference.csr_transpose_reference(layer.row_ptr, layer.col_indices, width, t_dtype)
+    for a, b in zip(compiled, twin, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseapps.core import rules, scoring, structured
+from sparseapps.core.kernels import kernel_status
 
 
 def t(*values: float) -> torch.Tensor:
@@ -242,3 +243,29 @@ def test_drop_counts_never_empty_a_tensor() -> None:
         "a": 0,
         "b": 9,
     }
+
+
+@pytest.mark.skipif(not kernel_status()["compiled"], reason="compiled kernels not built")
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.sampled_from([1, 7, 300, 70_000, 200_000]),
+    levels=st.sampled_from([1, 3, 40, 0]),
+    density=st.floats(0.0, 1.0),
+    share=st.floats(0.0, 1.0),
+    largest=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_compiled_selection_is_the_reference_set_ties_to_the_lower_position(
+    size: int, levels: int, density: float, share: float, largest: bool, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(size, generator=g) if levels == 0 else torch.randint(0, levels, (size,), generator=g).float()
+    candidates = torch.rand(size, generator=g) < density
+    n = round(share * int(candidates.sum()))
+    compiled = torch.ops.sparseapps.select_top(scores, candidates, n, largest, -1)
+    reference = rules.select_top_reference(scores, candidates, n, largest=largest)
+    assert torch.equal(compiled, reference)
+    assert int(compiled.sum()) == n and not bool((compiled & ~candidates).any())
+    if 0 < n < int(candidates.sum()):  # every selected one is at least as good as every candidate left out
+        key = scores if largest else -scores
+        assert float(key[compiled].min()) >= float(key[candidates & ~compiled].max())

@@ -232,17 +232,15 @@ class CompactLinear(nn.Module):
 
     def _build_transpose(self) -> None:
         """The transposed structure (entries by input column, output rows ascending within a column)."""
-        columns = self.col_indices
-        order = torch.argsort(columns, stable=True)  # on the narrow indices: 3x faster than on int64
-        t_row_ptr = torch.zeros(self.in_features + 1, dtype=torch.int64, device=columns.device)
-        t_row_ptr[1:] = torch.cumsum(torch.bincount(columns.long(), minlength=self.in_features), 0)
-        rows = reference.row_of_entries(self.row_ptr)[order]
+        t_dtype = formats.index_dtype_for(self.out_features)
+        args = (self.row_ptr, self.col_indices, self.in_features, t_dtype)
+        if self.row_ptr.device.type == "cpu" and library.ensure_loaded().compiled:
+            t_row_ptr, t_indices, t_order = torch.ops.sparseapps.csr_transpose(*args)  # a counting sort
+        else:
+            t_row_ptr, t_indices, t_order = reference.csr_transpose_reference(*args)
         self.register_buffer("t_row_ptr", t_row_ptr, persistent=False)
-        self.register_buffer(
-            "t_indices", rows.to(formats.index_dtype_for(self.out_features)).contiguous(), persistent=False
-        )
-        order_dtype = torch.int32 if order.numel() < 2**31 else torch.int64
-        self.register_buffer("t_order", order.to(order_dtype), persistent=False)
+        self.register_buffer("t_indices", t_indices, persistent=False)
+        self.register_buffer("t_order", t_order, persistent=False)
 
     def _check_structure(self) -> None:
         row_ptr, nnz = self.row_ptr, self.values.numel()

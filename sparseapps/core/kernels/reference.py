@@ -256,3 +256,26 @@ def add_hashed_uniform_reference(scores: torch.Tensor, seed: int, factor: float)
     """
     noise = hashed_uniform_reference(seed, scores.numel(), scores.device).mul_(factor)
     return scores.add_(noise.view(scores.shape))
+
+
+def csr_transpose_reference(
+    row_ptr: torch.Tensor, indices: torch.Tensor, in_features: int, t_index_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transposed structure of a CSR layer (the compiled ``csr_transpose``'s twin): entries by column, rows
+    ascending within a column.
+
+    Returns:
+        ``t_row_ptr [in + 1]`` int64, ``t_indices [nnz]`` (each entry's row, ``t_index_dtype``) and ``t_order
+        [nnz]`` (int32, int64 past 2^31 entries: each transposed entry's position in the row-major values).
+
+    Example:
+        >>> ptr, rows, order = csr_transpose_reference(torch.tensor([0, 2, 3]), torch.tensor([1, 0, 1]), 2,
+        ...                                            torch.int16)
+        >>> ptr.tolist(), rows.tolist(), order.tolist()
+        ([0, 1, 3], [0, 0, 1], [1, 0, 2])
+    """
+    order = torch.argsort(indices, stable=True)  # on the narrow indices: 3x faster than on int64
+    t_row_ptr = torch.zeros(in_features + 1, dtype=torch.int64, device=indices.device)
+    t_row_ptr[1:] = torch.cumsum(torch.bincount(indices.long(), minlength=in_features), 0)
+    rows = row_of_entries(row_ptr)[order].to(t_index_dtype).contiguous()
+    return t_row_ptr, rows, order.to(torch.int32 if order.numel() < 2**31 else torch.int64)

@@ -12,7 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
-from sparseapps.core import scores
+from sparseapps.core import (
+    criteria,  # noqa: F401  (imported for its side effect: it registers taylor, ... in the score registry)
+    scores,
+)
 from sparseapps.core.validation import check_choice, check_int, check_number
 
 Distribution = Literal["uniform", "erk", "er"]
@@ -283,7 +286,7 @@ class SparsityConfig(PlainConfig):
 
         Args:
             name: one of :data:`PRESETS` (``static``, ``set``, ``rigl``, ``snfs``, ``ctre``, ``dsr``, ``srigl``,
-                ``gmp``, ``one_shot``, ``snip``, ``grasp``, ``synflow``, ``lottery``).
+                ``gmp``, ``one_shot``, ``snip``, ``grasp``, ``synflow``, ``lottery``, ``taylor``).
             **overrides: any :class:`SparsityConfig` field, e.g. ``sparsity=0.95``.
         """
         if name not in PRESETS:
@@ -381,3 +384,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Lasby et al. 2024: RigL with constant fan-in and neuron ablation (gamma 0.3, the CNN setting).
 PRESETS["srigl"] = {**PRESETS["rigl"], "constant_fan_in": True, "ablation_threshold": 0.3}
+# Molchanov et al. 2017: prune the weights whose first-order Taylor term |w * E[g]| is smallest, E[g] averaged over
+# recent mini-batches (the gradient EMA, decay `momentum`), gradually with fine-tuning between pruning steps; the
+# paper's per-feature-map schedule is replaced by GMP's cubic one (same window and interval as the gmp preset).
+PRESETS["taylor"] = {**PRESETS["gmp"], "drop": "taylor", "momentum": 0.9}

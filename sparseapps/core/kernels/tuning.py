@@ -17,6 +17,7 @@ per machine kind) unless ``SPARSEAPPS_TUNE=off`` is set (the defaults are used a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -196,10 +197,8 @@ def apply_tuning() -> dict[str, Any]:
         info = str(torch.ops.sparseapps.kernel_info())
         return {"source": "defaults", "reason": f"{TUNE_VARIABLE}=off", "description": info}
     result = tune()
-    try:
+    with contextlib.suppress(OSError):  # a read-only checkout: the measurement holds for this process
         save(result)
-    except OSError:
-        pass  # a read-only checkout: the measurement holds for this process
     return {"source": "measured", "tile_bytes": result.tile_bytes, "gather_max_batch": result.gather_max_batch}
 
 

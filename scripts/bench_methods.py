@@ -1,0 +1,441 @@
+"""Benchmark: every sparsity preset at 90 / 95 / 98% on MNIST-1D (MLP, CNN) and digits, dense beside, over seeds.
+
+For each task, method and sparsity, ``--seeds`` runs train the same model with the same optimizer (Adam by
+default, as mnist1d's reference; ``--optimizer sgd`` for SGD with momentum), batch size and epochs. The table gives
+the mean test accuracy and its 95% confidence interval (Student's t over seeds), the final forward FLOPs as a
+fraction of dense, and the wall-clock seconds of a run (one thread by default). The data are fixed across seeds
+(MNIST-1D's published generator seed 42; digits split with seed 0); a seed sets the initialization, the masks and
+the batch order. Under each task's table, the methods whose interval lies wholly below the best method's interval
+at that sparsity are named (the ones the benchmark separates), and the points a method cannot reach (n/a) with
+the engine's reason. Measured here: dense 60 Adam epochs reach 0.65-0.67 (MLP) and 0.92 (CNN), 1-4 s a run.
+
+- MNIST-1D (Greydanus & Kobak; ``sparseapps.core.mnist1d``, generated offline and cached): 4,000 / 1,000 signals
+  of 40 points. Dense MLP 40-100-100-10 ~0.68, CNN ~0.94 (the dataset's README).
+- digits (scikit-learn, 8x8): MLP 64-256-256-10, 1,347 / 450 (saturates near 0.97: a sanity row, not a judge).
+
+Method-specific steps follow ``sparseapps.demo``: SNIP / GraSP / SynFlow prune at initialization on the first 256
+training examples; the lottery ticket trains ``lottery_rounds + 1`` rounds of ``epochs // (rounds + 1)`` epochs
+(at least one), pruning and rewinding between them.
+
+Writes ``results.json`` (every run and the summary), ``results.md`` and ``accuracy_vs_sparsity.png`` to ``--out``.
+
+    python scripts/bench_methods.py            # the full grid: ~700 runs of 1-4 s each on one core
+    python scripts/bench_methods.py --quick    # a few presets, tiny data, one epoch: a smoke run of seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseapps.core import PRESETS, DynamicSparsity, SparsityConfig
+from sparseapps.core.config import FORESIGHT_METHODS
+from sparseapps.core.io import write_atomic, write_json
+from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_cnn, make_mnist1d_mlp
+from sparseapps.demo import load_digits_tensors, make_mlp
+
+TASKS = ("mnist1d-mlp", "mnist1d-cnn", "digits-mlp")
+DENSE = "dense"
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Args:
+    """Command-line arguments."""
+
+    out: str = field(default="runs/bench_methods", metadata={"help": "output folder"})
+    quick: bool = field(
+        default=False,
+        metadata={"help": "three presets, 90% only, 2 seeds, 1 epoch on 600 MNIST-1D signals: seconds"},
+    )
+    tasks: tuple[str, ...] = field(default=TASKS, metadata={"help": f"among {', '.join(TASKS)}"})
+    methods: tuple[str, ...] = field(
+        default=tuple(sorted(PRESETS)), metadata={"help": "SparsityConfig presets (dense always runs beside)"}
+    )
+    sparsities: tuple[float, ...] = field(default=(0.9, 0.95, 0.98), metadata={"help": "fractions of zeros"})
+    seeds: int = field(
+        default=5, metadata={"help": "runs per point (seeds 0 .. seeds-1); at least 2 for a CI"}
+    )
+    epochs: int = field(default=60, metadata={"help": "passes over the training split, every method alike"})
+    batch_size: int = field(default=100, metadata={"help": "examples per step (mnist1d's reference: 100)"})
+    optimizer: str = field(
+        default="adam", metadata={"help": "adam (mnist1d's reference) or sgd (momentum 0.9, the DST papers')"}
+    )
+    lr: float = field(default=0.01, metadata={"help": "learning rate (mnist1d's reference, Adam: 0.01)"})
+    interval: int = field(
+        default=0,
+        metadata={
+            "help": "steps between topology updates (dst) and pruning steps (gmp); 0 keeps each preset's"
+        },
+    )
+    mnist1d_samples: int = field(
+        default=5000, metadata={"help": "MNIST-1D examples, train + test (5000: the published 4000 / 1000)"}
+    )
+    threads: int = field(
+        default=1, metadata={"help": "torch CPU threads (1: comparable wall-clock on a shared machine)"}
+    )
+    data_root: str = field(
+        default="",
+        metadata={"help": "MNIST-1D cache root ('' = $SPARSEAPPS_DATA or ~/.cache/sparseapps/data)"},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.tasks or not set(self.tasks) <= set(TASKS):
+            raise ValueError(f"expected tasks among {TASKS}, got {self.tasks}")
+        unknown = sorted(set(self.methods) - set(PRESETS))
+        if unknown:
+            raise ValueError(f"expected methods among the presets {sorted(PRESETS)}, got unknown {unknown}")
+        if not self.sparsities or not all(0.0 < s < 1.0 for s in self.sparsities):
+            raise ValueError(f"expected sparsities in (0, 1), got {self.sparsities}")
+        if self.seeds < 2:
+            raise ValueError(f"expected seeds >= 2 (a confidence interval needs two runs), got {self.seeds}")
+        for name in ("epochs", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+        if self.interval < 0:
+            raise ValueError(f"expected interval >= 0, got {self.interval}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"expected optimizer in {OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"expected lr > 0, got {self.lr}")
+
+
+QUICK = {
+    "methods": ("rigl", "snip", "taylor"),
+    "sparsities": (0.9,),
+    "seeds": 2,
+    "epochs": 1,
+    "batch_size": 50,
+    "interval": 2,
+    "mnist1d_samples": 600,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """``--name`` per field of :class:`Args` (its help string; tuples take several values); ``--quick`` first
+    applies :data:`QUICK`, then the options given."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in fields(Args):
+        option, default = f"--{f.name}", f.default
+        if isinstance(default, bool):
+            parser.add_argument(option, action="store_true", help=f.metadata["help"])
+        elif isinstance(default, tuple):
+            parser.add_argument(option, nargs="+", type=type(default[0]), help=f.metadata["help"])
+        else:
+            parser.add_argument(option, type=type(default), help=f.metadata["help"])
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
+    defaults = QUICK if given["quick"] else {}
+    return Args(**{**defaults, **{k: v for k, v in given.items() if v is not None and v is not False}})
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class Task:
+    """A dataset and the model trained on it: ``x_train [N, ...]``, ``y_train [N]``, ``x_test``, ``y_test``."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_task(name: str, args: Args) -> Task:
+    if name.startswith("mnist1d"):
+        data = load_mnist1d(args.data_root or None, num_samples=args.mnist1d_samples)
+        build = make_mnist1d_mlp if name == "mnist1d-mlp" else make_mnist1d_cnn
+        return Task(name, build, *data)
+    return Task(name, lambda: make_mlp(256), *load_digits_tensors(0))
+
+
+# ---------------------------------------------------------------------------------------------- one run
+@dataclass(frozen=True)
+class Run:
+    """One training run's outcome."""
+
+    task: str
+    method: str
+    target_sparsity: float
+    seed: int
+    test_accuracy: float
+    sparsity: float
+    flops_fraction: float
+    steps: int
+    seconds: float
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(
+            int((model(x[i : i + 1024]).argmax(1) == y[i : i + 1024]).sum()) for i in range(0, len(x), 1024)
+        )
+    model.train()
+    return correct / len(x)
+
+
+def train(task: Task, method: str, sparsity: float, seed: int, args: Args) -> Run:
+    """Trains ``task``'s model with preset ``method`` (or dense) at ``sparsity`` and returns its :class:`Run`."""
+    torch.manual_seed(seed)
+    model = task.build()
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.Adam(model.parameters(), lr=args.lr)
+        if args.optimizer == "adam"
+        else torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    )
+    steps_per_epoch = -(-len(task.x_train) // args.batch_size)
+    engine = None
+    rounds = 1
+    if method != DENSE:
+        config = SparsityConfig.preset(method, sparsity=sparsity, seed=seed)
+        if config.method == "lottery":
+            rounds = config.lottery_rounds + 1
+        if args.interval:
+            config = config.replace(update_interval=args.interval, pruning_interval=args.interval)
+        epochs_per_round = max(1, args.epochs // rounds)
+        engine = DynamicSparsity(model, optimizer, config, total_steps=epochs_per_round * steps_per_epoch)
+        if config.method in FORESIGHT_METHODS:
+            engine.prune_at_initialization(task.x_train[:256], task.y_train[:256], F.cross_entropy)
+    epochs_per_round = max(1, args.epochs // rounds) if rounds > 1 else args.epochs
+    generator = torch.Generator().manual_seed(seed)
+    steps = 0
+    start = time.perf_counter()
+    for round_index in range(rounds):
+        for _ in range(epochs_per_round):
+            order = torch.randperm(len(task.x_train), generator=generator)
+            for begin in range(0, len(order), args.batch_size):
+                index = order[begin : begin + args.batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(task.x_train[index]), task.y_train[index]).backward()
+                optimizer.step()
+                steps += 1
+        if engine is not None and round_index < rounds - 1:
+            engine.next_lottery_round()
+    seconds = time.perf_counter() - start
+    report = engine.report() if engine is not None else None
+    return Run(
+        task=task.name,
+        method=method,
+        target_sparsity=sparsity if engine is not None else 0.0,
+        seed=seed,
+        test_accuracy=accuracy(model, task.x_test, task.y_test),
+        sparsity=1.0 - report.density if report is not None else 0.0,
+        flops_fraction=report.flops_sparse / report.flops_dense if report is not None else 1.0,
+        steps=steps,
+        seconds=seconds,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- summary
+@dataclass(frozen=True)
+class Point:
+    """Mean and 95% CI half-width of a (task, method, sparsity) over its seeds."""
+
+    task: str
+    method: str
+    target_sparsity: float
+    seeds: int
+    mean: float
+    ci95: float
+    flops_fraction: float
+    seconds: float
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.ci95
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.ci95
+
+
+def confidence_half_width(values: list[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean (Student's t, ``n - 1`` degrees of freedom).
+
+    Example:
+        >>> round(confidence_half_width([0.5, 0.7]), 4)  # t(0.975, 1) = 12.706, s = 0.1414, n = 2
+        1.2706
+    """
+    from scipy.stats import t
+
+    if len(values) < 2:
+        return math.nan
+    return float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarize(runs: list[Run]) -> list[Point]:
+    groups: dict[tuple[str, str, float], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.task, run.method, run.target_sparsity), []).append(run)
+    return [
+        Point(
+            task=task,
+            method=method,
+            target_sparsity=sparsity,
+            seeds=len(group),
+            mean=statistics.fmean(r.test_accuracy for r in group),
+            ci95=confidence_half_width([r.test_accuracy for r in group]),
+            flops_fraction=statistics.fmean(r.flops_fraction for r in group),
+            seconds=statistics.fmean(r.seconds for r in group),
+        )
+        for (task, method, sparsity), group in groups.items()
+    ]
+
+
+def separated(points: list[Point]) -> dict[tuple[str, float], tuple[str, list[str]]]:
+    """Per (task, sparsity): the best method by mean and the methods whose CI lies wholly below the best's."""
+    result = {}
+    for key in sorted({(p.task, p.target_sparsity) for p in points if p.method != DENSE}):
+        here = [p for p in points if (p.task, p.target_sparsity) == key and p.method != DENSE]
+        best = max(here, key=lambda p: p.mean)
+        result[key] = (best.method, sorted(p.method for p in here if p.high < best.low))
+    return result
+
+
+def markdown(args: Args, points: list[Point], skipped: list[dict[str, object]]) -> str:
+    """One table per task: a row per method, a column per sparsity (mean ± 95% CI), dense beside; a point the
+    method cannot reach reads n/a, with the reason below the table."""
+    sparsities = sorted(args.sparsities)
+    lines = [
+        f"# Sparse methods on MNIST-1D and digits ({args.seeds} seeds, {args.epochs} epochs, {args.optimizer} lr {args.lr}, "
+        f"batch {args.batch_size})",
+        "",
+        "Test accuracy, mean ± 95% CI half-width over seeds; FLOPs: final forward FLOPs / dense at the highest "
+        "sparsity; s: seconds per run at that sparsity.",
+    ]
+    gaps = separated(points)
+    for task in args.tasks:
+        here = {(p.method, p.target_sparsity): p for p in points if p.task == task}
+        dense = here.get((DENSE, 0.0))
+        header = ["method", *(f"{s:.0%}" for s in sparsities), "FLOPs", "s"]
+        lines += ["", f"## {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        if dense is not None:
+            cell = f"{dense.mean:.3f} ± {dense.ci95:.3f}"
+            lines.append(
+                f"| {DENSE} | " + " | ".join(cell for _ in sparsities) + f" | 1.00 | {dense.seconds:.2f} |"
+            )
+        for method in args.methods:
+            cells = [
+                f"{p.mean:.3f} ± {p.ci95:.3f}" if (p := here.get((method, s))) else "n/a" for s in sparsities
+            ]
+            last = here.get((method, sparsities[-1]))
+            tail = f"{last.flops_fraction:.2f} | {last.seconds:.2f}" if last else "– | –"
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {tail} |")
+        lines.append("")
+        for s in sparsities:
+            if (task, s) in gaps:
+                best, below = gaps[(task, s)]
+                named = ", ".join(below) if below else "none"
+                lines.append(f"- {s:.0%}: best {best}; CI wholly below the best's: {named}")
+        for skip in skipped:
+            if skip["task"] == task:
+                lines.append(f"- n/a: {skip['method']} at {skip['sparsity']:.0%}: {skip['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(args: Args, points: list[Point], path: Path) -> None:
+    """Accuracy vs sparsity, one panel per task, one line per method (error bars: 95% CI), dense dashed (its CI
+    shaded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.tasks), figsize=(5 * len(args.tasks), 4), squeeze=False)
+    for axis, task in zip(axes[0], args.tasks, strict=True):
+        for index, method in enumerate(args.methods):
+            line = sorted(
+                (p for p in points if p.task == task and p.method == method), key=lambda p: p.target_sparsity
+            )
+            if line:
+                axis.errorbar(
+                    [p.target_sparsity for p in line],
+                    [p.mean for p in line],
+                    yerr=[p.ci95 for p in line],
+                    marker="o",
+                    capsize=3,
+                    color=plt.get_cmap("tab20")(
+                        index % 20
+                    ),  # 15+ presets: the default cycle repeats after 10
+                    label=method,
+                )
+        dense = [p for p in points if p.task == task and p.method == DENSE]
+        if dense:
+            axis.axhline(dense[0].mean, color="black", linestyle="--", linewidth=1, label=DENSE)
+            axis.axhspan(dense[0].low, dense[0].high, color="black", alpha=0.08, linewidth=0)
+        axis.set_title(task)
+        axis.set_xlabel("sparsity")
+        axis.set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        run_grid(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_grid(args: Args) -> None:
+    """Trains every point of the grid and writes the outputs (the body of :func:`main`)."""
+    start = time.perf_counter()
+    runs: list[Run] = []
+    skipped: list[dict[str, object]] = []
+    for task_name in args.tasks:
+        task = load_task(task_name, args)
+        grid = [(DENSE, 0.0)] + [(m, s) for m in args.methods for s in args.sparsities]
+        for method, sparsity in grid:
+            try:
+                group = [train(task, method, sparsity, seed, args) for seed in range(args.seeds)]
+            except ValueError as error:  # a method that cannot reach this sparsity here (e.g. SRigL's fan-in)
+                skipped.append(
+                    {"task": task_name, "method": method, "sparsity": sparsity, "reason": str(error)}
+                )
+                print(f"{task_name:12s} {method:10s} {sparsity:5.0%}  n/a: {error}", flush=True)
+                continue
+            runs += group
+            point = summarize(group)[0]
+            print(
+                f"{task_name:12s} {method:10s} {sparsity:5.0%}  acc {point.mean:.3f} ± {point.ci95:.3f}  "
+                f"flops {point.flops_fraction:.2f}  {point.seconds:.2f} s/run",
+                flush=True,
+            )
+    points = summarize(runs)
+    out = Path(args.out)
+    write_json(
+        out / "results.json",
+        {
+            "args": asdict(args),
+            "torch": torch.__version__,
+            "runs": [asdict(r) for r in runs],
+            "points": [asdict(p) for p in points],
+            "skipped": skipped,
+        },
+    )
+    text = markdown(args, points, skipped)
+    write_atomic(out / "results.md", text.encode())
+    plot(args, points, out / "accuracy_vs_sparsity.png")
+    print(
+        f"\n{text}\nwrote {out / 'results.json'}, results.md and accuracy_vs_sparsity.png "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

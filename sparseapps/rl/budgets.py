@@ -9,7 +9,7 @@ where the engine cannot draw them itself, its initial masks.
   nonzeros. A network of one role gets its role's sparsity in its config; a network holding both (PPO / A2C) gets
   per-tensor budgets, drawn here as the engine draws them (uniform scores, top-k) since the engine takes one
   density per network.
-* Masks a network already carries (a loaded sparse model) are kept; a configuration that would give another
+* Masks a network already carries (a loaded sparse model: mask buffers, or compact layers' topologies) are kept; a configuration that would give another
   number of nonzeros is refused.
 
 Example:
@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,9 @@ import torch
 from torch import nn
 
 from sparseapps.core import SparsityConfig, rules, select_tensors, target_nnz
+from sparseapps.core.compact import CompactLinear
 from sparseapps.core.masks import get_mask
+from sparseapps.core.selection import tensor_shape
 from sparseapps.rl.networks import SparseNetwork
 
 __all__ = ["Plan", "network_config", "plan_networks", "role_densities"]
@@ -111,7 +114,7 @@ def plan_networks(
     sizes = {"actor": 0, "critic": 0}
     for network in networks:
         for fqn, module, name, _ in selected[network.name]:
-            sizes[network.role_of(fqn)] += getattr(module, name).numel()
+            sizes[network.role_of(fqn)] += math.prod(tensor_shape(module, name))
     densities = role_densities(config, critic_density_ratio, sizes)
 
     plan: Plan = {}
@@ -129,9 +132,7 @@ def plan_networks(
                 )
             budgets = {}
             for role in ("actor", "critic"):
-                shapes = {
-                    fqn: tuple(getattr(m, n).shape) for fqn, m, n, _ in chosen if network.role_of(fqn) == role
-                }
+                shapes = {fqn: tensor_shape(m, n) for fqn, m, n, _ in chosen if network.role_of(fqn) == role}
                 if shapes:
                     budgets |= target_nnz(shapes, densities[role], own.distribution)
         plan[network.name] = (own, _initial_masks(network.name, own, chosen, budgets, resuming))
@@ -145,7 +146,10 @@ def _initial_masks(
     budgets: dict[str, int] | None,
     resuming: bool,
 ) -> dict[str, torch.Tensor] | None:
-    existing = {fqn: get_mask(module, param) for fqn, module, param, _ in chosen}
+    existing = {
+        fqn: module.mask() if isinstance(module, CompactLinear) else get_mask(module, param)
+        for fqn, module, param, _ in chosen
+    }
     carried = {fqn: mask.detach().clone() for fqn, mask in existing.items() if mask is not None}
     if carried and len(carried) < len(existing):
         missing = sorted(set(existing) - set(carried))
@@ -155,7 +159,7 @@ def _initial_masks(
         )
     if carried:
         if config.method in ("dst", "static") and not resuming:
-            shapes = {fqn: tuple(getattr(m, n).shape) for fqn, m, n, _ in chosen}
+            shapes = {fqn: tensor_shape(m, n) for fqn, m, n, _ in chosen}
             expected = sum((budgets or target_nnz(shapes, config.density, config.distribution)).values())
             found = sum(int(mask.sum()) for mask in carried.values())
             if found != expected:
@@ -171,7 +175,7 @@ def _initial_masks(
     generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,))))
     masks = {}
     for fqn, module, param, _ in chosen:
-        shape = getattr(module, param).shape
+        shape = tensor_shape(module, param)
         scores = torch.rand(shape, generator=generator)
         masks[fqn] = rules.select_top(scores, torch.ones(shape, dtype=torch.bool), budgets[fqn])
     return masks

@@ -13,9 +13,13 @@ capture of dense gradients and the check of a checkpoint's configuration are the
   score registry, and every step when it tracks a dense-gradient momentum.
 * **Targets carry the online masks**: a commit hook of the engine copies each new topology into the target's mask
   buffers and zeroes its masked weights; a Polyak update keeps exact zeros where both are zero.
-* **Save / load**: masks are buffers in ``policy.state_dict()``; the policy and ``model.policy_class`` accept them
-  on load (:mod:`sparseapps.rl.policies`), so ``Algorithm.load(path)`` restores them and a later ``learn`` with a
-  callback continues from them.
+* **Compact storage** (``SparsityConfig(storage="compact")``): when it attaches, the callback turns each network's
+  sparse Linear layers (and its target's) into :class:`~sparseapps.core.compact.CompactLinear` layers inside the
+  optimizers SB3 built (:mod:`sparseapps.rl.compact`); the same engines then drive them, from the same masks for
+  the same seed, re-packing values and optimizer states at each update, and the targets are re-packed with them.
+* **Save / load**: masks are buffers in ``policy.state_dict()`` (compact layers hold their topology as index
+  buffers); the policy and ``model.policy_class`` accept both on load (:mod:`sparseapps.rl.policies`), so
+  ``Algorithm.load(path)`` restores them and a later ``learn`` with a callback continues from them.
 
 Example:
     >>> from stable_baselines3 import PPO
@@ -43,6 +47,7 @@ from sparseapps.core import ConfigMismatchError, DynamicSparsity, SparsityConfig
 from sparseapps.core.config import FORESIGHT_METHODS
 from sparseapps.core.validation import check_bool, check_number
 from sparseapps.rl.budgets import plan_networks
+from sparseapps.rl.compact import clear_captured_gradients, compact_layers, make_compact
 from sparseapps.rl.networks import (
     SUPPORTED_ALGORITHMS,
     SparseNetwork,
@@ -183,6 +188,8 @@ class DynamicSparsityCallback(BaseCallback):
             config, initial_masks = plan[network.name]
             done = int(pending[network.name]["step"]) if pending is not None else 0
             total = max(done + totals[network.name], 1)
+            if config.storage == "compact":
+                make_compact(network.network, network.optimizer, config, initial_masks)
             try:
                 engine = DynamicSparsity(
                     network.network, network.optimizer, config, total, initial_masks=initial_masks
@@ -201,9 +208,16 @@ class DynamicSparsityCallback(BaseCallback):
                 sync(engine.masks)
                 engine.commit_hooks.append(sync)
             if not engine.momentum:  # a dense-gradient momentum reads every gradient whole
-                for record in engine.tensors.values():
-                    hook = partial(_sparse_gradient, engine, record.mask)
-                    self._handles.append(record.param.register_hook(hook))
+                for param, mask in engine.masked_parameters():  # compact layers' gradients are sparse already
+                    hook = partial(_sparse_gradient, engine, mask)
+                    self._handles.append(param.register_hook(hook))
+        for name, engine in self.engines.items():
+            layers = list(compact_layers(self.networks[name].network).values())
+            if layers and engine.needs_dense_gradient():
+                clear = partial(clear_captured_gradients, layers)
+                for other in self.networks.values():
+                    if other.name != name:
+                        self._handles.append(other.optimizer.register_step_post_hook(clear))
         accept_masks(model.policy)
         model.policy_class = sparse_policy_class(model.policy_class)
         return self.engines

@@ -5,11 +5,12 @@ Example:
         --out runs/x
 
 writes ``runs/x/{dense,rigl}/seed{0,1,2}/`` (TensorBoard logs under ``tb/``, ``model.zip`` with its masks,
-``result.json``), ``runs/x/results.json`` and ``runs/x/curves.png``. Running the same command again resumes
-unfinished runs from their checkpoints (bit for bit) and reuses finished ones. Another method into the same
-``--out`` (same environment, algorithm, budget, evaluation, drift and hyperparameters) adds its rows to the summary;
-other settings are refused unless ``--overwrite``. ``--no-progress`` hides the progress bar (as for ``recsys train``
-and ``continual run``).
+``result.json``), ``runs/x/results.json`` and ``runs/x/curves.png``. ``--storage compact`` trains the sparse runs
+on compact layers (only the active weights stored, sparse forward and backward; :mod:`sparseapps.rl.compact`).
+Running the same command again resumes unfinished runs from their checkpoints (bit for bit) and reuses finished
+ones. Another method into the same ``--out`` (same environment, algorithm, budget, evaluation, drift and
+hyperparameters) adds its rows to the summary; other settings are refused unless ``--overwrite``. ``--no-progress``
+hides the progress bar (as for ``recsys train`` and ``continual run``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sparseapps.core import SparsityConfig
 from sparseapps.core.io import OutputConflictError
 from sparseapps.core.options import add_options, collect
 from sparseapps.core.validation import check_int
@@ -46,6 +48,11 @@ RUN_OPTIONS = (
 their own syntax (``--drift``/``--drift-shift``, ``--hp KEY=VALUE``), are built from several options
 (``--sparsity`` and ``--update-interval`` over the method's or preset's configuration,
 ``--sparse-output-layers``) or vary over the runs (``--seeds``)."""
+
+
+SPARSITY_OPTIONS = ("storage",)
+"""The :class:`~sparseapps.core.SparsityConfig` fields that are options of their own (with the field's name, type,
+choices and help), set over the method's or preset's configuration of the sparse runs."""
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -106,6 +113,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     group = train.add_argument_group("the sparse runs")
     group.add_argument("--sparsity", type=float, help="sparsity (default: the preset's, or 0.9)")
     group.add_argument("--update-interval", type=int, help="gradient steps between topology updates")
+    add_options(group, SparsityConfig, names=SPARSITY_OPTIONS)
     group.add_argument(
         "--sparse-output-layers", action="store_true", help="sparsify output layers too (default: dense)"
     )
@@ -145,7 +153,7 @@ def run_train(args: argparse.Namespace) -> int:
             name: value
             for name, value in (("sparsity", args.sparsity), ("update_interval", args.update_interval))
             if value is not None
-        }
+        } | collect(args, SparsityConfig, SPARSITY_OPTIONS)
         sparse: dict[str, Any] = dict(
             method=method,
             preset=preset,

@@ -34,6 +34,7 @@ from torch import nn
 
 from sparseapps.core import DynamicSparsity
 from sparseapps.core.accounting import forward_flops, training_flops_per_step
+from sparseapps.core.compact import CompactLinear
 from sparseapps.core.masks import attach_mask
 
 __all__ = [
@@ -87,7 +88,7 @@ def _linear_weights(module: nn.Module, prefix: str) -> tuple[str, ...]:
     return tuple(
         f"{prefix}.{name}.weight" if name else f"{prefix}.weight"
         for name, sub in module.named_modules()
-        if isinstance(sub, nn.Linear)
+        if isinstance(sub, nn.Linear | CompactLinear)
     )
 
 
@@ -149,8 +150,11 @@ def find_networks(model: BaseAlgorithm) -> list[SparseNetwork]:
 
 
 def copy_masks_to_target(network: SparseNetwork, masks: Mapping[str, torch.Tensor]) -> None:
-    """Writes ``masks`` (``{fqn: bool mask}`` of the online network) into the target network's mask buffers and
-    zeroes its masked weights.
+    """Gives the target network the online network's topology ``masks`` (``{fqn: bool mask}``).
+
+    A masked layer's mask goes into the target's mask buffer and its masked weights are zeroed. Where the online
+    layer is compact, the target's layer becomes (or is re-packed as) a compact layer of the same mask: kept entries
+    keep their values, new ones start at zero (:mod:`sparseapps.rl.compact`).
 
     Raises:
         ValueError: the target has no parameter of that name and shape.
@@ -165,6 +169,19 @@ def copy_masks_to_target(network: SparseNetwork, masks: Mapping[str, torch.Tenso
             raise ValueError(
                 f"{network.name}: the target network has no module {path!r} to carry {fqn!r}"
             ) from error
+        online = network.network.get_submodule(path) if path else network.network
+        if isinstance(online, CompactLinear):
+            if isinstance(module, nn.Linear) and module.weight.shape == mask.shape:
+                module = CompactLinear.from_linear(module, mask)
+                network.target.set_submodule(path, module)
+            elif isinstance(module, CompactLinear) and module.weight_shape == mask.shape:
+                module.set_mask(mask)
+            else:
+                raise ValueError(
+                    f"{network.name}: the target's {path!r} must be a Linear layer of weight shape "
+                    f"{tuple(mask.shape)} to follow the online compact layer, got {type(module).__name__}"
+                )
+            continue
         weight = getattr(module, param_name, None)
         if not isinstance(weight, nn.Parameter) or weight.shape != mask.shape:
             raise ValueError(
@@ -241,17 +258,21 @@ def training_flops(
         forward_dense = forward_sparse = 0
         sparse_ids = {id(t.param): t for t in engine.tensors.values()}
         for module in network.network.modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd) or not isinstance(
-                weight, nn.Parameter
+            if isinstance(module, CompactLinear):
+                kind, shape, weight = "linear", tuple(module.weight_shape), module.values
+            elif isinstance(module, nn.Linear | nn.modules.conv._ConvNd) and isinstance(
+                module.weight, nn.Parameter
             ):
+                kind = "linear" if isinstance(module, nn.Linear) else "conv"
+                shape, weight = tuple(module.weight.shape), module.weight
+            else:
                 continue
             record = sparse_ids.get(id(weight))
-            kind = "linear" if isinstance(module, nn.Linear) else "conv"
             positions = record.positions if record is not None else 1
-            nnz = int(record.mask.sum()) if record is not None else weight.numel()
-            forward_dense += forward_flops(kind, tuple(weight.shape), weight.numel(), positions)
-            forward_sparse += forward_flops(kind, tuple(weight.shape), nnz, positions)
+            numel = math.prod(shape)
+            nnz = int(record.mask.sum()) if record is not None else numel
+            forward_dense += forward_flops(kind, shape, numel, positions)
+            forward_sparse += forward_flops(kind, shape, nnz, positions)
         config = engine.config
         step_dense, step_sparse = training_flops_per_step(
             forward_dense,

@@ -5,7 +5,11 @@ they are part of ``policy.state_dict()`` and SB3 saves them with the parameters.
 such buffers, and SB3 loads with ``strict=True``, which would reject them. :func:`accept_masks` registers a
 pre-hook on a policy (``torch.nn.Module.register_load_state_dict_pre_hook``) that creates a mask buffer for every
 ``*_mask`` key of the incoming state dict before the load; weights arrive with their zeros, so evaluation runs with
-the masks applied. Any policy class of any algorithm takes it, and its class does not change.
+the masks applied. Layers trained with compact storage (``SparsityConfig(storage="compact")``) arrive as
+``values``, ``row_ptr`` and ``col_indices``: the same pre-hook turns those ``nn.Linear`` layers into compact layers
+and swaps them into the policy's optimizers before SB3 loads their states
+(:func:`~sparseapps.rl.compact.adopt_compact_layers`). Any policy class of any algorithm takes it, and its class
+does not change.
 
 ``Algorithm.load(path)`` builds a fresh policy from ``model.policy_class``; :func:`sparse_policy_class` wraps that
 class so that the policies it builds carry the hook, and the callback stores the wrapper in ``model.policy_class``
@@ -54,6 +58,7 @@ from torch import nn
 
 from sparseapps.core.kernels import CondenseConfig, condense
 from sparseapps.core.masks import MASK_SUFFIX, attach_mask, get_mask
+from sparseapps.rl.compact import adopt_compact_layers
 
 __all__ = ["SparsePolicyClass", "accept_masks", "adopt_masks", "condense_policy", "sparse_policy_class"]
 
@@ -86,6 +91,7 @@ def adopt_masks(module: nn.Module, state_dict: Mapping[str, Any], prefix: str = 
 
 
 def _adopt_before_load(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any) -> None:
+    adopt_compact_layers(module, state_dict, prefix)
     adopt_masks(module, state_dict, prefix)
 
 
@@ -93,7 +99,8 @@ _ACCEPTING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def accept_masks(policy: nn.Module) -> None:
-    """Makes ``policy.load_state_dict`` accept the mask buffers a state dict carries (once per module)."""
+    """Makes ``policy.load_state_dict`` accept the mask buffers and compact layers a state dict carries (once per
+    module)."""
     if not isinstance(policy, nn.Module):
         raise TypeError(f"expected a torch.nn.Module (e.g. model.policy), got {type(policy).__name__}")
     if policy not in _ACCEPTING:

@@ -19,11 +19,14 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import polyak_update
 from stable_baselines3.common.vec_env import DummyVecEnv
+from torch import nn
 
 from sparseapps.core import ConfigMismatchError, SparsityConfig, scores
+from sparseapps.core.compact import CompactLinear
 from sparseapps.core.io import load_torch, save_torch
 from sparseapps.core.masks import get_mask
 from sparseapps.rl.callback import DynamicSparsityCallback, count_optimizer_steps, find_networks
+from sparseapps.rl.compact import compact_layers
 from sparseapps.rl.policies import SparsePolicyClass
 from sparseapps.rl.resume import pickle_environments, random_state, restore_environments, set_random_state
 from tests.rl.compare import differences
@@ -94,6 +97,29 @@ def assert_sparse_invariants(callback: DynamicSparsityCallback) -> None:
             assert {fqn: t["nnz"] for fqn, t in update["tensors"].items()} == {
                 fqn: r.budget for fqn, r in engine.tensors.items()
             }
+
+
+def assert_compact_invariants(callback: DynamicSparsityCallback) -> None:
+    """Each sparse Linear is compact with nnz equal to its budget, in its optimizer with state of its size, the
+    target's layer has the online topology, and output layers stay dense Linear layers."""
+    for name, engine in callback.engines.items():
+        network = callback.networks[name]
+        held = {id(p) for group in network.optimizer.param_groups for p in group["params"]}
+        layers = compact_layers(network.network)
+        assert set(layers) == set(engine.tensors), name
+        for fqn, layer in layers.items():
+            assert layer.nnz == engine.tensors[fqn].budget, fqn
+            assert id(layer.values) in held and (layer.bias is None or id(layer.bias) in held), fqn
+            for value in network.optimizer.state.get(layer.values, {}).values():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    assert value.shape == layer.values.shape, fqn
+            if network.target is not None:
+                target = network.target.get_submodule(fqn.rpartition(".")[0])
+                assert isinstance(target, CompactLinear) and torch.equal(target.mask(), layer.mask()), fqn
+        assert held <= {id(p) for p in network.network.parameters()}, name  # no replaced weight left behind
+        for fqn in network.output_layers:
+            module = network.network.get_submodule(fqn.rpartition(".")[0])
+            assert isinstance(module, nn.Linear) and get_mask(module) is None, fqn
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
@@ -383,23 +409,26 @@ def sac_state(model: SAC) -> dict[str, Any]:
     }
 
 
-def test_callback_state_resumes_training_bit_for_bit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["masked", "compact"])
+def test_callback_state_resumes_training_bit_for_bit(storage: str, tmp_path: Path) -> None:
     """SAC interrupted mid-run and resumed from the callback's state (with SB3's save and the random and
-    environment states of sparseapps.rl.resume) trains on to exactly the tensors of an uninterrupted run."""
+    environment states of sparseapps.rl.resume) trains on to exactly the tensors of an uninterrupted run, on masked
+    or compact layers (which SAC.load rebuilds inside the optimizers before their states load)."""
+    config = rigl(storage=storage)
     reference, steps = make_model("sac")
-    reference_callback = DynamicSparsityCallback(rigl())
+    reference_callback = DynamicSparsityCallback(config)
     reference.learn(steps, callback=reference_callback)
     expected = sac_state(reference)
 
     interrupted, _ = make_model("sac")
-    callback = DynamicSparsityCallback(rigl())
+    callback = DynamicSparsityCallback(config)
     with pytest.raises(Interrupt):
         interrupted.learn(steps, callback=[callback, SaveAndCrash(callback, steps // 2, tmp_path)])
     env = DummyVecEnv([lambda: gym.make("Pendulum-v1")])
     resumed = SAC.load(tmp_path / "model.zip", env=env, device="cpu", force_reset=False)
     resumed.load_replay_buffer(tmp_path / "replay_buffer.pkl")
     restore_environments(resumed, (tmp_path / "environments.pkl").read_bytes(), {"train": env})
-    again = DynamicSparsityCallback(rigl())
+    again = DynamicSparsityCallback(config)
     again.load_state_dict(load_torch(tmp_path / "sparsity.pt"))
     done = resumed.num_timesteps
     assert 0 < done < steps
@@ -412,7 +441,11 @@ def test_callback_state_resumes_training_bit_for_bit(tmp_path: Path) -> None:
         assert engine.step == original.step and engine.total_steps == original.total_steps
         assert len(engine.history) > len(load_torch(tmp_path / "sparsity.pt")["engines"][name]["history"])
         assert differences(original.state_dict(), engine.state_dict()) == []
-    assert_sparse_invariants(again)
+    if storage == "compact":
+        assert any(key.endswith(".values") for key in expected["policy"])
+        assert_compact_invariants(again)
+    else:
+        assert_sparse_invariants(again)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -480,6 +513,7 @@ def test_rejects_masks_and_checkpoints_of_another_configuration(tmp_path: Path) 
         "sparseapps.rl.budgets",
         "sparseapps.rl.callback",
         "sparseapps.rl.checkpoints",
+        "sparseapps.rl.compact",
         "sparseapps.rl.networks",
         "sparseapps.rl.policies",
         "sparseapps.rl.resume",

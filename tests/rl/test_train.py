@@ -26,7 +26,7 @@ from sparseapps.rl.train import (
     train_many,
     train_run,
 )
-from tests.rl.compare import run_differences, without_wall_clock
+from tests.rl.compare import archive_tensors, run_differences, without_wall_clock
 
 PPO_TINY = {"n_steps": 64, "batch_size": 32, "n_epochs": 2, "policy_kwargs": {"net_arch": [16, 16]}}
 DQN_TINY = {
@@ -51,11 +51,14 @@ def tiny_run(
     method: str = "rigl",
     sparsity: float = 0.8,
     update_interval: int = 2,
+    storage: str = "masked",
     **changes: Any,
 ) -> RLRun:
     config = None
     if method != "dense":
-        config = make_sparsity_config(method, sparsity=sparsity, update_interval=update_interval)
+        config = make_sparsity_config(
+            method, sparsity=sparsity, update_interval=update_interval, storage=storage
+        )
     values: dict[str, Any] = dict(
         env="CartPole-v1",
         algo=algo,
@@ -131,6 +134,17 @@ RESUME_CASES: dict[str, dict[str, Any]] = {
         "eval_episodes": 1,
         "hyperparameters": {"learning_starts": 50, "batch_size": 32, "policy_kwargs": {"net_arch": [16, 16]}},
     },
+    # compact layers: SAC.load rebuilds them inside the optimizers, the targets follow every topology update
+    "sac-compact": {
+        "env": "Pendulum-v1",
+        "algo": "sac",
+        "storage": "compact",
+        "steps": 200,
+        "checkpoint_every": 50,
+        "eval_every": 100,
+        "eval_episodes": 1,
+        "hyperparameters": {"learning_starts": 50, "batch_size": 32, "policy_kwargs": {"net_arch": [16, 16]}},
+    },
     # gSDE's exploration matrices, two environment copies, a drift schedule mid-way (no evaluation env)
     "ppo-gsde-drifting-2envs": {
         "env": "Pendulum-v1",
@@ -166,6 +180,9 @@ def test_interrupted_run_resumes_bit_for_bit(case: str, tmp_path: Path) -> None:
     assert_same_generators(after_reference, random_generators())
     assert result["timesteps"] == reference["timesteps"] == run.steps
     assert run_differences(tmp_path / "reference", trial) == []
+    policy = archive_tensors(trial / "model.zip")["policy.pth"]
+    storage = "masked" if run.sparsity is None else run.sparsity.storage
+    assert any(key.endswith(".values") for key in policy) == (storage == "compact")
     assert (trial / "replay_buffer.pkl").exists() == (run.algo != "ppo")
     assert not (trial / "checkpoint").exists()
     assert sorted(p.name for p in trial.iterdir()) == sorted(
@@ -371,6 +388,14 @@ def test_cli_run_options_are_the_run_fields(
         eval_episodes=1, checkpoint_every=32, threads=2, device="cpu",
     )  # fmt: skip
     assert built == [RLRun(seed=seed, **settings) for seed in (0, 1)]
+    assert (
+        actions["--storage"].choices == ("masked", "compact")
+        and "(default: masked)" in actions["--storage"].help
+    )
+    built.clear()
+    assert main([*argv, "--storage", "compact", "--sparsity", "0.8"]) == 0
+    compact = make_sparsity_config("set", sparsity=0.8, storage="compact")
+    assert built == [RLRun(seed=seed, sparsity=compact, **settings) for seed in (0, 1)]
 
 
 # ---------------------------------------------------------------------------------------------- one --out, many calls

@@ -13,12 +13,17 @@ and LightGCN, each row over several seeds (mean ± std of the test metrics of th
   nested mask;
 - NeuMF (GMF + MLP over one table per side, BPR): dense at dims 64 and 13, DSL at 0.5 and 0.2.
 
+- the storage axis: DSL 0.2 with growth by gradient in masked and in compact storage, for MF-BPR, NeuMF and
+  LightGCN (``--storage-only`` runs just these rows).
+
 Part 2, step cost: dense vs DSL MF steps on ML-100K timed in the same process, interleaved.
 
 Part 3, scale: MF-BPR on a synthetic MovieLens-25M-sized data set (162,541 users, 59,047 items, 25M
-interactions, Zipf item popularity), dense vs DSL at 0.2 (momentum growth, and the published gradient growth),
-each in a fresh process: training samples/s, peak RSS while training (and above the loaded data), and Recall@20
-on a sample of validation users.
+interactions, Zipf item popularity), dense vs DSL at 0.2 (momentum growth, the published gradient growth, and
+gradient growth with compact tables), each in a fresh process: training samples/s (topology updates included),
+each update step's time, bytes of the tables and their optimizer state, peak RSS while training (and above the
+loaded data), and Recall@20 on a sample of validation users. ``--scale-dim 256`` runs a larger table, and
+``--memory-cap-mb`` states a peak-RSS cap each mode is reported against.
 
 Usage:
     .venv/bin/python scripts/bench_recsys.py --out runs/bench_recsys            # everything (hours on 2 cores)
@@ -44,7 +49,7 @@ import numpy as np
 import torch
 
 from sparseapps.recsys.data import BPRSampler, DataConfig, UserItemLists, load_split
-from sparseapps.recsys.dsl import SparseEmbeddings
+from sparseapps.recsys.dsl import SparseEmbeddings, make_compact
 from sparseapps.recsys.metrics import evaluate_ranking
 from sparseapps.recsys.models import ModelConfig, build_model
 from sparseapps.recsys.train import (
@@ -55,7 +60,70 @@ from sparseapps.recsys.train import (
 )
 
 RECBOLE_REFERENCE = {"dense 64": 0.3647, "dense 16": 0.3496, "dense 13": 0.3334}
-SCALE_MODES: dict[str, dict[str, Any]] = {"dense": {}, "dsl": {}, "dsl gradient growth": {"grow": "gradient"}}
+SCALE_MODES: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "dsl": {},
+    "dsl gradient growth": {"grow": "gradient"},
+    "dsl compact": {"grow": "gradient", "storage": "compact"},
+    "static compact": {"method": "static", "storage": "compact"},
+}
+#: Part 1's storage comparison: masked vs compact DSL (growth by gradient, the criterion compact storage runs).
+STORAGE_MODELS = ("mf", "neumf", "lightgcn")
+
+
+def storage_rows(quick: bool) -> list[tuple[str, TrainConfig]]:
+    """``(row name, config)`` of the masked-vs-compact rows: DSL 0.2 with gradient growth, per model."""
+    rows = []
+    for model in STORAGE_MODELS:
+        base = TrainConfig.tuned(model, method="dsl", density=0.2, grow="gradient")
+        if quick:
+            base = base.replace(epochs=12, patience=3)
+        rows += [
+            (f"{model} dsl 0.2 gradient {storage}", base.replace(storage=storage))
+            for storage in ("masked", "compact")
+        ]
+    return rows
+
+
+def build_scale_model(
+    mode: str, split: Any, base: TrainConfig, total_steps: int, *, dim: int = 64, **overrides: Any
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, SparseEmbeddings | None]:
+    """MF-BPR of ``mode`` (a :data:`SCALE_MODES` key): the model, Adam and, for DSL modes, the sparse tables
+    (compact ones converted before Adam is built, as ``train`` does)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="mf", dim=dim), split.n_users, split.n_items)
+    if mode == "dense":
+        return model, make_optimizer(model, base.lr), None
+    settings = {"method": "dsl", "density": 0.2, "dim": dim, **SCALE_MODES[mode], **overrides}
+    config = base.replace(**settings).dsl_config()
+    popularity = dict(user_popularity=split.user_activity(), item_popularity=split.item_popularity())
+    if config.storage == "compact":
+        make_compact(model, config, **popularity)
+    optimizer = make_optimizer(model, base.lr)
+    return model, optimizer, SparseEmbeddings(model, optimizer, config, total_steps=total_steps, **popularity)
+
+
+def table_state_bytes(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, sparse: SparseEmbeddings | None = None
+) -> dict[str, int]:
+    """Bytes of the embedding tables (values or dense weights, index buffers, masks) and of their optimizer state,
+    the engine's per-table state (momentum averages, mask multipliers) counted with the tables."""
+    tables = model.tables  # type: ignore[attr-defined]
+    table_bytes = state_bytes = 0
+    for module in tables.table_modules.values():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            table_bytes += tensor.numel() * tensor.element_size()
+        for param in module.parameters():
+            state_bytes += sum(
+                v.numel() * v.element_size()
+                for v in optimizer.state.get(param, {}).values()
+                if isinstance(v, torch.Tensor) and v.dim() > 0
+            )
+    if sparse is not None:
+        engine = sparse.engine
+        extra = [*engine.momentum.values(), *(engine._multiplier_cache or [])]
+        table_bytes += sum(t.numel() * t.element_size() for t in extra)
+    return {"tables": table_bytes, "optimizer_state": state_bytes, "total": table_bytes + state_bytes}
 
 
 def table_rows(quick: bool) -> list[tuple[str, TrainConfig]]:
@@ -93,6 +161,7 @@ def table_rows(quick: bool) -> list[tuple[str, TrainConfig]]:
         rows.append(
             (f"{model} dsl 0.2 rescale init", base.replace(method="dsl", density=0.2, rescale_init=True))
         )
+    rows += storage_rows(quick)
     neumf = TrainConfig.tuned("neumf")
     if quick:
         neumf = neumf.replace(epochs=12, patience=3)
@@ -117,9 +186,11 @@ def _run_one(job: tuple[str, dict[str, Any], str]) -> dict[str, Any]:
     }
 
 
-def run_table(out: Path, seeds: int, workers: int, quick: bool) -> list[dict[str, Any]]:
+def run_table(
+    out: Path, seeds: int, workers: int, quick: bool, rows: list[tuple[str, TrainConfig]] | None = None
+) -> list[dict[str, Any]]:
     jobs = []
-    for name, config in table_rows(quick):
+    for name, config in table_rows(quick) if rows is None else rows:
         for seed in range(seeds):
             folder = out / "runs" / f"{name.replace(' ', '_').replace('+', '_')}-seed{seed}"
             jobs.append((name, config.replace(seed=seed).to_dict(), str(folder)))
@@ -217,23 +288,8 @@ def time_steps(
     batches = list(itertools.islice(sampler.iter_epoch(0), steps))
     setups = {}
     for mode in modes:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(model="mf", dim=64), split.n_users, split.n_items)
-        optimizer = make_optimizer(model, base.lr)
-        sparse = None
-        if mode != "dense":
-            overrides = dict(SCALE_MODES[mode], method="dsl", density=0.2)
-            if update_interval is not None:
-                overrides["update_interval"] = update_interval
-            sparse = SparseEmbeddings(
-                model,
-                optimizer,
-                base.replace(**overrides).dsl_config(),
-                total_steps=10 * steps * rounds,
-                user_popularity=split.user_activity(),
-                item_popularity=split.item_popularity(),
-            )
-        setups[mode] = (model, optimizer, sparse)
+        overrides = {} if update_interval is None else {"update_interval": update_interval}
+        setups[mode] = build_scale_model(mode, split, base, 10 * steps * rounds, **overrides)
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(rounds):
         for mode, (model, optimizer, _sparse) in setups.items():
@@ -292,9 +348,9 @@ def _reset_peak_memory() -> bool:
     return True
 
 
-def _scale_child(job: tuple[str, str, int, int, int, float, int]) -> dict[str, Any]:
+def _scale_child(job: tuple[str, str, int, int, int, float, int, int]) -> dict[str, Any]:
     """One mode of the scale run in a fresh process (so its memory is its own)."""
-    mode, dataset, steps, batch_size, eval_users, density, threads = job
+    mode, dataset, steps, batch_size, eval_users, density, threads, dim = job
     torch.set_num_threads(threads)
     tick = time.perf_counter()
     split = load_split(DataConfig(dataset=dataset), progress=False)
@@ -302,42 +358,41 @@ def _scale_child(job: tuple[str, str, int, int, int, float, int]) -> dict[str, A
     peak_loading = _memory_mb("VmHWM")
     rss_before = _memory_mb("VmRSS")
     reset = _reset_peak_memory()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(model="mf", dim=64), split.n_users, split.n_items)
     base = TrainConfig.tuned("mf")
-    optimizer = make_optimizer(model, base.lr)
-    sparse = None
-    if mode != "dense":
-        sparse = SparseEmbeddings(
-            model,
-            optimizer,
-            base.replace(
-                method="dsl", density=density, update_interval=max(1, steps // 4), **SCALE_MODES[mode]
-            ).dsl_config(),
-            total_steps=steps,
-            user_popularity=split.user_activity(),
-            item_popularity=split.item_popularity(),
-        )
+    model, optimizer, sparse = build_scale_model(
+        mode, split, base, steps, dim=dim, density=density, update_interval=max(1, steps // 4)
+    )
+    rss_built = _memory_mb("VmRSS")
+    peak_building = _memory_mb("VmHWM") if reset else math.nan
+    reset = reset and _reset_peak_memory()
+    peak_steps = math.nan  # the peak of the steps before the first topology update
     sampler = BPRSampler(split, batch_size=batch_size, seed=0)
     batches = itertools.chain.from_iterable(sampler.iter_epoch(epoch) for epoch in itertools.count())
-    step_seconds = []
+    step_seconds, update_seconds = [], []
     for _ in range(steps):
         users, positives, negatives = next(batches)
+        updates = len(sparse.engine.history) if sparse is not None else 0
         tick = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         model.loss(users, positives, negatives, reg_weight=base.reg_weight).backward()
         optimizer.step()
-        step_seconds.append(time.perf_counter() - tick)
-    peak_training = _memory_mb("VmHWM") if reset else math.nan
+        seconds = time.perf_counter() - tick
+        updated = sparse is not None and len(sparse.engine.history) > updates
+        (update_seconds if updated else step_seconds).append(seconds)
+        if reset and not update_seconds:
+            peak_steps = _memory_mb("VmHWM")
+    peak_training = max(_memory_mb("VmHWM"), peak_building) if reset else math.nan
+    state = table_state_bytes(model, optimizer, sparse)
     rng = np.random.default_rng(0)
     sample = rng.choice(split.n_users, size=min(eval_users, split.n_users), replace=False)
     chosen = np.isin(split.valid[:, 0], sample)
     targets = UserItemLists.from_pairs(split.valid[chosen], n_users=split.n_users, n_items=split.n_items)
     model.eval()
     recall = evaluate_ranking(model.scorer(), targets, split.train_items, ks=(20,), metrics=("recall",))
-    timed = step_seconds[min(5, steps - 1) :]  # the first steps warm up allocators
+    timed = step_seconds[min(5, len(step_seconds) - 1) :]  # the first steps warm up allocators
     return {
         "mode": mode,
+        "dim": dim,
         "dataset": dataset,
         "n_users": split.n_users,
         "n_items": split.n_items,
@@ -346,8 +401,18 @@ def _scale_child(job: tuple[str, str, int, int, int, float, int]) -> dict[str, A
         "steps": steps,
         "batch_size": batch_size,
         "threads": torch.get_num_threads(),
-        "step_ms": 1e3 * statistics.fmean(timed),
-        "samples_per_second": batch_size / statistics.fmean(timed),
+        # every step, topology updates included (what a run costs) ...
+        "step_ms": 1e3 * statistics.fmean(timed + update_seconds),
+        "samples_per_second": batch_size / statistics.fmean(timed + update_seconds),
+        # ... and apart: the steps between updates, and each update step
+        "plain_step_ms": 1e3 * statistics.fmean(timed),
+        "update_step_ms": [1e3 * t for t in update_seconds],
+        "table_bytes": state["tables"],
+        "optimizer_state_bytes": state["optimizer_state"],
+        "table_and_state_bytes": state["total"],
+        "rss_after_building_mb": rss_built,
+        "peak_rss_building_mb": peak_building,
+        "peak_rss_steps_before_first_update_mb": peak_steps,
         "topology_updates": len(sparse.engine.history) if sparse is not None else 0,
         "density": sparse.density if sparse is not None else 1.0,
         "peak_rss_loading_mb": peak_loading,
@@ -360,7 +425,15 @@ def _scale_child(job: tuple[str, str, int, int, int, float, int]) -> dict[str, A
 
 
 def run_scale(
-    dataset: str, steps: int, batch_size: int, eval_users: int, threads: int, rounds: int = 1
+    dataset: str,
+    steps: int,
+    batch_size: int,
+    eval_users: int,
+    threads: int,
+    rounds: int = 1,
+    *,
+    modes: tuple[str, ...] = tuple(SCALE_MODES),
+    dim: int = 64,
 ) -> list[dict[str, Any]]:
     """Each mode in a fresh process, the modes alternated over ``rounds``; per mode the median round's step time.
 
@@ -368,11 +441,11 @@ def run_scale(
     it from deciding the ratio.
     """
     context = multiprocessing.get_context("spawn")
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in SCALE_MODES}
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for round_index in range(rounds):
-        for mode in SCALE_MODES:
+        for mode in modes:
             with context.Pool(1) as pool:
-                job = (mode, dataset, steps, batch_size, eval_users, 0.2, threads)
+                job = (mode, dataset, steps, batch_size, eval_users, 0.2, threads, dim)
                 r = pool.apply(_scale_child, (job,))
                 pool.close()
                 pool.join()
@@ -381,7 +454,11 @@ def run_scale(
                 f"  round {round_index + 1}/{rounds} {mode}: {r['samples_per_second']:,.0f} samples/s "
                 f"({r['step_ms']:.1f} ms/step, {r['threads']} thread(s)); peak RSS while training "
                 f"{r['peak_rss_training_mb']:,.0f} MB, of which {r['training_memory_mb']:,.0f} MB above the "
-                f"loaded data; sampled valid recall@20 {r['valid_recall@20_sampled_users']:.4f}",
+                f"loaded data (building {r['peak_rss_building_mb']:,.0f} MB, steps before the first update "
+                f"{r['peak_rss_steps_before_first_update_mb']:,.0f} MB); tables + optimizer state "
+                f"{r['table_and_state_bytes'] / 2**20:,.1f} MiB; update "
+                f"steps {', '.join(f'{t:.0f}' for t in r['update_step_ms'])} ms; sampled valid recall@20 "
+                f"{r['valid_recall@20_sampled_users']:.4f}",
                 flush=True,
             )
     rows = []
@@ -447,6 +524,19 @@ def goals(
                 f"{model}: exported tables at 0.2 take {fraction:.3f} of dense fp32 bytes (<= 0.30): "
                 f"{'met' if fraction <= 0.30 else 'NOT met'}"
             )
+    for model in STORAGE_MODELS:
+        masked, compact = (
+            by_name.get(f"{model} dsl 0.2 gradient masked"),
+            by_name.get(f"{model} dsl 0.2 gradient compact"),
+        )
+        if masked is None or compact is None:
+            continue
+        gaps = [abs(compact[f"test {m}"][0] / masked[f"test {m}"][0] - 1.0) for m in ("recall@20", "ndcg@20")]
+        lines.append(
+            f"{model}: compact DSL 0.2 vs masked, test Recall@20 {compact['test recall@20'][0]:.4f} vs "
+            f"{masked['test recall@20'][0]:.4f}, NDCG@20 {compact['test ndcg@20'][0]:.4f} vs "
+            f"{masked['test ndcg@20'][0]:.4f} (within 1%): {'met' if max(gaps) <= 0.01 else 'NOT met'}"
+        )
     if step is not None:
         lines.append(
             f"DSL step {step['dsl_step_ms']:.2f} ms vs dense {step['dense_step_ms']:.2f} ms on ML-100K = "
@@ -459,6 +549,23 @@ def goals(
                     f"DSL step at scale ({scale_step['dataset']}, {mode}) = {ratio_:.2f}x dense (<= 1.2x, "
                     f"interleaved in one process): {'met' if ratio_ <= 1.2 else 'NOT met'}"
                 )
+    scale_by_mode = {r["mode"]: r for r in scale}
+    dense, compact = scale_by_mode.get("dense"), scale_by_mode.get("dsl compact")
+    if dense is not None and compact is not None:
+        state = compact["table_and_state_bytes"] / dense["table_and_state_bytes"]
+        peak = compact["peak_rss_training_mb"] / dense["peak_rss_training_mb"]
+        speed = compact["samples_per_second"] / dense["samples_per_second"]
+        update = max(compact["update_step_ms"], default=math.nan) / dense["plain_step_ms"]
+        lines += [
+            f"compact at scale: tables + optimizer state {state:.3f}x dense (<= 0.3x): "
+            f"{'met' if state <= 0.3 else 'NOT met'}",
+            f"compact at scale: peak RSS while training {peak:.3f}x dense, data included (<= 0.6x): "
+            f"{'met' if peak <= 0.6 else 'NOT met'}",
+            f"compact at scale: {speed:.2f}x dense samples/s, updates included (>= 1.0x): "
+            f"{'met' if speed >= 1.0 else 'NOT met'}",
+            f"compact at scale: slowest topology update = {update:.1f} dense steps (<= 5): "
+            f"{'met' if update <= 5 else 'NOT met'}",
+        ]
     if scale:
         for r in scale:
             lines.append(
@@ -495,8 +602,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale-step-rounds", type=int, default=3, help="part 3b: interleaved rounds per mode (medians)"
     )
+    parser.add_argument("--skip-scale-step-time", action="store_true", help="part 3: skip part 3b")
     parser.add_argument("--scale-step-steps", type=int, default=200, help="part 3b: steps per round")
+    parser.add_argument(
+        "--storage-only",
+        action="store_true",
+        help="part 1: only the masked-vs-compact rows (DSL 0.2, gradient)",
+    )
+    parser.add_argument(
+        "--scale-modes",
+        default="dense,dsl,dsl gradient growth,dsl compact",
+        help=f"part 3: comma-separated modes of {', '.join(SCALE_MODES)}",
+    )
+    parser.add_argument("--scale-dim", type=int, default=64, help="part 3: embedding dimension D")
+    parser.add_argument(
+        "--memory-cap-mb",
+        type=float,
+        default=None,
+        help="part 3: a stated peak-RSS cap; each mode's peak while training is reported against it",
+    )
     args = parser.parse_args(argv)
+    scale_modes = tuple(mode.strip() for mode in args.scale_modes.split(",") if mode.strip())
+    unknown = [mode for mode in scale_modes if mode not in SCALE_MODES]
+    if unknown or not scale_modes:
+        print(
+            f"error: --scale-modes must name modes of {', '.join(SCALE_MODES)}, got {args.scale_modes!r}",
+            file=sys.stderr,
+        )
+        return 2
     counts = (args.seeds, args.workers, args.scale_steps, args.scale_rounds)
     if min(*counts, args.scale_step_rounds, args.scale_step_steps) < 1:
         print(
@@ -511,8 +644,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     if not args.skip_table:
-        results = run_table(args.out, seeds, args.workers, args.quick)
-        names = [name for name, _ in table_rows(args.quick)]
+        chosen = storage_rows(args.quick) if args.storage_only else table_rows(args.quick)
+        results = run_table(args.out, seeds, args.workers, args.quick, chosen)
+        names = [name for name, _ in chosen]
         rows = summarize(results, names)
         report["table"] = rows
         report["runs"] = results
@@ -548,25 +682,36 @@ def main(argv: list[str] | None = None) -> int:
                 eval_users=2000,
                 threads=args.scale_threads,
                 rounds=1 if args.quick else args.scale_rounds,
+                modes=scale_modes,
+                dim=args.scale_dim,
             )
             report["scale"] = scale
-        print(f"\npart 3b: step time on {dataset}, the three modes in one process, interleaved", flush=True)
-        scale_step = time_steps(
-            steps=10 if args.quick else args.scale_step_steps,
-            rounds=3 if args.quick else args.scale_step_rounds,
-            dataset=dataset,
-            batch_size=args.scale_batch,
-            threads=args.scale_threads,
-            modes=tuple(SCALE_MODES),
-            update_interval=5 if args.quick else None,  # the default interval (200 steps)
-        )
-        for mode, ms in scale_step["step_ms"].items():
-            rounds_ms = " ".join(f"{v:.0f}" for v in scale_step["all_rounds_ms"][mode])
-            print(
-                f"  {mode}: {ms:.1f} ms/step ({scale_step['ratios'][mode]:.2f}x dense, median of per-round "
-                f"ratios {scale_step['paired_ratios'][mode]:.2f}x); rounds: {rounds_ms} ms"
+            if args.memory_cap_mb is not None:
+                report["memory_cap_mb"] = args.memory_cap_mb
+                for r in scale:
+                    fits = r["peak_rss_training_mb"] <= args.memory_cap_mb
+                    print(
+                        f"  cap {args.memory_cap_mb:,.0f} MB: {r['mode']} (D = {r['dim']}) peaked at "
+                        f"{r['peak_rss_training_mb']:,.0f} MB -> {'fits' if fits else 'does NOT fit'}"
+                    )
+        if not args.skip_scale_step_time:
+            print(f"\npart 3b: step time on {dataset}, the modes in one process, interleaved", flush=True)
+            scale_step = time_steps(
+                steps=10 if args.quick else args.scale_step_steps,
+                rounds=3 if args.quick else args.scale_step_rounds,
+                dataset=dataset,
+                batch_size=args.scale_batch,
+                threads=args.scale_threads,
+                modes=("dense", *(mode for mode in scale_modes if mode != "dense")),
+                update_interval=5 if args.quick else None,  # the default interval (200 steps)
             )
-        report["scale_step_time"] = scale_step
+            for mode, ms in scale_step["step_ms"].items():
+                rounds_ms = " ".join(f"{v:.0f}" for v in scale_step["all_rounds_ms"][mode])
+                print(
+                    f"  {mode}: {ms:.1f} ms/step ({scale_step['ratios'][mode]:.2f}x dense, median of per-round "
+                    f"ratios {scale_step['paired_ratios'][mode]:.2f}x); rounds: {rounds_ms} ms"
+                )
+            report["scale_step_time"] = scale_step
 
     report["goals"] = goals(rows, step, scale, report.get("scale_step_time"))
     print("\ngoals:")

@@ -113,7 +113,9 @@ def run_demo(
                 "weights_nonzero": runs[0]["weights_nonzero"],
                 "flops_fraction": runs[0]["flops_fraction"],
                 "itop_rate": (
-                    statistics.mean(r["itop_rate"] for r in runs) if runs[0]["itop_rate"] is not None else None
+                    statistics.mean(r["itop_rate"] for r in runs)
+                    if runs[0]["itop_rate"] is not None
+                    else None
                 ),
                 "seconds": statistics.median(r["seconds"] for r in runs),
                 "curve": [statistics.mean(c) for c in zip(*(r["curve"] for r in runs), strict=True)],

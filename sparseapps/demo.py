@@ -34,7 +34,9 @@ class DigitsRun:
     )
     storage: str = field(
         default="masked",
-        metadata={"help": "'masked' (dense weights + masks) or 'compact' (active weights only; sparse-from-start)"},
+        metadata={
+            "help": "'masked' (dense weights + masks) or 'compact' (active weights only; sparse-from-start)"
+        },
     )
 
     def __post_init__(self) -> None:

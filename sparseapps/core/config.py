@@ -286,7 +286,8 @@ class SparsityConfig(PlainConfig):
 
         Args:
             name: one of :data:`PRESETS` (``static``, ``set``, ``rigl``, ``snfs``, ``ctre``, ``dsr``, ``srigl``,
-                ``gmp``, ``one_shot``, ``snip``, ``grasp``, ``synflow``, ``lottery``, ``taylor``).
+                ``gmp``, ``one_shot``, ``snip``, ``grasp``, ``synflow``, ``lottery``, ``taylor``, ``movement``,
+                ``obd``).
             **overrides: any :class:`SparsityConfig` field, e.g. ``sparsity=0.95``.
         """
         if name not in PRESETS:
@@ -388,3 +389,9 @@ PRESETS["srigl"] = {**PRESETS["rigl"], "constant_fan_in": True, "ablation_thresh
 # recent mini-batches (the gradient EMA, decay `momentum`), gradually with fine-tuning between pruning steps; the
 # paper's per-feature-map schedule is replaced by GMP's cubic one (same window and interval as the gmp preset).
 PRESETS["taylor"] = {**PRESETS["gmp"], "drop": "taylor", "momentum": 0.9}
+# Sanh et al. 2020: hard movement pruning, S = -sum_t g_t * w_t, with the cubic sparsity schedule they use (GMP's:
+# here pruned weights stay pruned; the paper's top-k re-ranking may revive them).
+PRESETS["movement"] = {**PRESETS["gmp"], "drop": "movement"}
+# LeCun et al. 1990: OBD saliency 0.5 * H_ii * w^2 with H_ii the diagonal empirical Fisher (average of g^2 over
+# recent mini-batches, decay `momentum`), pruned gradually on GMP's schedule instead of once after training.
+PRESETS["obd"] = {**PRESETS["gmp"], "drop": "obd", "momentum": 0.99}

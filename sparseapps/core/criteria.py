@@ -12,12 +12,13 @@ every :class:`~sparseapps.core.SparsityConfig` sees them):
   ``|w * g|`` is the built-in ``weight_gradient``; averaging first makes the estimate less noisy, but near a
   minimum ``E[g]`` tends to zero and the first-order term says little (the reason OBD uses the second order).
 
-Two criteria need a quantity accumulated over every step that the engine does not track yet (a new entry of
-``scores.NEEDS`` each); their pure parts are here, tested, for the engine to call, and they are not registered:
+Two read a trace the engine updates every step from the dense gradient (``scores.TRACES``; masked storage, all
+rows), with the pure updates here:
 
-- movement (Sanh et al. 2020, "Movement pruning"): ``S = -sum_t g_t * w_t`` over the steps so far
+- ``movement`` (drop; preset ``movement``, hard movement pruning on GMP's cubic schedule): movement (Sanh et al. 2020, "Movement pruning"): ``S = -sum_t g_t * w_t`` over the steps so far
   (:func:`accumulate_movement_`); the score is ``S`` itself: weights moving away from zero are kept.
-- Optimal Brain Damage (LeCun et al. 1990) with the diagonal empirical Fisher as the Hessian:
+- ``obd`` (drop; preset ``obd``, on GMP's schedule): Optimal Brain Damage (LeCun et al. 1990) with the diagonal
+  empirical Fisher as the Hessian:
   ``0.5 * F_ii * w_i**2`` (:func:`obd_scores`), ``F`` averaged from squared gradients
   (:func:`accumulate_squared_gradient_`), or computed from per-example gradients on a batch
   (:func:`empirical_fisher_diagonal`); the exact Hessian diagonal is estimated by :func:`hutchinson_diagonal`.
@@ -58,6 +59,22 @@ def _taylor(ctx: scores.ScoreContext) -> torch.Tensor:
     if ctx.momentum is None:
         raise RuntimeError(f"{ctx.fqn!r}: the taylor criterion needs 'momentum', which was not collected")
     return scoring.weight_gradient(ctx.weight, ctx.momentum)
+
+
+@scores.register_drop("movement", needs=("movement",))
+def _movement(ctx: scores.ScoreContext) -> torch.Tensor:
+    """Sanh et al. 2020: ``S = -sum_t g_t * w_t``; weights moving toward zero are dropped first."""
+    if ctx.movement is None:
+        raise RuntimeError(f"{ctx.fqn!r}: the movement criterion needs 'movement', which was not collected")
+    return ctx.movement.float()
+
+
+@scores.register_drop("obd", needs=("grad_squared",))
+def _obd(ctx: scores.ScoreContext) -> torch.Tensor:
+    """LeCun et al. 1990 with the diagonal empirical Fisher: ``0.5 * E[g * g] * w * w``."""
+    if ctx.grad_squared is None:
+        raise RuntimeError(f"{ctx.fqn!r}: the obd criterion needs 'grad_squared', which was not collected")
+    return obd_scores(ctx.weight, ctx.grad_squared)
 
 
 # ---------------------------------------------------------------------------------------------- accumulators

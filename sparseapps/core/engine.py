@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseapps.core import pruning, redistribution, rules, schedules, scores, scoring, structured
+from sparseapps.core import criteria, pruning, redistribution, rules, schedules, scores, scoring, structured
 from sparseapps.core import state as state_module
 from sparseapps.core.accounting import SparsityReport, TensorReport
 from sparseapps.core.compact import storage as compact_storage
@@ -65,6 +65,7 @@ class DynamicSparsity:
     history = StateField()
     ever_active = StateField()
     momentum = StateField()
+    traces = StateField()
     growth_regions = StateField()
     dsr_threshold = StateField()
     foresight_done = StateField()
@@ -186,12 +187,23 @@ class DynamicSparsity:
             if "momentum" in self._needs or config.redistribution == "momentum"
             else {}
         )
+        self.traces = {
+            need: {fqn: torch.zeros_like(t.param, dtype=torch.float32) for fqn, t in self.tensors.items()}
+            for need in scores.TRACES
+            if need in self._needs
+        }
+        if self.traces and config.embedding_rows == "looked_up":
+            raise ValueError(
+                f"drop={config.drop!r} / grow={config.grow!r} read {sorted(self.traces)}, a dense trace updated every "
+                "step, which embedding_rows='looked_up' does not keep; use embedding_rows='all'"
+            )
         if config.method == "lottery" and config.rewind_step == 0:
             self.lottery_snapshot = pruning.snapshot_weights(self.model)
 
-        # embedding_rows="looked_up": per-step work on the rows the forward passes looked up (embedding_rows.py).
+        # embedding_rows="looked_up": per-step work on the rows the forward passes looked up (embedding_rows.py);
+        # compact tables have no per-step work.
         self.rows = LookedUpRows(
-            self.tensors if config.embedding_rows == "looked_up" else {}, self.momentum, config.momentum
+            self._masked if config.embedding_rows == "looked_up" else {}, self.momentum, config.momentum
         )
         row_params = {id(self.tensors[fqn].param) for fqn in self.rows.fqns}
         names = {id(p): name for name, p in model.named_parameters()}
@@ -338,7 +350,9 @@ class DynamicSparsity:
         if self.check_finite:
             check_finite([(n, p.grad) for n, p in self._checked_params if p.grad is not None], upcoming)
         update = schedules.is_update_step(upcoming, self.config, self.total_steps)
-        capture = update and self.needs_dense_gradient()
+        # Pruning steps (GMP, one-shot) score with the dense gradient too when their criterion reads it.
+        pruning_step = schedules.is_pruning_step(upcoming, self.config, self.total_steps)
+        capture = (update or pruning_step) and self.needs_dense_gradient()
         # The first step is a full one too: a table that is also read outside its module's forward is refused
         # there, before any masked entry could change.
         full_step = (
@@ -360,7 +374,7 @@ class DynamicSparsity:
             grad = t.param.grad
             if grad is None:
                 continue
-            if capture or self.momentum:
+            if capture or self.momentum or self.traces:
                 full = grad.to_dense() if grad.is_sparse else grad
                 if capture:
                     if not bool(torch.isfinite(full).all()):
@@ -368,6 +382,8 @@ class DynamicSparsity:
                     self._dense_grads[fqn] = full.detach().clone()
                 if self.momentum:
                     self.momentum[fqn].mul_(self.config.momentum).add_(full, alpha=1.0 - self.config.momentum)
+                if self.traces:
+                    self._update_traces(fqn, t.param.detach(), full)
             if grad.is_sparse:
                 grad = grad.coalesce()
                 rows = grad.indices()[0]
@@ -381,6 +397,16 @@ class DynamicSparsity:
         if dense_grads:
             torch._foreach_mul_(dense_grads, dense_masks)
 
+    def _update_traces(self, fqn: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        """The per-step traces: movement ``S -= g * w`` (the weights before this step; the dense gradient is the
+        straight-through one) and the average of ``g * g`` (decay ``config.momentum``)."""
+        if "movement" in self.traces:
+            criteria.accumulate_movement_(self.traces["movement"][fqn], weight, grad)
+        if "grad_squared" in self.traces:
+            criteria.accumulate_squared_gradient_(
+                self.traces["grad_squared"][fqn], grad.float(), self.config.momentum
+            )
+
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.step += 1
         if self.rows.stepped:
@@ -392,7 +418,8 @@ class DynamicSparsity:
             self.apply_masks()
         config = self.config
         if schedules.is_update_step(self.step, config, self.total_steps):
-            self._update_topology()
+            with compact_storage.caching_views(self._compact.values()):
+                self._update_topology()
         elif schedules.is_pruning_step(self.step, config, self.total_steps):
             pruning.prune_by_schedule(self)
         if config.method == "lottery" and self.lottery_round == 0 and self.step == config.rewind_step:
@@ -418,6 +445,8 @@ class DynamicSparsity:
             momentum=self.momentum.get(fqn),
             ever_active=self.ever_active.get(fqn),
             activations=self._activations.get(fqn),
+            movement=self.traces.get("movement", {}).get(fqn),
+            grad_squared=self.traces.get("grad_squared", {}).get(fqn),
         )
 
     def drop_scores(self) -> dict[str, torch.Tensor]:

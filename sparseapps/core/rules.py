@@ -68,9 +68,7 @@ def select_top(
             available = int(torch.count_nonzero(flat_candidates))
         if n > available:
             raise ValueError(f"cannot select {n} entries from {available} candidates")
-        selected = torch.ops.sparseapps.select_top(
-            flat_scores, flat_candidates, n, largest, available
-        )
+        selected = torch.ops.sparseapps.select_top(flat_scores, flat_candidates, n, largest, available)
         return selected.view(candidates.shape)
     return select_top_reference(scores, candidates, n, largest=largest, available=available)
 
@@ -235,7 +233,9 @@ class UpdateRecord:
         for fqn, new in new_masks.items():
             old = old_masks[fqn]
             kept, nnz = int(torch.count_nonzero(old & new)), int(torch.count_nonzero(new))
-            tensors[fqn] = TensorUpdate(dropped=int(torch.count_nonzero(old)) - kept, grown=nnz - kept, nnz=nnz)
+            tensors[fqn] = TensorUpdate(
+                dropped=int(torch.count_nonzero(old)) - kept, grown=nnz - kept, nnz=nnz
+            )
         return cls(step, drop_fraction, tensors)
 
     def to_dict(self) -> dict[str, Any]:

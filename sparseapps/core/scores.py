@@ -46,8 +46,13 @@ Kind = Literal["drop", "grow"]
 # What a criterion may read beyond the weight and the mask; the engine collects only what the configured
 # criteria declare: "grad" (the dense gradient of the update step, captured only then), "momentum" (an
 # exponential average of dense gradients, tracked every step), "ever_active" (entries active at any time so far),
-# "activations" (a Linear/Conv layer's inputs and outputs of the step before the update).
-NEEDS = frozenset({"grad", "momentum", "ever_active", "activations"})
+# "activations" (a Linear/Conv layer's inputs and outputs of the step before the update), and the traces
+# "movement" (-sum over steps of g * w, movement pruning) and "grad_squared" (an exponential average of g * g, the
+# diagonal empirical Fisher of OBD), each updated every step from the dense gradient.
+NEEDS = frozenset({"grad", "momentum", "ever_active", "activations", "movement", "grad_squared"})
+# Needs that are dense per-entry state updated every step (so masked storage only, and not in row mode).
+EVERY_STEP = frozenset({"momentum", "movement", "grad_squared"})
+TRACES = ("movement", "grad_squared")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +69,8 @@ class ScoreContext:
         momentum: ``[*S]`` the exponential average of dense gradients (``"momentum"`` in needs).
         ever_active: ``[*S]`` bool, entries active at any time so far (``"ever_active"`` in needs).
         activations: ``([B, in, ...], [B, out, ...])`` the layer's inputs and outputs (``"activations"``).
+        movement: ``[*S]`` ``-sum_t g_t * w_t`` over the steps so far (``"movement"`` in needs).
+        grad_squared: ``[*S]`` the exponential average of ``g * g`` (``"grad_squared"`` in needs).
     """
 
     fqn: str
@@ -75,6 +82,8 @@ class ScoreContext:
     momentum: torch.Tensor | None = None
     ever_active: torch.Tensor | None = None
     activations: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    movement: torch.Tensor | None = None
+    grad_squared: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -191,7 +200,16 @@ def compute(criterion: Criterion, context: ScoreContext, tie_noise: float) -> to
         return scores
     # Noise goes in place into a criterion's fresh result; a result that is one of the context's tensors (or a
     # view of one) is copied first.
-    held = (context.weight, context.mask, context.grad, context.momentum, context.ever_active, *(context.activations or ()))
+    held = (
+        context.weight,
+        context.mask,
+        context.grad,
+        context.momentum,
+        context.ever_active,
+        context.movement,
+        context.grad_squared,
+        *(context.activations or ()),
+    )
     storage = scores.untyped_storage().data_ptr()
     fresh = scores.dtype == torch.float32 and all(
         t is None or t.untyped_storage().data_ptr() != storage for t in held

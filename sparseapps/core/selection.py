@@ -1,7 +1,8 @@
 """Which weights an engine sparsifies (by module kind and fqn patterns), and its record of each one.
 
-A :class:`~sparseapps.core.compact.CompactLinear` counts as a Linear layer: its active ``values`` stand for the
-weight, under the same fqn (``"<module>.weight"``) that the ``nn.Linear`` it replaced had.
+A :class:`~sparseapps.core.compact.CompactLinear` counts as a Linear layer and a
+:class:`~sparseapps.core.compact.CompactEmbedding` as an embedding: their active ``values`` stand for the weight,
+under the same fqn (``"<module>.weight"``) that the ``nn.Linear`` / ``nn.Embedding`` they replaced had.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparseapps.core.compact.embedding import CompactEmbedding
 from sparseapps.core.compact.layer import CompactLinear
 from sparseapps.core.config import SparsityConfig
 
@@ -24,7 +26,7 @@ def module_kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
-    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag | CompactEmbedding):
         return "embedding"
     return None
 
@@ -74,12 +76,17 @@ class SparseTensor:
         self, optimizer: torch.optim.Optimizer, momentum: torch.Tensor, grown: torch.Tensor
     ) -> None:
         """SNFS: the first moment (SGD's ``momentum_buffer``, Adam's ``exp_avg``) of ``grown`` entries starts from
-        the tracked gradient ``momentum``."""
+        the tracked gradient ``momentum``; Adam's second moment (``exp_avg_sq``) from its square, so that a grown
+        weight's first Adam step is about ``lr`` (a seeded first moment over a zero second moment divided by
+        ``eps`` and sent the weights to NaN within steps, digits at 90%)."""
         state = optimizer.state.get(self.param, {})
         for key in ("momentum_buffer", "exp_avg"):
             value = state.get(key)
             if isinstance(value, torch.Tensor) and value.shape == grown.shape:
                 value.add_(momentum.to(value.dtype) * grown)
+        second = state.get("exp_avg_sq")
+        if isinstance(second, torch.Tensor) and second.shape == grown.shape and "exp_avg" in state:
+            second.add_(momentum.to(second.dtype).square() * grown)
 
     def add_dense_(self, delta: torch.Tensor) -> None:
         """Adds ``delta`` (the weight's shape and dtype) to the weight."""
@@ -100,7 +107,7 @@ def select_tensors(model: nn.Module, config: SparsityConfig) -> list[tuple[str, 
     seen: set[int] = set()
     for name, module in model.named_modules():
         kind = module_kind(module)
-        param_name = "values" if isinstance(module, CompactLinear) else "weight"
+        param_name = "values" if isinstance(module, CompactLinear | CompactEmbedding) else "weight"
         weight = getattr(module, param_name, None)
         if kind is None or kind not in config.module_types or not isinstance(weight, nn.Parameter):
             continue
@@ -121,7 +128,7 @@ def select_tensors(model: nn.Module, config: SparsityConfig) -> list[tuple[str, 
 
 
 def tensor_shape(module: nn.Module, param_name: str) -> torch.Size:
-    """The dense shape of a selected weight: the parameter's, or ``[out, in]`` for a compact layer's values."""
-    if isinstance(module, CompactLinear):
+    """The dense shape of a selected weight: the parameter's, or the dense shape a compact module's values stand for."""
+    if isinstance(module, CompactLinear | CompactEmbedding):
         return module.weight_shape
     return getattr(module, param_name).shape

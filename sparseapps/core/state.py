@@ -34,6 +34,8 @@ class EngineState:
             update or pruning step.
         ever_active: ``{fqn: [*S] bool}`` entries active at any time (dynamic runs: the ITOP rate).
         momentum: ``{fqn: [*S]}`` the dense-gradient momentum (momentum growth, SNFS redistribution).
+        traces: ``{need: {fqn: [*S]}}`` per-step traces the criteria read (``scores.TRACES``: movement, squared
+            gradients).
         growth_regions: ``{fqn: [*S] bool}`` where growth may happen (continual isolation's free capacity).
         dsr_threshold: DSR's adaptive global magnitude threshold.
         foresight_done: pruning at initialization has run (always true for other methods).
@@ -45,6 +47,7 @@ class EngineState:
     history: list[dict[str, Any]] = field(default_factory=list)
     ever_active: dict[str, torch.Tensor] = field(default_factory=dict)
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+    traces: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     growth_regions: dict[str, torch.Tensor] = field(default_factory=dict)
     dsr_threshold: float | None = None
     foresight_done: bool = True
@@ -80,6 +83,9 @@ def state_dict(engine: DynamicSparsity) -> dict[str, Any]:
         "ever_active": {fqn: m.cpu().clone() for fqn, m in engine.ever_active.items()},
         "momentum": {fqn: m.cpu().clone() for fqn, m in engine.momentum.items()},
         "momentum_base": dict(engine.rows.momentum_base),
+        "traces": {
+            need: {fqn: m.cpu().clone() for fqn, m in per.items()} for need, per in engine.traces.items()
+        },
         "growth_regions": {fqn: m.cpu().clone() for fqn, m in engine.growth_regions.items()},
         "generator": engine.generator.get_state(),
         "dsr_threshold": engine.dsr_threshold,
@@ -124,6 +130,15 @@ def load_state_dict(engine: DynamicSparsity, state: Mapping[str, Any]) -> None:
     engine.momentum = {
         fqn: m.to(device=device_of[fqn], dtype=engine.tensors[fqn].param.dtype).clone()
         for fqn, m in state["momentum"].items()
+    }
+    saved_traces = state.get("traces", {})  # checkpoints of earlier versions had none
+    if set(saved_traces) != set(engine.traces):
+        raise ValueError(
+            f"the checkpoint holds the traces {sorted(saved_traces)}, this configuration reads {sorted(engine.traces)}"
+        )
+    engine.traces = {
+        need: {fqn: m.to(device_of[fqn]).clone() for fqn, m in per.items()}
+        for need, per in saved_traces.items()
     }
     engine.growth_regions = {fqn: m.to(device_of[fqn]).clone() for fqn, m in state["growth_regions"].items()}
     engine.rows.checked = int(state["step"]) > 0  # re-checked at the next update step

@@ -24,6 +24,7 @@ from sparseapps.recsys.dsl import (
     DSLConfig,
     SparseEmbeddings,
     export_compact,
+    make_compact,
     nested_row_sizes,
 )
 from sparseapps.recsys.metrics import evaluate_ranking, evaluate_split
@@ -66,6 +67,7 @@ __all__ = [
     "evaluate_split",
     "export_compact",
     "load_split",
+    "make_compact",
     "nested_row_sizes",
     "normalized_adjacency",
     "run_demo",

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from sparseapps.core import scores
+from sparseapps.core.config import STORAGES
 from sparseapps.core.options import add_options, collect
 from sparseapps.recsys.dsl import INITIAL_MASKS
 from sparseapps.recsys.models import COLLECTION_KINDS, LAYOUTS, MODEL_NAMES
@@ -30,6 +31,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "budget": LAYOUTS,
     "collection": COLLECTION_KINDS,
     "init": INITIAL_MASKS,
+    "storage": STORAGES,
 }
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sparseapps.core.accounting import index_bytes
+from sparseapps.core.compact import CompactEmbedding
 from sparseapps.core.validation import check_int
 from sparseapps.recsys.models import LightGCN, NeuMF, Recommender, csr_tensor, normalized_adjacency
 from sparseapps.recsys.neumf import NeuMFHead
@@ -85,6 +86,29 @@ class CompactTable:
             columns=columns.to(_column_dtype(weight.shape[1])),
             offsets=offsets.to(offset_dtype),
             dim=int(weight.shape[1]),
+        )
+
+    @classmethod
+    def from_compact_rows(cls, table: CompactEmbedding, start: int, stop: int) -> CompactTable:
+        """Rows ``start:stop`` of a trainable :class:`~sparseapps.core.compact.CompactEmbedding`, read straight from
+        its storage (the same CSR layout: values copied, offsets rebased, no dense pass).
+
+        Example:
+            >>> from sparseapps.core.compact import CompactEmbedding
+            >>> weight = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+            >>> trained = CompactEmbedding(weight, torch.tensor([[True, False], [False, True], [True, True]]))
+            >>> part = CompactTable.from_compact_rows(trained, 1, 3)
+            >>> part.values.tolist(), part.columns.tolist(), part.offsets.tolist()
+            ([4.0, 5.0, 6.0], [1, 0, 1], [0, 1, 3])
+        """
+        row_ptr = table.row_ptr[start : stop + 1]
+        first, last = int(row_ptr[0]), int(row_ptr[-1])
+        offset_dtype = torch.int32 if last - first < 2**31 else torch.int64
+        return cls(
+            values=table.values.detach()[first:last].to("cpu", torch.float32, copy=True),
+            columns=table.col_indices[first:last].to("cpu", _column_dtype(table.embedding_dim), copy=True),
+            offsets=(row_ptr - first).to("cpu", offset_dtype),
+            dim=table.embedding_dim,
         )
 
     @property
@@ -211,7 +235,8 @@ def export_compact(model: Recommender) -> CompactEmbeddings:
     """The model's layer-0 tables in compact storage: masked entries (or exact zeros when dense) are dropped.
 
     Entries are taken from each table's mask buffer when it has one (so a trained weight that happens to be
-    exactly 0 inside the mask is still stored), else from the nonzeros.
+    exactly 0 inside the mask is still stored), else from the nonzeros; compact tables
+    (``storage="compact"``) are read straight from their storage.
 
     Example:
         >>> from sparseapps.recsys.models import MatrixFactorization, ModelConfig
@@ -223,6 +248,21 @@ def export_compact(model: Recommender) -> CompactEmbeddings:
         raise TypeError(f"model must be a sparseapps.recsys Recommender, got {type(model).__name__}")
     tables = model.tables
     modules = tables.table_modules
+    common = dict(
+        model=model.config.model,
+        layers=model.config.layers if isinstance(model, LightGCN) else 0,
+        head=model.head.to_dict() if isinstance(model, NeuMF) else None,
+    )
+    if tables.compact:  # the training storage is the serving format: no dense pass
+        if tables.layout == "joint":
+            nodes, n_users = modules["nodes"], model.n_users
+            users = CompactTable.from_compact_rows(nodes, 0, n_users)
+            items = CompactTable.from_compact_rows(nodes, n_users, nodes.num_embeddings)
+        else:
+            user_table, item_table = modules["user_table"], modules["item_table"]
+            users = CompactTable.from_compact_rows(user_table, 0, user_table.num_embeddings)
+            items = CompactTable.from_compact_rows(item_table, 0, item_table.num_embeddings)
+        return CompactEmbeddings(users=users, items=items, **common)
     masks = [getattr(module, "weight_mask", None) for module in modules.values()]
     weight = tables.stacked().detach()
     if all(mask is not None for mask in masks):
@@ -232,9 +272,7 @@ def export_compact(model: Recommender) -> CompactEmbeddings:
     return CompactEmbeddings(
         users=CompactTable.from_dense(weight[: model.n_users], mask[: model.n_users]),
         items=CompactTable.from_dense(weight[model.n_users :], mask[model.n_users :]),
-        model=model.config.model,
-        layers=model.config.layers if isinstance(model, LightGCN) else 0,
-        head=model.head.to_dict() if isinstance(model, NeuMF) else None,
+        **common,
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sparseapps.core import SparsityConfig
-from sparseapps.core.config import PlainConfig
+from sparseapps.core.config import STORAGES, PlainConfig
 from sparseapps.core.validation import check_choice, check_int, check_number
 from sparseapps.recsys.data import DATASET_NAMES, DataConfig
 from sparseapps.recsys.dsl import DSL_SPARSITY, INITIAL_MASKS, DSLConfig
@@ -77,6 +77,13 @@ class TrainConfig(PlainConfig):
         metadata={"help": "torchrec EmbeddingCollection (embedding) or EBC (embedding_bag)"},
     )
     init: str = field(default="nested", metadata={"help": "initial masks: random, prefix or nested"})
+    storage: str = field(
+        default="masked",
+        metadata={
+            "help": "sparse tables as masked (dense with exact zeros and a mask) or compact (each row's active "
+            "entries only, with optimizer state of that size; needs --grow gradient for dsl)"
+        },
+    )
     drop: str = _engine_field("drop")
     grow: str = _engine_field(
         "grow",
@@ -140,6 +147,7 @@ class TrainConfig(PlainConfig):
             ("budget", self.budget, LAYOUTS),
             ("collection", self.collection, COLLECTION_KINDS),
             ("init", self.init, INITIAL_MASKS),
+            ("storage", self.storage, STORAGES),
             ("pep_granularity", self.pep_granularity, GRANULARITIES),
         ):
             check_choice(name, value, choices)
@@ -157,6 +165,10 @@ class TrainConfig(PlainConfig):
         if metric not in METRICS or not k.isdigit() or int(k) not in ks:
             raise ValueError(
                 f"selection_metric must be '<{'|'.join(METRICS)}>@K' with K in ks={ks}, got {self.selection_metric!r}"
+            )
+        if self.storage == "compact" and self.method == "dense":
+            raise ValueError(
+                "storage='compact' holds sparse tables, got method 'dense' (choose a sparse method)"
             )
         self.model_config()
         self.dsl_config()  # validates the engine fields against the SparsityConfig and the score registry
@@ -195,6 +207,7 @@ class TrainConfig(PlainConfig):
             nested_exponent=self.nested_exponent,
             prune_fraction=self.prune_fraction,
             rescale_init=self.rescale_init,
+            storage=self.storage,  # type: ignore[arg-type]
             sparsity=DSL_SPARSITY.replace(
                 seed=self.seed, **{name: getattr(self, name) for name in ENGINE_FIELDS}
             ),

@@ -289,6 +289,8 @@ class ShardedSparseEmbeddings:
             raise TypeError(f"config must be a DSLConfig, got {type(config).__name__}")
         if config.method not in ("dsl", "static"):
             raise ValueError(f"sharded tables support method 'dsl' or 'static', got {config.method!r}")
+        if config.storage != "masked":
+            raise ValueError(f"sharded tables are masked (storage='masked'), got storage={config.storage!r}")
         check_int("total_steps", total_steps, low=1)
         if config.sparsity.seed is None:
             raise ValueError(

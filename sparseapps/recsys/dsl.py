@@ -22,10 +22,21 @@ rows are active in that dimension. Prefix and nested masks share one dimension o
 
 After training, :func:`export_compact` stores each table as values + narrow column indices + row offsets, and
 :class:`CompactScorer` serves scores from that storage (``compact.py``; the names are importable from here too).
+
+Storage (``DSLConfig.storage``): ``masked`` keeps dense tables with exact zeros and a mask, run by the engine's
+per-step masking; ``compact`` trains the tables as :class:`~sparseapps.core.compact.CompactEmbedding` modules,
+each row's active entries only (values + uint8 columns + int64 row offsets), with gradients and Adam/Adagrad state
+of the active entries only. :func:`make_compact` converts a model's tables before its optimizer is built. The same
+engine drives both, so with the same seed both storages make the same masks at every update. Growth reads the
+dense gradient of the step before each update only (``grow="gradient"``, as published): in that step the lookup's
+backward adds the looked-up rows' output gradients (dense per row for free) into one ``[rows, D]`` buffer, freed
+at the update, so nothing of the dense table's size lives between updates. The running average of growth by
+``momentum`` is a dense ``[rows, D]`` state updated every step: compact storage refuses it rather than keep it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +46,10 @@ import numpy as np
 import torch
 
 from sparseapps.core import DynamicSparsity, SparsityConfig, scores
+from sparseapps.core.compact import CompactEmbedding
+from sparseapps.core.config import STORAGES, Storage
+from sparseapps.core.distributions import target_nnz
+from sparseapps.core.masks import draw_mask
 from sparseapps.core.validation import check_bool, check_choice, check_number
 from sparseapps.recsys.compact import CompactEmbeddings, CompactScorer, CompactTable, export_compact
 from sparseapps.recsys.models import Recommender, UserItemTables
@@ -112,6 +127,14 @@ class DSLConfig:
             "on ML-100K, and it makes the first magnitude drops remove popular rows in short runs)"
         },
     )
+    storage: Storage = field(
+        default="masked",
+        metadata={
+            "help": "masked: dense tables with exact zeros and a mask; compact: each row's active entries only "
+            "(values + column indices + row offsets) with optimizer state of that size (methods dsl and static; "
+            "growth by the gradient of the step before each update, not momentum)"
+        },
+    )
     sparsity: SparsityConfig = field(
         default=DSL_SPARSITY,
         metadata={
@@ -127,6 +150,7 @@ class DSLConfig:
         check_number("nested_exponent", self.nested_exponent, low=0.0)
         check_number("prune_fraction", self.prune_fraction, low=0.0, high=1.0, low_open=True)
         check_bool("rescale_init", self.rescale_init)
+        check_choice("storage", self.storage, STORAGES)
         if not isinstance(self.sparsity, SparsityConfig):
             raise TypeError(f"sparsity must be a SparsityConfig, got {type(self.sparsity).__name__}")
         if not self.sparsity.dynamic:
@@ -134,8 +158,22 @@ class DSLConfig:
                 f"sparsity must be a 'dst' SparsityConfig (its drop/grow settings), got method="
                 f"{self.sparsity.method!r}; choose static or pruned tables with DSLConfig.method"
             )
+        if self.storage == "compact" and self.method == "prune":
+            raise ValueError(
+                "storage='compact' trains sparse from the first step (method 'dsl' or 'static'), got method "
+                "'prune', which trains dense first; use storage='masked'"
+            )
         for kind in ("drop", "grow"):
             name = getattr(self.sparsity, kind)
+            if (
+                self.storage == "compact"
+                and self.method == "dsl"
+                and "momentum" in scores.get(kind, name).needs
+            ):
+                raise ValueError(
+                    f"storage='compact' keeps no dense state between updates, and {kind}={name!r} reads a gradient "
+                    f"average over every step (a dense [rows, D] tensor); use grow='gradient' or storage='masked'"
+                )
             if "activations" in scores.get(kind, name).needs:
                 raise ValueError(
                     f"{kind}={name!r} reads layer activations, which embedding tables do not have; choose another "
@@ -156,6 +194,7 @@ class DSLConfig:
             exclude=(),
             seed=self.sparsity.seed,
             embedding_rows=rows,
+            storage=self.storage,
         )
         if self.method == "static":
             return SparsityConfig(method="static", grow="none", **common)
@@ -274,11 +313,77 @@ def aligned_masks(
     return masks
 
 
+def make_compact(
+    model: Recommender,
+    config: DSLConfig,
+    *,
+    user_popularity: np.ndarray | None = None,
+    item_popularity: np.ndarray | None = None,
+    initial_masks: Mapping[str, torch.Tensor] | None = None,
+) -> Recommender:
+    """Turns the model's tables into :class:`~sparseapps.core.compact.CompactEmbedding` modules of their initial
+    masks (``storage="compact"``); build the optimizer afterwards, then :class:`SparseEmbeddings` on it.
+
+    The masks are the ones the masked run starts from: ``initial_masks`` when given, else ``config.init``'s
+    (nested / prefix from the popularity), else (``init="random"``) the engine's own draw from the seed, one
+    ``draw_mask`` per table in order. Values are the dense initialization's at those entries, so a compact run
+    and a masked run of the same seed start equal.
+
+    Args:
+        model: an MF, NeuMF or LightGCN :class:`Recommender` with dense tables; converted in place.
+        config: a :class:`DSLConfig` with ``storage="compact"``.
+        user_popularity, item_popularity: train interactions per user / item (nested masks).
+        initial_masks: ``{weight fqn: [R, D] bool}`` to start from (PEP's found masks).
+
+    Returns:
+        ``model``.
+
+    Example:
+        >>> from sparseapps.recsys.models import MatrixFactorization, ModelConfig
+        >>> model = MatrixFactorization(6, 10, ModelConfig(dim=8))
+        >>> config = DSLConfig(density=0.25, init="prefix", storage="compact", sparsity=DSL_SPARSITY.replace(
+        ...     grow="gradient"))
+        >>> table = make_compact(model, config).tables.table_modules["nodes"]
+        >>> type(table).__name__, table.nnz, table.values.shape
+        ('CompactEmbedding', 32, torch.Size([32]))
+    """
+    if not isinstance(model, Recommender):
+        raise TypeError(f"model must be a sparseapps.recsys Recommender, got {type(model).__name__}")
+    if not isinstance(config, DSLConfig):
+        raise TypeError(f"config must be a DSLConfig, got {type(config).__name__}")
+    if config.storage != "compact":
+        raise ValueError(f"make_compact expects a DSLConfig with storage='compact', got {config.storage!r}")
+    tables = model.tables
+    fqns = tables.table_fqns("tables")
+    if initial_masks is None and config.init != "random":
+        initial_masks = aligned_masks(config, tables, fqns, user_popularity, item_popularity)
+    if initial_masks is None:
+        engine_config = config.sparsity_config(tuple(fqns.values()))
+        shapes = {fqn: tables.table_modules[name].weight.shape for name, fqn in fqns.items()}
+        budgets = target_nnz(shapes, engine_config.density, engine_config.distribution)
+        seed = (
+            engine_config.seed
+            if engine_config.seed is not None
+            else int(torch.randint(0, 2**62, (1,)).item())
+        )
+        generator = torch.Generator().manual_seed(seed)  # the engine's draws, in its order
+        initial_masks = {
+            fqn: draw_mask(shapes[fqn], budgets[fqn], engine_config, generator) for fqn in fqns.values()
+        }
+    missing = sorted(set(fqns.values()) - set(initial_masks))
+    if missing:
+        raise ValueError(f"initial_masks must hold a mask for every table weight, missing {missing}")
+    tables.make_compact({name: initial_masks[fqn].to(torch.bool) for name, fqn in fqns.items()})
+    return model
+
+
 class SparseEmbeddings:
     """DSL (or a static / pruned mask) on a recommender's embedding tables, run by the core engine.
 
     Construct it after the model and its optimizer; the training loop does not change (the engine hooks the
-    optimizer). Each table row's nonzero count is that user's or item's embedding size.
+    optimizer). Each table row's nonzero count is that user's or item's embedding size. With
+    ``config.storage == "compact"`` the tables must have been converted by :func:`make_compact` before the
+    optimizer was built; the engine then re-packs them at each update instead of masking dense tables every step.
 
     Args:
         model: an MF, LightGCN or NeuMF :class:`Recommender`.
@@ -322,17 +427,36 @@ class SparseEmbeddings:
             raise ValueError(
                 "initial_masks need method 'static' or 'dsl' (pruning starts dense), got 'prune'"
             )
-        if initial_masks is None and config.method != "prune" and config.init != "random":
+        hand_masks = False  # compact tables: whether the engine is handed their masks
+        if config.storage == "compact":
+            if not tables.compact:
+                raise ValueError(
+                    "storage='compact' expects compact tables: call make_compact(model, config, ...) before "
+                    "building the optimizer, then SparseEmbeddings"
+                )
+            # The tables hold their topology. Masks are handed to the engine where the masked run hands them (so
+            # with init='random' the engine draws from its generator as the masked run does and stays in step).
+            hand_masks = initial_masks is not None or config.init != "random"
+        elif tables.compact:
+            raise ValueError("the model's tables are compact; use a DSLConfig with storage='compact'")
+        elif initial_masks is None and config.method != "prune" and config.init != "random":
             initial_masks = aligned_masks(config, tables, self.fqns, user_popularity, item_popularity)
-        self.engine = DynamicSparsity(
-            model,
-            optimizer,
-            config.sparsity_config(
-                tuple(self.fqns.values()), rows="all" if model.reads_tables_whole else "looked_up"
-            ),
-            total_steps,
-            initial_masks=initial_masks,
-        )
+        with contextlib.ExitStack() as views:  # compact tables build their dense mask once, not per reader
+            if tables.compact:
+                for module in tables.table_modules.values():
+                    views.enter_context(module.caching_views())
+                if hand_masks:
+                    modules = tables.table_modules
+                    initial_masks = {fqn: modules[name].shared_mask() for name, fqn in self.fqns.items()}
+            self.engine = DynamicSparsity(
+                model,
+                optimizer,
+                config.sparsity_config(
+                    tuple(self.fqns.values()), rows="all" if model.reads_tables_whole else "looked_up"
+                ),
+                total_steps,
+                initial_masks=initial_masks,
+            )
         if config.rescale_init and config.method != "prune":
             self._rescale_rows()
 
@@ -340,6 +464,13 @@ class SparseEmbeddings:
     def _rescale_rows(self) -> None:
         dim = self.model.tables.dim
         with torch.no_grad():
+            for module in self.model.tables.table_modules.values():
+                if isinstance(module, CompactEmbedding):
+                    sizes = module.row_sizes().to(module.values.dtype)
+                    scale = torch.where(sizes > 0, (dim / sizes.clamp(min=1)).sqrt(), torch.ones_like(sizes))
+                    module.values.mul_(
+                        torch.repeat_interleave(scale, module.row_sizes(), output_size=module.nnz)
+                    )
             for param, mask in self.engine.masked_parameters():
                 sizes = mask.sum(1, keepdim=True).to(param.dtype)
                 param.mul_(torch.where(sizes > 0, (dim / sizes.clamp(min=1)).sqrt(), torch.ones_like(sizes)))
@@ -347,21 +478,29 @@ class SparseEmbeddings:
     @property
     def density(self) -> float:
         """Current fraction of active entries over the tables."""
-        return self.engine.density
+        tables = self.model.tables
+        return self.nnz / ((tables.n_users + tables.n_items) * tables.dim)
 
     @property
     def nnz(self) -> int:
         """Active entries over the tables: the model's parameter count."""
-        return sum(int(mask.sum()) for mask in self.engine.masks.values())
+        return int(self.row_sizes_stacked().sum())
 
     def stacked_mask(self) -> torch.Tensor:
-        """``[U + I, D]`` bool: the users' rows then the items' rows."""
+        """``[U + I, D]`` bool: the users' rows then the items' rows (a new tensor for compact tables)."""
         masks = [self.engine.masks[self.fqns[name]] for name in self.model.tables.table_modules]
         return masks[0] if len(masks) == 1 else torch.cat(masks)
 
+    def row_sizes_stacked(self) -> torch.Tensor:
+        """``[U + I]`` int64: each row's active entries, users then items (compact tables: from the row offsets)."""
+        modules = self.model.tables.table_modules.values()
+        if self.model.tables.compact:
+            return torch.cat([module.row_sizes() for module in modules])
+        return self.stacked_mask().sum(1)
+
     def row_sizes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(users [U], items [I])`` int64: each row's active entries, i.e. its embedding size."""
-        sizes = self.stacked_mask().sum(1)
+        sizes = self.row_sizes_stacked()
         return sizes[: self.model.n_users], sizes[self.model.n_users :]
 
     @property
@@ -400,6 +539,7 @@ __all__ = [
     "SparseMethod",
     "aligned_masks",
     "export_compact",
+    "make_compact",
     "nested_row_sizes",
     "prefix_masks",
 ]

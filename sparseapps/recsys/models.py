@@ -197,7 +197,8 @@ class Recommender(nn.Module):
 
     def parameter_count(self) -> int:
         """Entries of the embedding tables (dense count; sparse runs count their nonzeros instead)."""
-        return sum(module.weight.numel() for module in self.tables.table_modules.values())
+        tables = self.tables
+        return (tables.n_users + tables.n_items) * tables.dim
 
 
 class MatrixFactorization(Recommender):

@@ -9,6 +9,10 @@ Two layouts:
 - ``joint``: one ``(U + I) x D`` table ``"nodes"`` (item ``i`` is row ``U + i``), as the official DSL code keeps
   it; a sparsity budget on the table is shared by users and items.
 - ``per_table``: tables ``"user_table"`` (``U x D``) and ``"item_table"`` (``I x D``), one budget each.
+
+:meth:`UserItemTables.make_compact` swaps the tables for :class:`~sparseapps.core.compact.CompactEmbedding`
+modules (each row's active entries only) inside the same collection, so the ``KeyedJaggedTensor`` lookup and the
+weights' fqns stay as they are.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
+from sparseapps.core.compact import CompactEmbedding
 from sparseapps.core.validation import check_choice, check_int
 
 if TYPE_CHECKING:
@@ -118,6 +124,38 @@ class UserItemTables(nn.Module):
         """``{table name: nn.Embedding or nn.EmbeddingBag}``: ``nodes``, or ``user_table`` and ``item_table``."""
         return dict(self._modules_by_table)
 
+    @property
+    def compact(self) -> bool:
+        """Whether the tables are :class:`~sparseapps.core.compact.CompactEmbedding` modules."""
+        return all(isinstance(m, CompactEmbedding) for m in self._modules_by_table.values())
+
+    def make_compact(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Replaces each table by a :class:`~sparseapps.core.compact.CompactEmbedding` of its entries ``masks[name]``
+        (``{table name: [rows, D] bool}``), in place inside the collection; build the optimizer afterwards.
+
+        Example:
+            >>> tables = UserItemTables(2, 3, 4)
+            >>> tables.make_compact({"nodes": torch.arange(4) < torch.tensor([[1], [2], [4], [0], [3]])})
+            >>> users, items = tables.lookup(torch.tensor([1]), torch.tensor([0, 2]))
+            >>> (users != 0).sum(1).tolist(), (items != 0).sum(1).tolist(), tables.compact
+            ([2], [4, 3], True)
+        """
+        if set(masks) != set(self._modules_by_table):
+            raise ValueError(
+                f"expected masks for the tables {sorted(self._modules_by_table)}, got {sorted(masks)}"
+            )
+        modules = (
+            self.collection.embedding_bags
+            if self.collection_kind == "embedding_bag"
+            else self.collection.embeddings
+        )
+        for name, module in self._modules_by_table.items():
+            if isinstance(module, CompactEmbedding):
+                raise ValueError(f"table {name!r} is already compact")
+            compact = CompactEmbedding.from_embedding(module, masks[name])
+            modules[name] = compact
+            self._modules_by_table[name] = compact
+
     def table_fqns(self, prefix: str = "") -> dict[str, str]:
         """``{table name: fqn of its weight}`` as the core engine names it, under a module ``prefix``."""
         attribute = "embeddings" if self.collection_kind == "embedding" else "embedding_bags"
@@ -156,16 +194,22 @@ class UserItemTables(nn.Module):
         """``users [B]``, ``items [M]`` int64 -> ``([B, D], [M, D])`` through the torchrec collection."""
         return self(self.features(users, items))
 
+    def table_weight(self, name: str) -> torch.Tensor:
+        """``[rows, D]`` table ``name`` whole: the parameter, or a compact table's dense view (a new tensor each
+        call; autograd flows to its active entries)."""
+        module = self._modules_by_table[name]
+        return module.dense() if isinstance(module, CompactEmbedding) else module.weight
+
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole tables as ``(users [U, D], items [I, D])`` views of the parameters (autograd flows)."""
         if self.layout == "joint":
-            weight = self._modules_by_table["nodes"].weight
+            weight = self.table_weight("nodes")
             return weight[: self.n_users], weight[self.n_users :]
-        return self._modules_by_table["user_table"].weight, self._modules_by_table["item_table"].weight
+        return self.table_weight("user_table"), self.table_weight("item_table")
 
     def stacked(self) -> torch.Tensor:
         """``[U + I, D]``: users then items (the joint table itself, or the two tables concatenated)."""
         if self.layout == "joint":
-            return self._modules_by_table["nodes"].weight
+            return self.table_weight("nodes")
         users, items = self.weights()
         return torch.cat([users, items])

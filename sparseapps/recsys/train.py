@@ -47,7 +47,7 @@ from sparseapps.recsys.demo import (
     format_table,
     run_demo,
 )
-from sparseapps.recsys.dsl import SparseEmbeddings
+from sparseapps.recsys.dsl import SparseEmbeddings, make_compact
 from sparseapps.recsys.metrics import evaluate_split
 from sparseapps.recsys.models import build_model
 from sparseapps.recsys.output import (
@@ -254,6 +254,14 @@ def _train(
             return {"config": config.to_dict(), "finished": False, "epoch": search.epochs, "history": []}
         if stop_after is not None:
             stop_after -= search.epochs
+    if config.storage == "compact":  # the tables become compact before the optimizer holds their values
+        make_compact(
+            model,
+            config.dsl_config(),
+            user_popularity=split.user_activity(),
+            item_popularity=split.item_popularity(),
+            initial_masks=search.masks if search is not None else None,
+        )
     optimizer = make_optimizer(model, config.lr)
     sparse = None
     if config.method != "dense":

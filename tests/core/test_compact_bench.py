@@ -22,7 +22,9 @@ def test_quick_grid_times_every_variant_and_counts_its_bytes(bench: ModuleType, 
     argv = ["--quick", "--models", "block", "--measure_interval", "3", "--rounds", "1", "--warmup", "1"]
     bench.main([*argv, "--peers", "off", "--inference_repeats", "1", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())
-    assert (tmp_path / "results.md").read_text().count("| compact-rigl |") == 1 and (tmp_path / "speedup.png").exists()
+    assert (tmp_path / "results.md").read_text().count("| compact-rigl |") == 1 and (
+        tmp_path / "speedup.png"
+    ).exists()
     assert {row["batch"] for row in result["inference"]} == {1, 64}
     goals = {goal["goal"]: goal["met"] for goal in result["goals"]}
     assert goals["compact static step at 95%: >= 4.0x dense (speedup)"] is None  # not measured: no verdict

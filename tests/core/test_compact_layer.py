@@ -207,7 +207,10 @@ def test_reference_mode_trains_the_layer_with_the_twins() -> None:
 
 
 @needs_compiled
-@pytest.mark.parametrize(("out", "width", "density"), [(5, 8, 0.3), (300, 70, 0.1), (10, 40000, 0.001), (40000, 3, 0.3), (3, 3, 0.0)])
+@pytest.mark.parametrize(
+    ("out", "width", "density"),
+    [(5, 8, 0.3), (300, 70, 0.1), (10, 40000, 0.001), (40000, 3, 0.3), (3, 3, 0.0)],
+)
 def test_compiled_transpose_equals_its_twin(out: int, width: int, density: float) -> None:
     from sparseapps.core.kernels import formats, reference
 

@@ -228,3 +228,83 @@ def test_docstring_examples_run() -> None:
     from sparseapps.core import criteria
 
     assert doctest.testmod(criteria).failed == 0
+
+
+# ---------------------------------------------------------------------------------------------- engine traces
+def _traced_run(
+    preset: str, steps: int
+) -> tuple[DynamicSparsity, nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A tiny GMP-scheduled run that records (weight before the step, dense gradient) of layer 0 every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = SparsityConfig.preset(preset, sparsity=0.5, seed=0, update_interval=5)
+    engine = DynamicSparsity(model, optimizer, config, total_steps=steps)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 6, generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), torch.arange(4) % 3).backward()
+        seen.append((model[0].weight.detach().clone(), model[0].weight.grad.detach().clone()))
+        optimizer.step()
+    return engine, model, seen
+
+
+@pytest.mark.parametrize("preset", ["movement", "obd"])
+def test_movement_and_obd_presets_are_registered_gmp_runs(preset: str) -> None:
+    config = SparsityConfig.preset(preset, sparsity=0.9)
+    assert (config.method, config.drop) == ("gmp", preset)
+    assert scores.get("drop", preset).needs == frozenset(
+        {"movement" if preset == "movement" else "grad_squared"}
+    )
+
+
+def test_the_engine_traces_movement_and_squared_gradients_every_step_by_hand() -> None:
+    engine, _, seen = _traced_run("movement", 12)
+    expected = torch.zeros(8, 6)
+    for weight, grad in seen:  # the gradient before masking: the straight-through dense gradient
+        expected -= grad * weight
+    torch.testing.assert_close(engine.traces["movement"]["0.weight"], expected, rtol=1e-5, atol=1e-6)
+    assert set(engine.traces) == {"movement"} and not engine.momentum
+
+    engine, _, seen = _traced_run("obd", 12)
+    beta, average = engine.config.momentum, torch.zeros(8, 6)
+    for _, grad in seen:
+        average = beta * average + (1 - beta) * grad * grad
+    torch.testing.assert_close(engine.traces["grad_squared"]["0.weight"], average, rtol=1e-5, atol=1e-9)
+
+
+def test_movement_pruning_drops_the_weights_with_the_lowest_movement() -> None:
+    engine, _, _ = _traced_run("movement", 40)
+    assert engine.history[0]["tensors"]["0.weight"]["dropped"] > 0
+    # a further drop by the registered criterion removes exactly the lowest-movement active weights
+    t = engine.tensors["0.weight"]
+    movement = engine.drop_scores()["0.weight"]  # the trace plus tie noise
+    after = rules.drop(t.mask, movement, 3)
+    dropped = t.mask & ~after
+    assert int(dropped.sum()) == 3
+    trace = engine.traces["movement"]["0.weight"]
+    assert float(trace[dropped].max()) <= float(trace[after].min())
+
+
+def test_traces_resume_bit_for_bit_and_are_refused_where_they_cannot_be_kept() -> None:
+    engine, model, _ = _traced_run("obd", 7)
+    state = engine.state_dict()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = DynamicSparsity(model, optimizer, engine.config, total_steps=7)
+    other.load_state_dict(state)
+    for need, per in engine.traces.items():
+        for fqn, trace in per.items():
+            assert torch.equal(other.traces[need][fqn], trace)
+    wrong = {**state, "traces": {}}
+    with pytest.raises(ValueError, match="traces"):
+        DynamicSparsity(model, optimizer, engine.config, total_steps=7).load_state_dict(wrong)
+    table = nn.Sequential(nn.Embedding(20, 4))
+    with pytest.raises(ValueError, match="embedding_rows"):
+        DynamicSparsity(
+            table,
+            torch.optim.SGD(table.parameters(), lr=0.1),
+            SparsityConfig.preset("movement", sparsity=0.5, embedding_rows="looked_up"),
+            total_steps=10,
+        )

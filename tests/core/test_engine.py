@@ -409,3 +409,49 @@ def test_report_carries_the_itop_rate_of_dynamic_runs() -> None:
         fixed, torch.optim.SGD(fixed.parameters(), lr=0.1), SparsityConfig.preset("static"), total_steps=5
     )
     assert static.report().itop_rate is None  # a static mask has no over-parameterization in time
+
+
+def test_pruning_steps_give_gradient_criteria_the_dense_gradient() -> None:
+    """GMP with a criterion that reads ``grad`` scores with the step's dense gradient (it scored zeros before)."""
+    from sparseapps.core import scores as registry
+
+    seen: list[float] = []
+
+    @registry.register_drop("grad_probe_for_test", needs=("grad",))
+    def _probe(ctx: registry.ScoreContext) -> torch.Tensor:
+        seen.append(float(ctx.grad.abs().sum()))
+        return (ctx.weight * ctx.grad).abs()
+
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        config = SparsityConfig.preset("gmp", sparsity=0.8, drop="grad_probe_for_test", update_interval=10)
+        engine = DynamicSparsity(model, optimizer, config, total_steps=100)
+        for _ in range(100):
+            optimizer.zero_grad()
+            model(torch.randn(8, 16)).pow(2).mean().backward()
+            optimizer.step()
+        assert len(engine.history) > 0 and len(seen) > 0
+        assert all(total > 0 for total in seen)
+    finally:
+        registry.unregister("drop", "grad_probe_for_test")
+
+
+def test_snfs_with_adam_keeps_grown_weights_finite() -> None:
+    """SNFS seeds a grown weight's Adam first moment; its second moment is seeded too (NaN within steps before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    config = SparsityConfig.preset("snfs", sparsity=0.9, seed=0, update_interval=10)
+    engine = DynamicSparsity(model, optimizer, config, total_steps=100)
+    generator = torch.Generator().manual_seed(0)
+    largest = 0.0
+    for _ in range(100):
+        x = torch.randn(16, 16, generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+        optimizer.step()
+        largest = max(largest, max(float(p.detach().abs().max()) for p in model.parameters()))
+    assert len(engine.history) >= 5
+    assert largest < 10.0  # measured 7e5 with the first moment seeded alone (lr 1e-2, 100 steps)

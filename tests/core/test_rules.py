@@ -259,7 +259,11 @@ def test_compiled_selection_is_the_reference_set_ties_to_the_lower_position(
     size: int, levels: int, density: float, share: float, largest: bool, seed: int
 ) -> None:
     g = torch.Generator().manual_seed(seed)
-    scores = torch.randn(size, generator=g) if levels == 0 else torch.randint(0, levels, (size,), generator=g).float()
+    scores = (
+        torch.randn(size, generator=g)
+        if levels == 0
+        else torch.randint(0, levels, (size,), generator=g).float()
+    )
     candidates = torch.rand(size, generator=g) < density
     n = round(share * int(candidates.sum()))
     compiled = torch.ops.sparseapps.select_top(scores, candidates, n, largest, -1)

@@ -15,7 +15,9 @@ compiled = pytest.mark.skipif(not library.ensure_loaded().compiled, reason="comp
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 - 1, 2**32 + 7, 2**62 - 1])
 @pytest.mark.parametrize("numel", [0, 1, 15, 16, 17, 1000, 65537 * 3])
 def test_compiled_equals_its_twin_bit_for_bit(seed: int, numel: int) -> None:
-    assert torch.equal(torch.ops.sparseapps.hashed_uniform(seed, numel), reference.hashed_uniform_reference(seed, numel))
+    assert torch.equal(
+        torch.ops.sparseapps.hashed_uniform(seed, numel), reference.hashed_uniform_reference(seed, numel)
+    )
 
 
 def test_twin_matches_a_hand_computed_value() -> None:
@@ -28,7 +30,10 @@ def test_twin_matches_a_hand_computed_value() -> None:
         return h ^ (h >> 16)
 
     seed = 2**33 + 5
-    expected = [fmix32(fmix32((i * 0x9E3779B9 + (seed & 0xFFFFFFFF)) & 0xFFFFFFFF) ^ (seed >> 32)) >> 8 for i in range(4)]
+    expected = [
+        fmix32(fmix32((i * 0x9E3779B9 + (seed & 0xFFFFFFFF)) & 0xFFFFFFFF) ^ (seed >> 32)) >> 8
+        for i in range(4)
+    ]
     got = reference.hashed_uniform_reference(seed, 4)
     assert got.tolist() == [value / 2**24 for value in expected]
 
@@ -77,7 +82,11 @@ def test_tie_noise_never_writes_into_a_tensor_the_criterion_returned_from_its_co
         weight = torch.randn(4, 6)
         before = weight.clone()
         context = registry.ScoreContext(
-            fqn="w", weight=weight, mask=torch.ones(4, 6, dtype=torch.bool), step=0, generator=torch.Generator()
+            fqn="w",
+            weight=weight,
+            mask=torch.ones(4, 6, dtype=torch.bool),
+            step=0,
+            generator=torch.Generator(),
         )
         noisy = registry.compute(registry.get("drop", "weight_itself_for_test"), context, tie_noise=1e-3)
         assert torch.equal(weight, before) and not torch.equal(noisy, before)

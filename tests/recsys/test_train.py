@@ -101,6 +101,29 @@ def test_resume_continues_bit_for_bit(tiny_split: InteractionSplit, tmp_path: Pa
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
 
 
+def test_compact_storage_matches_masked_and_resumes_bit_for_bit(
+    tiny_split: InteractionSplit, tmp_path: Path
+) -> None:
+    masked = train(
+        tiny_config(method="dsl", density=0.25, grow="gradient"), None, progress=False, split=tiny_split
+    )
+    config = tiny_config(method="dsl", density=0.25, grow="gradient", storage="compact")
+    straight = train(config, tmp_path / "straight", progress=False, split=tiny_split)
+    assert straight["parameters"] == masked["parameters"] and straight["bytes"] == masked["bytes"]
+    assert straight["topology_updates"] == masked["topology_updates"] > 0
+    for part in ("valid", "test"):
+        for metric, value in masked[part].items():
+            assert straight[part][metric] == pytest.approx(value, abs=1e-6), (part, metric)
+    assert straight["serving"]["max_abs_difference"] < 1e-5
+    compact = torch.load(tmp_path / "straight" / COMPACT)
+    assert compact["users"]["columns"].dtype == torch.uint8  # the training storage's own index width
+    partial = train(config, tmp_path / "cut", progress=False, split=tiny_split, stop_after=2)
+    assert partial["finished"] is False and partial["epoch"] == 2
+    resumed = train(config, tmp_path / "cut", resume=True, progress=False, split=tiny_split)
+    assert resumed["test"] == straight["test"]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+
+
 def test_existing_run_needs_resume_and_the_same_configuration(
     tiny_split: InteractionSplit, tmp_path: Path
 ) -> None:
@@ -220,6 +243,9 @@ def test_cli_options_are_the_config_fields(tmp_path: Path) -> None:
 def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["recsys", "train", "--density", "1.5", "--out", str(tmp_path)]) == 2
     assert "density must be a finite number in (0, 1], got 1.5" in capsys.readouterr().err
+    compact = ["recsys", "train", "--method", "dsl", "--storage", "compact", "--out", str(tmp_path)]
+    assert run_cli(compact) == 2
+    assert "grow='momentum' reads a gradient average over every step" in capsys.readouterr().err
     missing = tmp_path / "missing.inter"
     assert run_cli(["recsys", "train", "--dataset", str(missing), "--out", str(tmp_path / "x")]) == 2
     assert "missing.inter" in capsys.readouterr().err

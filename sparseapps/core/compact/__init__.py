@@ -1,5 +1,8 @@
 """Trainable compact layers: only the active weights are stored, and forward and backward are sparse.
 
+:class:`CompactEmbedding` does the same for embedding tables (each row's active entries, CSR), driven by the
+same engine.
+
 ``to_compact(model, config)`` turns the Linear layers that ``config`` sparsifies into :class:`CompactLinear`
 layers (``values [nnz]`` + CSR indices, custom autograd over the compiled sparse kernels); with
 ``SparsityConfig(storage="compact")`` the engine drives them through the same score registry and updater as
@@ -20,6 +23,7 @@ Example:
 """
 
 from sparseapps.core.compact.convert import to_compact
+from sparseapps.core.compact.embedding import CompactEmbedding, compact_lookup
 from sparseapps.core.compact.layer import CompactLinear, Repack, compact_linear
 
-__all__ = ["CompactLinear", "Repack", "compact_linear", "to_compact"]
+__all__ = ["CompactEmbedding", "CompactLinear", "Repack", "compact_linear", "compact_lookup", "to_compact"]

@@ -56,8 +56,8 @@ class Repack:
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
         """``[old nnz, *]`` (values, a gradient, an optimizer state) -> ``[nnz, *]``, zeros where entries are new."""
         moved = tensor.new_zeros((self.nnz, *tensor.shape[1:]))
-        moved[self.new_positions] = tensor[self.old_positions]
-        return moved
+        # index_select + index_copy_: ~5x faster than indexed assignment for millions of entries
+        return moved.index_copy_(0, self.new_positions, tensor.index_select(0, self.old_positions))
 
 
 class CompactLinear(nn.Module):
@@ -102,7 +102,9 @@ class CompactLinear(nn.Module):
         self.register_buffer("col_indices", col_indices)
         self.capture_dense_grad = False
         self.dense_grad: torch.Tensor | None = None
-        self._views: dict[str, tuple[tuple[torch.Tensor, ...], tuple[tuple[int, int, int], ...], torch.Tensor]] | None
+        self._views: (
+            dict[str, tuple[tuple[torch.Tensor, ...], tuple[tuple[int, int, int], ...], torch.Tensor]] | None
+        )
         self._views = None
         self._build_transpose()
 
@@ -148,7 +150,9 @@ class CompactLinear(nn.Module):
             if not outer:
                 self._views = None
 
-    def _cached(self, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _cached(
+        self, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
         if self._views is None:
             return build()
         key = tuple((t.untyped_storage().data_ptr(), t.data_ptr(), t._version) for t in sources)
@@ -173,7 +177,9 @@ class CompactLinear(nn.Module):
         shared (do not modify)."""
 
         def build() -> torch.Tensor:
-            mask = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.row_ptr.device)
+            mask = torch.zeros(
+                self.out_features * self.in_features, dtype=torch.bool, device=self.row_ptr.device
+            )
             mask[self.positions()] = True
             return mask.view(self.weight_shape)
 
@@ -330,7 +336,9 @@ class _CompactLinearFunction(torch.autograd.Function):
             dense_grad = dy2.mT.mm(x2)
             ctx.capture.accumulate_dense_grad(dense_grad)
         if ctx.needs_input_grad[1]:
-            if dense_grad is not None and dense_grad.dtype == values.dtype:  # the active entries of it: no SDDMM
+            if (
+                dense_grad is not None and dense_grad.dtype == values.dtype
+            ):  # the active entries of it: no SDDMM
                 positions = reference.row_of_entries(row_ptr) * ctx.in_features + col_indices.long()
                 grad_values = dense_grad.reshape(-1)[positions]
             else:

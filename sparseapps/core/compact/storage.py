@@ -1,4 +1,9 @@
-"""The compact storage inside the engine: what `DynamicSparsity` does for `CompactLinear` layers.
+"""The compact storage inside the engine: what `DynamicSparsity` does for compact modules.
+
+A compact module is one of :data:`COMPACT_MODULES` (`CompactLinear`, `CompactEmbedding`); each offers the same
+interface (``values``, ``nnz``, ``weight_shape``, ``row_ptr``, ``positions()``, ``mask()``, ``to_dense_weight()``,
+``set_mask() -> Repack`` and the dense-gradient capture ``capture_dense_grad`` / ``dense_grad``), which is all
+:class:`CompactTensor` reads.
 
 The updater never sees a storage (``rules.update_masks`` works on masks and scores), so a compact tensor only has
 to show the engine the dense views a masked one shows, and only at topology updates:
@@ -18,26 +23,39 @@ a dense mask per layer) is tracked only where a criterion reads it: their cost i
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from sparseapps.core import scores
+from sparseapps.core.compact.embedding import CompactEmbedding
 from sparseapps.core.compact.layer import CompactLinear
 from sparseapps.core.config import SparsityConfig
 from sparseapps.core.kernels.reference import row_of_entries
 
-__all__ = ["CompactTensor", "compact_fqns", "set_capture", "take_dense_grads"]
+__all__ = [
+    "COMPACT_MODULES",
+    "CompactTensor",
+    "caching_views",
+    "compact_fqns",
+    "set_capture",
+    "take_dense_grads",
+]
+
+#: The module types whose selected weight is held compact (values + indices); the engine re-packs them at updates.
+COMPACT_MODULES: tuple[type[nn.Module], ...] = (CompactLinear, CompactEmbedding)
 
 
 @dataclass
 class CompactTensor:
-    """One compact layer as the engine sees a sparse tensor (the counterpart of ``selection.SparseTensor``)."""
+    """One compact module as the engine sees a sparse tensor (the counterpart of ``selection.SparseTensor``)."""
 
     fqn: str
-    module: CompactLinear
+    module: CompactLinear | CompactEmbedding
     kind: str
     budget: int
     allow_ablation: bool = True
@@ -49,7 +67,7 @@ class CompactTensor:
         if self.module.nnz > self.budget:
             raise ValueError(
                 f"{self.fqn!r} holds {self.module.nnz} active weights, more than its budget of {self.budget}: "
-                "build the compact model with sparseapps.core.to_compact(model, config) and the same config"
+                "build the compact model with the same config (sparseapps.core.to_compact for Linear layers)"
             )
 
     @property
@@ -58,20 +76,20 @@ class CompactTensor:
 
     @property
     def mask(self) -> torch.Tensor:
-        """``[out, in]`` bool, materialized from the layer's structure (a new tensor each time)."""
-        return self.module.mask()
+        """``[out, in]`` bool, materialized from the layer's structure once per topology (shared: read only)."""
+        return self.module.shared_mask()
 
     @property
     def numel(self) -> int:
         return math.prod(self.module.weight_shape)
 
     def dense_weight(self) -> torch.Tensor:
-        """``[out, in]`` the weight with zeros at the inactive entries."""
-        return self.module.to_dense_weight()
+        """``[out, in]`` the weight with zeros at the inactive entries (shared until the weights change: read only)."""
+        return self.module.shared_dense_weight()
 
     def write_mask(self, new_mask: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """Re-packs the layer, its gradient and its optimizer state to ``new_mask``; returns the grown entries."""
-        grown = new_mask & ~self.module.mask()
+        grown = new_mask & ~self.module.shared_mask()
         old_shape = self.param.shape
         repack = self.module.set_mask(new_mask)
         state = optimizer.state.get(self.param, {})
@@ -90,10 +108,10 @@ class CompactTensor:
 
     def load_mask(self, mask: torch.Tensor) -> None:
         """Checks that a checkpoint's mask is the layer's topology (which the model's state_dict carries)."""
-        if not torch.equal(self.module.mask(), mask.to(self.module.row_ptr.device)):
+        if not torch.equal(self.module.shared_mask(), mask.to(self.module.row_ptr.device)):
             raise ValueError(
-                f"the mask of {self.fqn!r} differs from the topology of its CompactLinear layer: load the model's "
-                "state_dict (which holds a compact layer's topology) before the engine's"
+                f"the mask of {self.fqn!r} differs from the topology of its {type(self.module).__name__}: load the "
+                "model's state_dict (which holds a compact module's topology) before the engine's"
             )
 
 
@@ -111,10 +129,10 @@ def compact_fqns(
         ValueError: compact layers under ``storage='masked'``, ``nn.Linear`` layers left under
             ``storage='compact'``, or compact layers with a criterion that reads a dense state every step.
     """
-    compact = {fqn for fqn, module, _, _ in selected if isinstance(module, CompactLinear)}
+    compact = {fqn for fqn, module, _, _ in selected if isinstance(module, COMPACT_MODULES)}
     if config.storage == "masked" and compact:
         raise ValueError(
-            f"the model holds CompactLinear layers {sorted(compact)}; use a config with storage='compact'"
+            f"the model holds compact modules {sorted(compact)}; use a config with storage='compact'"
         )
     linear = [fqn for fqn, _, _, kind in selected if kind == "linear" and fqn not in compact]
     if config.storage == "compact" and linear:
@@ -122,12 +140,23 @@ def compact_fqns(
             f"storage='compact' expects the selected Linear layers as CompactLinear, got nn.Linear at {linear}: "
             "call sparseapps.core.to_compact(model, config) before building the optimizer and the engine"
         )
-    if compact and "momentum" in needs:
+    every_step = sorted(needs & scores.EVERY_STEP)
+    if compact and every_step:
+        what = "a gradient momentum" if every_step == ["momentum"] else f"{every_step}, dense traces"
         raise ValueError(
-            f"drop={config.drop!r} / grow={config.grow!r} read a gradient momentum tracked every step, which "
-            "compact layers do not keep; use storage='masked'"
+            f"drop={config.drop!r} / grow={config.grow!r} read {what} tracked every step, which compact layers do "
+            "not keep; use storage='masked'"
         )
     return compact
+
+
+@contextlib.contextmanager
+def caching_views(tensors: Iterable[CompactTensor]) -> Iterator[None]:
+    """Within this block each layer builds its dense views (mask, positions, weight) once: a topology update."""
+    with contextlib.ExitStack() as stack:
+        for t in tensors:
+            stack.enter_context(t.module.caching_views())
+        yield
 
 
 def set_capture(tensors: Iterable[CompactTensor], capture: bool) -> None:
@@ -148,7 +177,9 @@ def take_dense_grads(tensors: Iterable[CompactTensor], step: int) -> dict[str, t
         grad, t.module.dense_grad = t.module.dense_grad, None
         if grad is None:
             continue
-        if not bool(torch.isfinite(grad).all()):
+        if not bool(torch.isfinite(grad.sum())) and not bool(
+            torch.isfinite(grad).all()
+        ):  # one reduction first
             raise ValueError(f"non-finite gradient in {t.fqn!r} at update step {step}")
         grads[t.fqn] = grad
     return grads

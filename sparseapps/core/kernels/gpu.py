@@ -152,7 +152,9 @@ def _build_csr_kernels() -> Any:
             w = tl.load(values_ptr + es, mask=e_ok, other=0.0).to(tl.float32)
             j = tl.load(indices_ptr + es, mask=e_ok, other=0).to(tl.int64)
             gathered = tl.load(
-                x_ptr + ns[:, None].to(tl.int64) * stride_x + j[None, :], mask=n_ok[:, None] & e_ok[None, :], other=0.0
+                x_ptr + ns[:, None].to(tl.int64) * stride_x + j[None, :],
+                mask=n_ok[:, None] & e_ok[None, :],
+                other=0.0,
             )
             acc += tl.sum(gathered.to(tl.float32) * w[None, :], axis=1)
         tl.store(y_ptr + ns.to(tl.int64) * n_rows + r, acc, mask=n_ok)
@@ -184,7 +186,9 @@ def _build_csr_kernels() -> Any:
                 b_ok = bs < n_batch
                 d = tl.load(dy_ptr + bs.to(tl.int64) * n_out + r, mask=b_ok, other=0.0).to(tl.float32)
                 xs = tl.load(
-                    x_ptr + bs[:, None].to(tl.int64) * stride_x + j[None, :], mask=b_ok[:, None] & e_ok[None, :], other=0.0
+                    x_ptr + bs[:, None].to(tl.int64) * stride_x + j[None, :],
+                    mask=b_ok[:, None] & e_ok[None, :],
+                    other=0.0,
                 )
                 acc += tl.sum(xs.to(tl.float32) * d[:, None], axis=0)
             tl.store(grad_ptr + es, acc, mask=e_ok)
@@ -218,11 +222,15 @@ def csr_rows_triton(
         return y
     block_n, block_k = 16, 32
     grid = (n_rows, (n_batch + block_n - 1) // block_n)
-    rows_kernel[grid](x2, row_ptr, values, indices, y, n_batch, n_rows, x2.stride(0), block_n=block_n, block_k=block_k)
+    rows_kernel[grid](
+        x2, row_ptr, values, indices, y, n_batch, n_rows, x2.stride(0), block_n=block_n, block_k=block_k
+    )
     return y
 
 
-def csr_sddmm_triton(x: torch.Tensor, dy: torch.Tensor, row_ptr: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def csr_sddmm_triton(
+    x: torch.Tensor, dy: torch.Tensor, row_ptr: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
     """``[nnz]`` weight gradient of a CSR layer on its active entries, in ``x``'s dtype (Triton; CUDA tensors, or CPU
     under ``TRITON_INTERPRET=1``): ``grad[e] = sum_b dy[b, r] * x[b, indices[e]]``, float32 accumulation."""
     if x.dtype != dy.dtype:
@@ -239,7 +247,9 @@ def csr_sddmm_triton(x: torch.Tensor, dy: torch.Tensor, row_ptr: torch.Tensor, i
     return grad.to(x.dtype)
 
 
-def csr_sddmm_cuda(x: torch.Tensor, dy: torch.Tensor, row_ptr: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def csr_sddmm_cuda(
+    x: torch.Tensor, dy: torch.Tensor, row_ptr: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
     """CUDA implementation of ``sparseapps::csr_sddmm`` (Triton when installed, else the reference twin)."""
     if not triton_available():
         return reference.csr_sddmm_reference(x, dy, row_ptr, indices)

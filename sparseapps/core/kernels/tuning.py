@@ -192,14 +192,22 @@ def apply_tuning() -> dict[str, Any]:
     entry = _read_cache().get(_key(isa))
     if isinstance(entry, dict) and {"tile_bytes", "gather_max_batch"} <= entry.keys():
         torch.ops.sparseapps._configure("", int(entry["gather_max_batch"]), int(entry["tile_bytes"]))
-        return {"source": "cache", "tile_bytes": entry["tile_bytes"], "gather_max_batch": entry["gather_max_batch"]}
+        return {
+            "source": "cache",
+            "tile_bytes": entry["tile_bytes"],
+            "gather_max_batch": entry["gather_max_batch"],
+        }
     if os.environ.get(TUNE_VARIABLE, "").lower() in {"off", "0", "no"}:
         info = str(torch.ops.sparseapps.kernel_info())
         return {"source": "defaults", "reason": f"{TUNE_VARIABLE}=off", "description": info}
     result = tune()
     with contextlib.suppress(OSError):  # a read-only checkout: the measurement holds for this process
         save(result)
-    return {"source": "measured", "tile_bytes": result.tile_bytes, "gather_max_batch": result.gather_max_batch}
+    return {
+        "source": "measured",
+        "tile_bytes": result.tile_bytes,
+        "gather_max_batch": result.gather_max_batch,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

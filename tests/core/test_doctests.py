@@ -26,6 +26,9 @@ MODULES = [
     "sparseapps.core.compact",
     "sparseapps.core.compact.convert",
     "sparseapps.core.compact.layer",
+    "sparseapps.core.compact.embedding",
+    "sparseapps.core.criteria",
+    "sparseapps.core.obs",
     "sparseapps.core.kernels.formats",
     "sparseapps.core.kernels.reference",
 ]

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from sparseapps.core.accounting import index_bytes
-from sparseapps.core.compact.layer import CompactLinear, Repack
+from sparseapps.core.compact.layer import CompactLinear, Repack, check_csr_structure, resize_to_checkpoint
 from sparseapps.core.kernels import reference
 
 __all__ = ["CompactEmbedding", "column_dtype", "compact_lookup"]
@@ -229,34 +229,13 @@ class CompactEmbedding(nn.Module):
             self.dense_grad = grad_rows.new_zeros(self.weight_shape)
         self.dense_grad.index_add_(0, ids, grad_rows)
 
-    def _check_structure(self) -> None:
-        row_ptr, nnz, dim = self.row_ptr, self.values.numel(), self.embedding_dim
-        valid = (
-            row_ptr.shape == (self.num_embeddings + 1,)
-            and self.col_indices.shape == (nnz,)
-            and int(row_ptr[0]) == 0
-            and int(row_ptr[-1]) == nnz
-            and bool((row_ptr.diff() >= 0).all())
-            and (nnz == 0 or 0 <= int(self.col_indices.min()) <= int(self.col_indices.max()) < dim)
-        )
-        if not valid:
-            raise ValueError(
-                f"expected a CSR structure of {self.num_embeddings} rows from 0 to nnz={nnz} with columns in "
-                f"[0, {dim}), got row_ptr {tuple(row_ptr.shape)} from {int(row_ptr[0])} to {int(row_ptr[-1])} and "
-                f"col_indices {tuple(self.col_indices.shape)}"
-            )
-
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
         """Loads a checkpoint of any topology of this shape (its nnz may differ)."""
-        values = state_dict.get(prefix + "values")
-        indices = state_dict.get(prefix + "col_indices")
-        if isinstance(values, torch.Tensor) and values.shape != self.values.shape:
-            self.values.data = self.values.detach().new_empty(values.shape)
-            self.values.grad = None
-        if isinstance(indices, torch.Tensor) and indices.shape != self.col_indices.shape:
-            self.col_indices = self.col_indices.new_empty(indices.shape)
+        resize_to_checkpoint(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._check_structure()
+        check_csr_structure(
+            self.row_ptr, self.col_indices, self.values.numel(), self.num_embeddings, self.embedding_dim
+        )
 
     def extra_repr(self) -> str:
         density = self.nnz / max(1, self.num_embeddings * self.embedding_dim)

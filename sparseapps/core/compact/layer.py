@@ -31,7 +31,7 @@ from torch import nn
 from sparseapps.core.kernels import formats, library, reference
 from sparseapps.core.rules import flat_nonzero
 
-__all__ = ["CompactLinear", "Repack", "compact_linear"]
+__all__ = ["CompactLinear", "Repack", "check_csr_structure", "compact_linear", "resize_to_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -248,36 +248,13 @@ class CompactLinear(nn.Module):
         self.register_buffer("t_indices", t_indices, persistent=False)
         self.register_buffer("t_order", t_order, persistent=False)
 
-    def _check_structure(self) -> None:
-        row_ptr, nnz = self.row_ptr, self.values.numel()
-        valid = (
-            row_ptr.shape == (self.out_features + 1,)
-            and self.col_indices.shape == (nnz,)
-            and int(row_ptr[0]) == 0
-            and int(row_ptr[-1]) == nnz
-            and bool((row_ptr.diff() >= 0).all())
-            and (
-                nnz == 0 or 0 <= int(self.col_indices.min()) <= int(self.col_indices.max()) < self.in_features
-            )
-        )
-        if not valid:
-            raise ValueError(
-                f"expected a CSR structure of {self.out_features} rows from 0 to nnz={nnz} with columns in "
-                f"[0, {self.in_features}), got row_ptr {tuple(row_ptr.shape)} from {int(row_ptr[0])} to "
-                f"{int(row_ptr[-1])} and col_indices {tuple(self.col_indices.shape)}"
-            )
-
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
         """Loads a checkpoint of any topology of this shape (its nnz may differ), then rebuilds the transpose."""
-        values = state_dict.get(prefix + "values")
-        indices = state_dict.get(prefix + "col_indices")
-        if isinstance(values, torch.Tensor) and values.shape != self.values.shape:
-            self.values.data = self.values.detach().new_empty(values.shape)
-            self.values.grad = None
-        if isinstance(indices, torch.Tensor) and indices.shape != self.col_indices.shape:
-            self.col_indices = self.col_indices.new_empty(indices.shape)
+        resize_to_checkpoint(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._check_structure()
+        check_csr_structure(
+            self.row_ptr, self.col_indices, self.values.numel(), self.out_features, self.in_features
+        )
         self._build_transpose()
 
     def accumulate_dense_grad(self, grad: torch.Tensor) -> None:
@@ -290,6 +267,39 @@ class CompactLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
             f"density={density:.4g}, bias={self.bias is not None}, index={self.col_indices.dtype}"
         )
+
+
+def check_csr_structure(
+    row_ptr: torch.Tensor, col_indices: torch.Tensor, nnz: int, rows: int, columns: int
+) -> None:
+    """Raises ``ValueError`` unless ``row_ptr [rows + 1]`` runs from 0 to ``nnz`` without decreasing and
+    ``col_indices [nnz]`` lie in ``[0, columns)`` (a compact layer's or table's structure, e.g. from a checkpoint)."""
+    valid = (
+        row_ptr.shape == (rows + 1,)
+        and col_indices.shape == (nnz,)
+        and int(row_ptr[0]) == 0
+        and int(row_ptr[-1]) == nnz
+        and bool((row_ptr.diff() >= 0).all())
+        and (nnz == 0 or 0 <= int(col_indices.min()) <= int(col_indices.max()) < columns)
+    )
+    if not valid:
+        raise ValueError(
+            f"expected a CSR structure of {rows} rows from 0 to nnz={nnz} with columns in [0, {columns}), got "
+            f"row_ptr {tuple(row_ptr.shape)} from {int(row_ptr[0])} to {int(row_ptr[-1])} and col_indices "
+            f"{tuple(col_indices.shape)}"
+        )
+
+
+def resize_to_checkpoint(module: nn.Module, state_dict: Any, prefix: str) -> None:
+    """Gives ``module.values`` and ``module.col_indices`` the checkpoint's sizes (its nnz may differ), so that
+    ``nn.Module._load_from_state_dict`` can copy into them."""
+    values = state_dict.get(prefix + "values")
+    indices = state_dict.get(prefix + "col_indices")
+    if isinstance(values, torch.Tensor) and values.shape != module.values.shape:
+        module.values.data = module.values.detach().new_empty(values.shape)
+        module.values.grad = None
+    if isinstance(indices, torch.Tensor) and indices.shape != module.col_indices.shape:
+        module.col_indices = module.col_indices.new_empty(indices.shape)
 
 
 def compact_linear(

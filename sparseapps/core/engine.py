@@ -20,6 +20,7 @@ from sparseapps.core import criteria, pruning, redistribution, rules, schedules,
 from sparseapps.core import state as state_module
 from sparseapps.core.accounting import SparsityReport, TensorReport
 from sparseapps.core.compact import storage as compact_storage
+from sparseapps.core.compact import topology as compact_topology
 from sparseapps.core.compact.storage import CompactTensor
 from sparseapps.core.config import FORESIGHT_METHODS, SparsityConfig
 from sparseapps.core.distributions import target_nnz
@@ -364,7 +365,10 @@ class DynamicSparsity:
         self.rows.stepped.clear()
         self.rows.checking = full_step
         if capture and self._compact:
-            self._dense_grads.update(compact_storage.take_dense_grads(self._compact.values(), upcoming))
+            if update and compact_topology.applies(self):  # the growth scan reads the layers' captures itself
+                compact_topology.check_captured(self, upcoming)
+            else:
+                self._dense_grads.update(compact_storage.take_dense_grads(self._compact.values(), upcoming))
         dense_grads, dense_masks = [], []
         for (fqn, t), multiplier in zip(self._masked.items(), self._multipliers(), strict=True):
             if fqn in self.rows.fqns and self.rows.before_step(
@@ -487,6 +491,12 @@ class DynamicSparsity:
     def _update_topology(self) -> None:
         config = self.config
         fraction = schedules.drop_fraction(self.step, config, self.total_steps)
+        if self._compact and compact_topology.applies(self):
+            record = compact_topology.update(self, fraction)
+            self._dense_grads.clear()
+            self._activations.clear()
+            self.history.append(record.to_dict())
+            return
         new_masks: dict[str, torch.Tensor] = {}
         if config.constant_fan_in:
             for fqn, t in self.tensors.items():

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -32,8 +32,10 @@ from sparseapps.core import scoring
 __all__ = [
     "NEEDS",
     "Criterion",
+    "EntryContext",
     "ScoreContext",
     "compute",
+    "compute_on_entries",
     "drop_names",
     "get",
     "grow_names",
@@ -86,15 +88,41 @@ class ScoreContext:
     grad_squared: torch.Tensor | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class EntryContext:
+    """What a criterion's entry form sees of a compact tensor: its active entries only.
+
+    Attributes:
+        values: ``[nnz]`` the active weights (detached; do not modify), in ascending position.
+        positions: ``[nnz]`` int64 their row-major positions in the dense shape.
+        numel: the dense tensor's number of entries.
+        generator: the engine's CPU generator.
+    """
+
+    values: torch.Tensor
+    positions: torch.Tensor
+    numel: int
+    generator: torch.Generator
+
+
 @dataclass(frozen=True)
 class Criterion:
-    """A registered criterion: its function, what it reads, and whether ties are broken by noise."""
+    """A registered criterion: its function, what it reads, and whether ties are broken by noise.
+
+    Built-in criteria also carry the forms a compact tensor's update uses without dense tensors: ``on_entries``
+    (drop) returns the function's scores at the active entries (the inactive ones must score 0 or be ignored by
+    the tie-noise scale, as ``|w|``), and ``fused`` (grow) names the compiled growth scan that computes the
+    function's scores of the inactive entries on the fly (``"gradient"``: ``|g|``; ``"random"``: a uniform draw).
+    A criterion registered by a user has neither, and compact tensors then take the dense-view path.
+    """
 
     name: str
     kind: Kind
     function: Callable[[ScoreContext], torch.Tensor]
     needs: frozenset[str]
     tie_noise: bool
+    on_entries: Callable[[EntryContext], torch.Tensor] | None = None
+    fused: Literal["gradient", "random"] | None = None
 
 
 _REGISTRY: dict[Kind, dict[str, Criterion]] = {"drop": {}, "grow": {}}
@@ -217,6 +245,36 @@ def compute(criterion: Criterion, context: ScoreContext, tie_noise: float) -> to
     return scoring.add_tie_noise(scores, tie_noise, context.generator, in_place=fresh)
 
 
+def compute_on_entries(criterion: Criterion, context: EntryContext, tie_noise: float) -> torch.Tensor:
+    """``[nnz]``: what :func:`compute` returns at the active entries, from them alone (``criterion.on_entries``).
+
+    The tie noise is the dense path's: one draw, ``u(seed, position) * scale * max|score|``, where the inactive
+    entries' zero scores count in the maximum.
+
+    Raises:
+        ValueError: the criterion has no entry form, or the scores are NaN or of the wrong shape.
+    """
+    if criterion.on_entries is None:
+        raise ValueError(f"{criterion.kind} criterion {criterion.name!r} has no form on active entries")
+    scores = criterion.on_entries(context)
+    if scores.shape != context.values.shape:
+        raise ValueError(
+            f"{criterion.kind} criterion {criterion.name!r} returned shape {tuple(scores.shape)} on "
+            f"{tuple(context.values.shape)} active entries"
+        )
+    if not bool(torch.isfinite(scores.sum())) and bool(torch.isnan(scores).any()):
+        raise ValueError(f"{criterion.kind} criterion {criterion.name!r} returned NaN scores")
+    if not criterion.tie_noise or tie_noise <= 0:
+        return scores
+    return scoring.add_tie_noise_at(
+        scores.float().clone(),
+        context.positions,
+        tie_noise,
+        context.generator,
+        any_inactive=(context.values.numel() < context.numel),
+    )
+
+
 def _needs_value(context: ScoreContext, name: str) -> torch.Tensor:
     value = getattr(context, name)
     if value is None:
@@ -284,4 +342,26 @@ def _unfired(ctx: ScoreContext) -> torch.Tensor:
     return scoring.unfired(_needs_value(ctx, "ever_active"), ctx.generator)
 
 
+def _random_entries(ctx: EntryContext) -> torch.Tensor:
+    return scoring.uniform_at(ctx.positions, ctx.generator)
+
+
+def _signed_magnitude_entries(ctx: EntryContext) -> torch.Tensor:
+    return scoring.signed_magnitude(ctx.values, torch.ones_like(ctx.values, dtype=torch.bool))
+
+
+def _attach_entry_forms() -> None:
+    """The built-ins' entry forms (each returns its dense function's scores at the active entries, bit for bit)."""
+    drop = {
+        "magnitude": lambda ctx: scoring.magnitude(ctx.values),
+        "random": _random_entries,
+        "signed_magnitude": _signed_magnitude_entries,
+    }
+    for name, form in drop.items():
+        _REGISTRY["drop"][name] = replace(_REGISTRY["drop"][name], on_entries=form)
+    for name in ("gradient", "random"):
+        _REGISTRY["grow"][name] = replace(_REGISTRY["grow"][name], fused=name)
+
+
+_attach_entry_forms()
 _BUILT_IN: Mapping[Kind, frozenset[str]] = {kind: frozenset(names) for kind, names in _REGISTRY.items()}

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _draw_seed(generator: torch.Generator) -> int:
+def draw_seed(generator: torch.Generator) -> int:
+    """One 62-bit seed from ``generator``: the draw behind every counter-based uniform tensor."""
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
@@ -29,7 +30,7 @@ def uniform_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tens
     """
     from sparseapps.core.kernels import reference
 
-    seed = _draw_seed(generator)
+    seed = draw_seed(generator)
     if _compiled_on(tensor):
         return torch.ops.sparseapps.hashed_uniform(seed, tensor.numel()).view(tensor.shape)
     return reference.hashed_uniform_reference(seed, tensor.numel(), tensor.device).view(tensor.shape)
@@ -51,15 +52,70 @@ def add_tie_noise(
     if scale <= 0:
         return scores
     low, high = torch.aminmax(scores)  # max |score| without an |scores| copy (a large share of an update)
-    magnitude = torch.maximum(low.abs(), high.abs())
-    if magnitude == 0:
-        magnitude = torch.ones((), device=scores.device)
-    factor = float(magnitude * scale)  # a float32 value
-    seed = _draw_seed(generator)
+    factor = noise_factor(low, high, scale)  # a float32 value
+    seed = draw_seed(generator)
     out = scores if in_place and scores.is_contiguous() else scores.contiguous().clone()
     if _compiled_on(out):
         return torch.ops.sparseapps.add_hashed_uniform_(out, seed, factor)
     return reference.add_hashed_uniform_reference(out, seed, factor)
+
+
+def uniform_at(positions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The values :func:`uniform_like` would give at ``positions [K]`` (int64, flat) with the same draw.
+
+    Example:
+        >>> a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        >>> torch.equal(uniform_at(torch.tensor([5, 2]), a), uniform_like(torch.zeros(8), b)[[5, 2]])
+        True
+    """
+    from sparseapps.core.kernels import reference
+
+    seed = draw_seed(generator)
+    if _compiled_on(positions):
+        return torch.ops.sparseapps.hashed_uniform_at(seed, positions)
+    return reference.hashed_uniform_at_reference(seed, positions)
+
+
+def noise_factor(low: torch.Tensor, high: torch.Tensor, scale: float) -> float:
+    """``scale * max(|low|, |high|)`` as a float32 value (``scale`` alone if both are 0): the tie-noise width."""
+    magnitude = torch.maximum(low.abs(), high.abs())
+    if magnitude == 0:
+        magnitude = torch.ones((), device=magnitude.device)
+    return float(magnitude * scale)
+
+
+def add_tie_noise_at(
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    generator: torch.Generator,
+    *,
+    any_inactive: bool,
+) -> torch.Tensor:
+    """:func:`add_tie_noise` of a dense score tensor, at ``positions`` only, in place into ``scores [K]`` (float32).
+
+    The dense tensor's other entries score 0 (``any_inactive``: there are some), which counts in the noise scale.
+
+    Example:
+        >>> dense, g1, g2 = torch.tensor([0.0, 2.0, 0.0, 3.0]), torch.Generator(), torch.Generator()
+        >>> full = add_tie_noise(dense, 0.1, g1.manual_seed(0))
+        >>> at = add_tie_noise_at(dense[[1, 3]].clone(), torch.tensor([1, 3]), 0.1, g2.manual_seed(0),
+        ...                       any_inactive=True)
+        >>> torch.equal(full[[1, 3]], at)
+        True
+    """
+    from sparseapps.core.kernels import reference
+
+    low, high = torch.aminmax(scores) if scores.numel() else (torch.zeros(()), torch.zeros(()))
+    if any_inactive:
+        low, high = torch.minimum(low, torch.zeros(())), torch.maximum(high, torch.zeros(()))
+    factor = noise_factor(low, high, scale)
+    seed = draw_seed(generator)
+    if _compiled_on(positions):
+        noise = torch.ops.sparseapps.hashed_uniform_at(seed, positions)
+    else:
+        noise = reference.hashed_uniform_at_reference(seed, positions)
+    return scores.add_(noise.mul_(factor))
 
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:

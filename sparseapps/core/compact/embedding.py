@@ -34,7 +34,14 @@ import torch
 from torch import nn
 
 from sparseapps.core.accounting import index_bytes
-from sparseapps.core.compact.layer import CompactLinear, Repack, check_csr_structure, resize_to_checkpoint
+from sparseapps.core.compact.layer import (
+    CompactLinear,
+    Repack,
+    check_csr_structure,
+    merged_positions,
+    move_entries,
+    resize_to_checkpoint,
+)
 from sparseapps.core.kernels import reference
 
 __all__ = ["CompactEmbedding", "column_dtype", "compact_lookup"]
@@ -207,20 +214,26 @@ class CompactEmbedding(nn.Module):
         # Both lists ascend by position, so the kept entries come in the same order on either side. Two gathers
         # find them (measured on a 221,588 x 64 table at density 0.2: 70 ms, against 170 ms for a binary search
         # of the kept positions in the new ones).
-        repack = Repack(
+        return move_entries(
+            self,
+            new,
             new_flat[self.positions()].nonzero().squeeze(1),
             old_flat[new].nonzero().squeeze(1),
-            nnz=new.numel(),
+            self.num_embeddings,
+            self.embedding_dim,
         )
-        with torch.no_grad():
-            self.values.data = repack.apply(self.values.detach())
-            if self.values.grad is not None:
-                self.values.grad = repack.apply(self.values.grad)
-        rows = torch.div(new, self.embedding_dim, rounding_mode="floor")
-        self.row_ptr = torch.zeros_like(self.row_ptr)
-        self.row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=self.num_embeddings), 0)
-        self.col_indices = (new - rows * self.embedding_dim).to(self.col_indices.dtype)
-        return repack
+
+    def set_positions(self, kept: torch.Tensor, grown: torch.Tensor) -> Repack:
+        """:meth:`set_mask` given as what changes: ``kept [K]`` (ascending indices of the entries that stay, into
+        ``values``) and ``grown [G]`` (ascending row-major positions of new entries, none active now); no ``[R, D]``
+        tensor is built."""
+        numel = self.num_embeddings * self.embedding_dim
+        new, slots = merged_positions(self.positions(), kept, grown, numel)
+        return move_entries(self, new, kept, slots, self.num_embeddings, self.embedding_dim)
+
+    def gradient_factors(self) -> None:
+        """A table's captured gradient is held as rows ``[R, D]`` (:attr:`dense_grad`), never as factors."""
+        return None
 
     def accumulate_dense_grad(self, ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
         """Adds one backward pass's output gradients ``grad_rows [N, D]`` of rows ``ids [N]`` to :attr:`dense_grad`

@@ -12,8 +12,10 @@ For ``out`` outputs, ``in`` inputs and ``nnz`` active weights the layer holds:
 
 Forward ``y = x W^T + b`` is the compiled ``csr_linear`` over the rows; the input gradient ``dx = dy W`` is the
 same kernel over the transposed structure; the weight gradient ``csr_sddmm`` is computed on the active entries
-only. Nothing of size ``out * in`` is allocated, except the dense gradient ``dy^T x`` of one step when
-``capture_dense_grad`` is set (the engine sets it for the step before a growth-by-gradient update). float32 runs
+only. Nothing of size ``out * in`` is allocated. With ``capture_dense_grad`` set (the engine sets it for the step
+before a growth-by-gradient update) the layer keeps that step's dense gradient ``dy^T x`` as its factors ``dy [B,
+out]`` and ``x [B, in]`` when they are smaller than ``out * in`` entries (the growth scan forms the product a block
+of rows at a time), else as the product. float32 runs
 on the compiled kernels (or their reference twins under ``SPARSEAPPS_KERNELS=reference``); other dtypes
 (float64 for gradient checks) on the reference twins.
 """
@@ -31,7 +33,15 @@ from torch import nn
 from sparseapps.core.kernels import formats, library, reference
 from sparseapps.core.rules import flat_nonzero
 
-__all__ = ["CompactLinear", "Repack", "check_csr_structure", "compact_linear", "resize_to_checkpoint"]
+__all__ = [
+    "CompactLinear",
+    "Repack",
+    "check_csr_structure",
+    "compact_linear",
+    "merged_positions",
+    "move_entries",
+    "resize_to_checkpoint",
+]
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,8 @@ class CompactLinear(nn.Module):
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("col_indices", col_indices)
         self.capture_dense_grad = False
-        self.dense_grad: torch.Tensor | None = None
+        self._captured: torch.Tensor | None = None  # the captured dense gradient, or the part formed so far
+        self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []  # the rest, as (dy, x) pairs
         self._views: (
             dict[str, tuple[tuple[torch.Tensor, ...], tuple[tuple[int, int, int], ...], torch.Tensor]] | None
         )
@@ -222,17 +233,21 @@ class CompactLinear(nn.Module):
         new = flat_nonzero(new_flat)
         # Both lists ascend by position, so the kept entries come in the same order on either side. The old
         # mask is the one the update's scores already built (shared within caching_views).
-        repack = Repack(
-            flat_nonzero(new_flat[old]), flat_nonzero(self.shared_mask().reshape(-1)[new]), nnz=new.numel()
+        return self._move_to(
+            new, flat_nonzero(new_flat[old]), flat_nonzero(self.shared_mask().reshape(-1)[new])
         )
-        with torch.no_grad():
-            self.values.data = repack.apply(self.values.detach())
-            if self.values.grad is not None:
-                self.values.grad = repack.apply(self.values.grad)
-        rows = torch.div(new, self.in_features, rounding_mode="floor")
-        self.row_ptr = torch.zeros_like(self.row_ptr)
-        self.row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0)
-        self.col_indices = (new - rows * self.in_features).to(self.col_indices.dtype)
+
+    def set_positions(self, kept: torch.Tensor, grown: torch.Tensor) -> Repack:
+        """:meth:`set_mask` given as what changes: ``kept [K]`` (ascending indices of the entries that stay, into
+        ``values``) and ``grown [G]`` (ascending row-major positions of new entries, none active now).
+
+        The topology update of compact storage: no ``[out, in]`` tensor is built.
+        """
+        new, slots = merged_positions(self.positions(), kept, grown, self.out_features * self.in_features)
+        return self._move_to(new, kept, slots)
+
+    def _move_to(self, new: torch.Tensor, old_index: torch.Tensor, new_index: torch.Tensor) -> Repack:
+        repack = move_entries(self, new, old_index, new_index, self.out_features, self.in_features)
         self._build_transpose()
         return repack
 
@@ -257,9 +272,39 @@ class CompactLinear(nn.Module):
         )
         self._build_transpose()
 
-    def accumulate_dense_grad(self, grad: torch.Tensor) -> None:
-        """Adds one backward pass's dense gradient ``[out, in]`` to :attr:`dense_grad` (called by the backward)."""
-        self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad
+    # ------------------------------------------------------------------ the captured dense gradient
+    def accumulate_dense_grad(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """Adds one backward pass's dense gradient ``dy^T x`` (``dy [B, out]``, ``x [B, in]``; called by the
+        backward while :attr:`capture_dense_grad` is set). Kept as factors while all of them hold fewer entries
+        than ``out * in``, else formed; returns the product when it formed it (the backward reads its entries)."""
+        rows = x.shape[0] + sum(f[1].shape[0] for f in self._factors)
+        if rows * (self.in_features + self.out_features) < self.in_features * self.out_features:
+            self._factors.append((dy.detach(), x.detach()))
+            return None
+        product = dy.mT.mm(x)
+        self._captured = product if self._captured is None else self._captured + product
+        return product
+
+    def gradient_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(dy [B, out], x [B, in])`` with ``dense_grad == dy^T x``, while the capture is held as factors only."""
+        if self._captured is not None or not self._factors:
+            return None
+        if len(self._factors) == 1:
+            return self._factors[0]
+        return torch.cat([f[0] for f in self._factors]), torch.cat([f[1] for f in self._factors])
+
+    @property
+    def dense_grad(self) -> torch.Tensor | None:
+        """``[out, in]`` the captured dense gradient (formed from its factors at the first read), or None."""
+        for dy, x in self._factors:
+            product = dy.mT.mm(x)
+            self._captured = product if self._captured is None else self._captured + product
+        self._factors = []
+        return self._captured
+
+    @dense_grad.setter
+    def dense_grad(self, value: torch.Tensor | None) -> None:
+        self._captured, self._factors = value, []
 
     def extra_repr(self) -> str:
         density = self.nnz / max(1, self.out_features * self.in_features)
@@ -267,6 +312,51 @@ class CompactLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
             f"density={density:.4g}, bias={self.bias is not None}, index={self.col_indices.dtype}"
         )
+
+
+def merged_positions(
+    positions: torch.Tensor, kept: torch.Tensor, grown: torch.Tensor, numel: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(new, slots)``: the ascending positions of ``positions[kept]`` and ``grown`` together, and where each kept
+    entry lands in them (a compact module's ``set_positions``).
+
+    Raises:
+        ValueError: ``kept`` does not index ``positions`` or ``grown`` lies outside ``[0, numel)``.
+    """
+    kept = kept.to(positions.device)
+    grown = grown.to(positions.device)
+    if kept.numel() and not (int(kept[0]) >= 0 and int(kept[-1]) < positions.numel()):
+        raise ValueError(f"kept entries must index the {positions.numel()} current entries")
+    if grown.numel() and not (int(grown[0]) >= 0 and int(grown[-1]) < numel):
+        raise ValueError(f"grown positions must lie in [0, {numel})")
+    kept_positions = positions.index_select(0, kept)
+    if kept_positions.device.type == "cpu" and library.ensure_loaded().compiled:
+        new, slots = torch.ops.sparseapps.merge_positions(kept_positions, grown)
+        return new, slots
+    return reference.merge_positions_reference(kept_positions, grown)
+
+
+def move_entries(
+    module: nn.Module,
+    new: torch.Tensor,
+    old_index: torch.Tensor,
+    new_index: torch.Tensor,
+    rows: int,
+    columns: int,
+) -> Repack:
+    """Moves a compact module's ``values`` (and their gradient) to the ascending positions ``new`` of its
+    ``[rows, columns]`` shape, entry ``old_index[k]`` becoming entry ``new_index[k]``, and rebuilds ``row_ptr`` and
+    ``col_indices``; returns the :class:`Repack` for the optimizer state."""
+    repack = Repack(old_index, new_index, nnz=new.numel())
+    with torch.no_grad():
+        module.values.data = repack.apply(module.values.detach())
+        if module.values.grad is not None:
+            module.values.grad = repack.apply(module.values.grad)
+    row = torch.div(new, columns, rounding_mode="floor")
+    module.row_ptr = torch.zeros_like(module.row_ptr)
+    module.row_ptr[1:] = torch.cumsum(torch.bincount(row, minlength=rows), 0)
+    module.col_indices = (new - row * columns).to(module.col_indices.dtype)
+    return repack
 
 
 def check_csr_structure(
@@ -343,8 +433,7 @@ class _CompactLinearFunction(torch.autograd.Function):
         dense_grad = None
         if ctx.capture is not None:
             dy2, x2 = dy.reshape(-1, ctx.out_features), x.reshape(-1, ctx.in_features)
-            dense_grad = dy2.mT.mm(x2)
-            ctx.capture.accumulate_dense_grad(dense_grad)
+            dense_grad = ctx.capture.accumulate_dense_grad(dy2, x2)
         if ctx.needs_input_grad[1]:
             if (
                 dense_grad is not None and dense_grad.dtype == values.dtype

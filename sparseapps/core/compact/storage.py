@@ -10,12 +10,14 @@ to show the engine the dense views a masked one shows, and only at topology upda
 
 - per step: nothing. Gradients exist for the active entries only, so there is no mask to apply to gradients or
   weights, and no optimizer state of inactive entries to keep at zero;
-- in the step before a growth-by-gradient update, the layer's backward adds one dense product ``dy^T x``
-  (``capture_dense_grad``), which the engine takes as the tensor's dense gradient;
-- at an update, ``mask`` and ``dense_weight()`` are materialized for the scores, and ``write_mask`` re-packs the
-  values, their gradient and every per-entry optimizer state (Adam's moments, SGD's momentum, ...): kept entries
-  keep theirs, grown ones start at zero, dropped ones are removed. The ``values`` Parameter stays the object the
-  optimizer holds.
+- in the step before a growth-by-gradient update, the layer's backward keeps that step's dense gradient ``dy^T x``
+  (as its factors where they are smaller: ``capture_dense_grad``);
+- at an update, for the built-in criteria (magnitude, random or SET drop; gradient or random growth) nothing dense
+  is built: ``compact.topology`` scores the active entries, scans the growth candidates block by block and
+  re-packs by positions (``write_positions``). Otherwise ``mask`` and ``dense_weight()`` are materialized for the
+  scores and ``write_mask`` re-packs. Either way kept entries keep their values and their per-entry optimizer
+  state (Adam's moments, SGD's momentum, ...), grown ones start at zero, dropped ones are removed, and the
+  ``values`` Parameter stays the object the optimizer holds.
 
 Criteria that read a dense state every step (``"momentum"``) are refused, and the ITOP rate (entries ever active,
 a dense mask per layer) is tracked only where a criterion reads it: their cost is the one compact storage avoids.
@@ -33,7 +35,7 @@ from torch import nn
 
 from sparseapps.core import scores
 from sparseapps.core.compact.embedding import CompactEmbedding
-from sparseapps.core.compact.layer import CompactLinear
+from sparseapps.core.compact.layer import CompactLinear, Repack
 from sparseapps.core.config import SparsityConfig
 from sparseapps.core.kernels.reference import row_of_entries
 
@@ -91,12 +93,22 @@ class CompactTensor:
         """Re-packs the layer, its gradient and its optimizer state to ``new_mask``; returns the grown entries."""
         grown = new_mask & ~self.module.shared_mask()
         old_shape = self.param.shape
-        repack = self.module.set_mask(new_mask)
+        self._repack_state(self.module.set_mask(new_mask), old_shape, optimizer)
+        return grown
+
+    def write_positions(
+        self, kept: torch.Tensor, grown: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """:meth:`write_mask` given as the kept entries (indices into ``values``) and the grown positions."""
+        old_shape = self.param.shape
+        self._repack_state(self.module.set_positions(kept, grown), old_shape, optimizer)
+
+    def _repack_state(self, repack: Repack, old_shape: torch.Size, optimizer: torch.optim.Optimizer) -> None:
+        """Moves every per-entry optimizer state of the values (Adam's moments, SGD's momentum, ...) by ``repack``."""
         state = optimizer.state.get(self.param, {})
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.shape == old_shape:
                 state[key] = repack.apply(value)
-        return grown
 
     def add_dense_(self, delta: torch.Tensor) -> None:
         """Adds the active entries of ``delta [out, in]`` to the values."""

@@ -238,11 +238,76 @@ def hashed_uniform_reference(seed: int, numel: int, device: torch.device | str =
     """
     if numel < 0 or seed < 0:
         raise ValueError(f"expected seed >= 0 and numel >= 0, got seed={seed}, numel={numel}")
-    index = torch.arange(numel, dtype=torch.int64, device=device)
+    return hashed_uniform_at_reference(seed, torch.arange(numel, dtype=torch.int64, device=device))
+
+
+def hashed_uniform_at_reference(seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """``[K]`` float32: the values of :func:`hashed_uniform_reference` at ``positions [K]`` int64 (the compiled
+    ``hashed_uniform_at``'s twin).
+
+    Example:
+        >>> torch.equal(hashed_uniform_at_reference(7, torch.tensor([4, 1])), hashed_uniform_reference(7, 5)[[4, 1]])
+        True
+    """
+    if seed < 0 or (positions.numel() and int(positions.min()) < 0):
+        raise ValueError(f"expected seed >= 0 and positions >= 0, got seed={seed}")
     key0, key1 = seed & _MASK32, (seed >> 32) & _MASK32
-    h = _fmix32((_mul32(index & _MASK32, 0x9E3779B9) + key0) & _MASK32)
-    g = _fmix32(h ^ ((key1 + _mul32(index >> 32, 0x85EBCA6B)) & _MASK32))
+    h = _fmix32((_mul32(positions & _MASK32, 0x9E3779B9) + key0) & _MASK32)
+    g = _fmix32(h ^ ((key1 + _mul32(positions >> 32, 0x85EBCA6B)) & _MASK32))
     return (g >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def grow_select_reference(
+    dense: torch.Tensor | None,
+    dy: torch.Tensor | None,
+    x: torch.Tensor | None,
+    rows: int,
+    cols: int,
+    excluded: torch.Tensor,
+    n: int,
+    seed: int,
+    tie_noise: float,
+    random: bool,
+) -> torch.Tensor:
+    """``[n]`` int64 ascending: the ``n`` best positions of a ``[rows, cols]`` layer outside ``excluded`` (the
+    compiled ``grow_select``'s twin). Scores: ``u(seed, i)`` if ``random``, else ``|g| + u(seed, i) * factor`` with
+    ``g = dense`` or ``dy^T x`` and ``factor = max|g| * tie_noise`` (1 for an all-zero ``g``; no noise if
+    ``tie_noise == 0``); best = higher score, ties to the lower position.
+
+    Example:
+        >>> grow_select_reference(torch.tensor([[3.0, -5.0], [0.0, 4.0]]), None, None, 2, 2, torch.tensor([1]), 2,
+        ...                       0, 0.0, False).tolist()
+        [0, 3]
+    """
+    if random:
+        scores = hashed_uniform_reference(seed, rows * cols, excluded.device)
+    else:
+        g = dense if dense is not None else dy.mT.mm(x)  # type: ignore[union-attr]
+        scores = g.reshape(-1).float().abs()
+        if tie_noise > 0:
+            magnitude = scores.max() if scores.numel() else torch.zeros(())
+            magnitude = torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude)
+            add_hashed_uniform_reference(scores, seed, float(magnitude * tie_noise))
+    candidates = torch.ones(rows * cols, dtype=torch.bool, device=scores.device)
+    candidates[excluded] = False
+    index = candidates.nonzero().squeeze(1)
+    if n > index.numel():
+        raise ValueError(f"cannot select {n} entries from {index.numel()} candidates")
+    order = torch.sort(scores[index], descending=True, stable=True).indices[:n]
+    return index[order].sort().values
+
+
+def merge_positions_reference(kept: torch.Tensor, grown: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(merged, slots)``: the ascending union of two disjoint ascending position lists, and where each kept
+    position landed (the compiled ``merge_positions``' twin).
+
+    Example:
+        >>> merged, slots = merge_positions_reference(torch.tensor([2, 7]), torch.tensor([0, 5]))
+        >>> merged.tolist(), slots.tolist()
+        ([0, 2, 5, 7], [1, 3])
+    """
+    merged = torch.cat([kept, grown]).sort().values
+    return merged, torch.searchsorted(merged, kept)
 
 
 def add_hashed_uniform_reference(scores: torch.Tensor, seed: int, factor: float) -> torch.Tensor:

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "hashing.h"
 #include "kernels.h"
 
 namespace sparseapps {
@@ -417,26 +418,14 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& values, const a
   return finish(y, x, out_features);
 }
 
-// Counter-based uniform numbers for tie noise and random scores: value i is a fixed hash of (seed, i), so a
-// tensor of them is produced in parallel, with no generator state, about 20x faster than torch.rand on a CPU
-// core. Twin: reference.hashed_uniform_reference (bit for bit). Two rounds of MurmurHash3's finalizer over a
-// Weyl sequence: distinct i (below 2^32) give distinct 32-bit hashes; the top 24 bits make the float.
-inline uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-  return h;
-}
-
+// Counter-based uniform numbers for tie noise and random scores (hashing.h), about 20x faster than torch.rand on a
+// CPU core and with no generator state, so a tensor of them is produced in parallel.
 // Values [i0, i1) of one 2^32 block (the high word of i is the constant `high`), cloned per instruction set so
 // the 32-bit multiplies vectorize (the baseline x86-64 has no packed 32-bit multiply).
 __attribute__((target_clones("avx512f", "avx2", "default"))) void hashed_uniform_block(
     float* p, int64_t i0, int64_t i1, uint32_t key0, uint32_t key_high) {
   for (int64_t i = i0; i < i1; ++i) {
-    const uint32_t h = fmix32(static_cast<uint32_t>(i) * 0x9e3779b9u + key0);
-    p[i] = static_cast<float>(fmix32(h ^ key_high) >> 8) * (1.0f / 16777216.0f);
+    p[i] = hashed_uniform_value(i, key0, key_high);
   }
 }
 
@@ -465,8 +454,7 @@ at::Tensor hashed_uniform(int64_t seed, int64_t numel) {
 __attribute__((target_clones("avx512f", "avx2", "default"), optimize("fp-contract=off"))) void add_hashed_block(
     float* p, int64_t i0, int64_t i1, uint32_t key0, uint32_t key_high, float factor) {
   for (int64_t i = i0; i < i1; ++i) {
-    const uint32_t h = fmix32(static_cast<uint32_t>(i) * 0x9e3779b9u + key0);
-    const float noise = static_cast<float>(fmix32(h ^ key_high) >> 8) * (1.0f / 16777216.0f) * factor;
+    const float noise = hashed_uniform_value(i, key0, key_high) * factor;
     p[i] = p[i] + noise;
   }
 }
@@ -552,8 +540,12 @@ at::Tensor select_top(const at::Tensor& scores, const at::Tensor& candidates, in
     // ~1.5n survivors: a quantile of a sample of the candidates (2^14 of them, strided)
     const int64_t stride = std::max<int64_t>(1, size / std::max<int64_t>(1, (int64_t{1} << 14) * size / available));
     std::vector<float> sample;
-    for (int64_t i = 0; i < size; i += stride)
+    for (int64_t i0 = 0; i0 < size; i0 += stride) {
+      // jittered within the stride by a hash, so that the sample does not align with a matrix's columns
+      const int64_t i = std::min(size - 1, i0 + static_cast<int64_t>(fmix32(static_cast<uint32_t>(i0 / stride) + 1u) %
+                                                                     static_cast<uint32_t>(stride)));
       if (c[i]) sample.push_back(sign * s[i]);
+    }
     if (sample.size() > 256) {
       const double share = 1.5 * static_cast<double>(n) / static_cast<double>(available);
       int64_t rank = static_cast<int64_t>(std::llround(static_cast<double>(sample.size()) * (1.0 - share)));

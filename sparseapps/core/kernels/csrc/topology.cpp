@@ -1,0 +1,313 @@
+// Topology updates of compact layers without [out, in] masks or scores (CPU ops; twins in reference.py):
+//
+// - hashed_uniform_at: the tie noise / random scores of chosen positions only (the active entries' drop scores);
+// - grow_select: the n best growth candidates of a layer, scored |g| + tie noise (or a uniform draw), where the
+//   dense gradient g = dy^T x is formed a block of rows at a time from the captured factors (or read from a dense
+//   gradient) and never held whole; the active entries are skipped by walking their sorted positions;
+// - merge_positions: the new entry list from the kept and the grown positions.
+//
+// The selection is the one of select_top (ops.cpp) on the dense scores: best = higher score, ties to the lower
+// position. Scores match the dense path bit for bit: |g| + float(u * factor) with the product rounded first.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "hashing.h"
+
+namespace sparseapps {
+namespace {
+
+at::Tensor hashed_uniform_at(int64_t seed, const at::Tensor& positions) {
+  const char* op = "sparseapps::hashed_uniform_at";
+  TORCH_CHECK(seed >= 0, op, ": expected seed >= 0, got ", seed);
+  TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == at::kLong && positions.dim() == 1, op,
+              ": expected 1-D int64 CPU positions, got ", positions.scalar_type(), " ", positions.sizes());
+  const at::Tensor p = positions.contiguous();
+  at::Tensor out = at::empty({p.numel()}, p.options().dtype(at::kFloat));
+  const int64_t* pp = p.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  const HashKey key(seed);
+  at::parallel_for(0, p.numel(), 1 << 14, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      TORCH_CHECK(pp[k] >= 0, op, ": position ", pp[k], " at ", k, " is negative");
+      o[k] = hashed_uniform_value(pp[k], key.key0, key.high(pp[k]));
+    }
+  });
+  return out;
+}
+
+// Where the growth scores come from.
+struct GrowSource {
+  const float* dense = nullptr;  // [rows, cols] row-major, or
+  at::Tensor dy, x;              // dy [B, rows], x [B, cols]: g = dy^T x
+  bool random = false;           // scores are u(seed, i) alone
+  int64_t cols = 0;
+
+  // Rows [r0, r1) of g (or nothing for random scores): a pointer to row-major [r1 - r0, cols] values.
+  const float* block(int64_t r0, int64_t r1, at::Tensor& holder) const {
+    if (random) return nullptr;
+    if (dense != nullptr) return dense + r0 * cols;
+    holder = at::mm(dy.narrow(1, r0, r1 - r0).t(), x);
+    return holder.data_ptr<float>();
+  }
+
+  // |g| at one position (the threshold's sample; any rounding will do there).
+  float sample(int64_t i) const {
+    if (dense != nullptr) return std::fabs(dense[i]);
+    const int64_t r = i / cols, c = i % cols;
+    const int64_t batch = dy.size(0), rows = dy.size(1);
+    const float* d = dy.data_ptr<float>();
+    const float* xp = x.data_ptr<float>();
+    float sum = 0.0f;
+    for (int64_t b = 0; b < batch; ++b) sum += d[b * rows + r] * xp[b * cols + c];
+    return std::fabs(sum);
+  }
+};
+
+struct Collected {
+  std::vector<float> keys;  // |g| (or u) of the kept candidates
+  std::vector<int64_t> positions;
+  float max_abs = 0.0f;     // max |g| over every entry of the block, the active ones included (tie noise scale)
+};
+
+// Max |v| over [0, len) and, a group of 16 at a time, the entries whose |v| passes `threshold` appended (base + t).
+// Few pass (~2n of the layer's entries), so most groups cost one vectorized test.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void scan(const float* v, int64_t len, int64_t base,
+                                                                         float threshold, Collected& out) {
+  constexpr int64_t kGroup = 16;
+  float m = out.max_abs;
+  int64_t t = 0;
+  for (; t + kGroup <= len; t += kGroup) {
+    bool any = false;
+    float gm = 0.0f;
+    for (int64_t j = 0; j < kGroup; ++j) {
+      const float a = std::fabs(v[t + j]);
+      gm = gm > a ? gm : a;
+      any |= a >= threshold;
+    }
+    m = m > gm ? m : gm;
+    if (any) {
+      for (int64_t j = 0; j < kGroup; ++j) {
+        const float a = std::fabs(v[t + j]);
+        if (a >= threshold) {
+          out.keys.push_back(a);
+          out.positions.push_back(base + t + j);
+        }
+      }
+    }
+  }
+  for (; t < len; ++t) {
+    const float a = std::fabs(v[t]);
+    m = m > a ? m : a;
+    if (a >= threshold) {
+      out.keys.push_back(a);
+      out.positions.push_back(base + t);
+    }
+  }
+  out.max_abs = m;
+}
+
+// Entries of rows [r0, r1) whose score passes `threshold`, the excluded ones included (removed afterwards).
+void collect_rows(const GrowSource& source, int64_t r0, int64_t r1, const HashKey& key, float threshold,
+                  Collected& out) {
+  const int64_t cols = source.cols;
+  at::Tensor holder;
+  const float* g = source.block(r0, r1, holder);
+  const int64_t base = r0 * cols, len = (r1 - r0) * cols;
+  if (g == nullptr) {  // random scores: the block's uniform draws
+    std::vector<float> u(static_cast<size_t>(len));
+    for (int64_t t = 0; t < len; ++t) u[static_cast<size_t>(t)] = hashed_uniform_value(base + t, key.key0, key.high(base + t));
+    scan(u.data(), len, base, threshold, out);
+    out.max_abs = 0.0f;
+    return;
+  }
+  scan(g, len, base, threshold, out);
+}
+
+// All candidates passing `threshold` (excluded positions removed), in ascending position, and max |g|.
+Collected collect_all(const GrowSource& source, int64_t rows, const int64_t* excluded, int64_t n_excluded,
+                      const HashKey& key, float threshold) {
+  // Blocks of ~64K entries: the block of g stays in L2 between the product and the scan.
+  const int64_t block_rows = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, source.cols));
+  const int64_t n_blocks = (rows + block_rows - 1) / block_rows;
+  std::vector<Collected> parts(static_cast<size_t>(n_blocks));
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      collect_rows(source, b * block_rows, std::min(rows, (b + 1) * block_rows), key, threshold,
+                   parts[static_cast<size_t>(b)]);
+    }
+  });
+  Collected all;
+  size_t total = 0;
+  for (const Collected& part : parts) total += part.keys.size();
+  all.keys.reserve(total);
+  all.positions.reserve(total);
+  int64_t e = 0;  // walks the excluded positions alongside the ascending collected ones
+  for (const Collected& part : parts) {
+    for (size_t t = 0; t < part.keys.size(); ++t) {
+      const int64_t i = part.positions[t];
+      while (e < n_excluded && excluded[e] < i) ++e;
+      if (e < n_excluded && excluded[e] == i) continue;
+      all.keys.push_back(part.keys[t]);
+      all.positions.push_back(i);
+    }
+    all.max_abs = std::max(all.max_abs, part.max_abs);
+  }
+  return all;
+}
+
+// score + float(u * factor), the product rounded before the sum (as add_hashed_uniform_ and its twin).
+__attribute__((optimize("fp-contract=off"))) void add_noise(Collected& c, const HashKey& key, float factor) {
+  for (size_t t = 0; t < c.keys.size(); ++t) {
+    const int64_t i = c.positions[t];
+    const float noise = hashed_uniform_value(i, key.key0, key.high(i)) * factor;
+    c.keys[t] = c.keys[t] + noise;
+  }
+}
+
+__attribute__((optimize("fp-contract=off"))) float noise_bound(float threshold, float factor) {
+  return threshold + factor;
+}
+
+at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::optional<at::Tensor>& dy,
+                       const c10::optional<at::Tensor>& x, int64_t rows, int64_t cols, const at::Tensor& excluded,
+                       int64_t n, int64_t seed, double tie_noise, bool random) {
+  const char* op = "sparseapps::grow_select";
+  TORCH_CHECK(rows >= 0 && cols >= 0, op, ": expected a non-negative shape, got [", rows, ", ", cols, "]");
+  TORCH_CHECK(seed >= 0, op, ": expected seed >= 0, got ", seed);
+  TORCH_CHECK(excluded.device().is_cpu() && excluded.scalar_type() == at::kLong && excluded.dim() == 1, op,
+              ": expected 1-D int64 CPU excluded positions, got ", excluded.scalar_type(), " ", excluded.sizes());
+  GrowSource source;
+  source.cols = cols;
+  source.random = random;
+  at::Tensor dense_c;
+  if (!random) {
+    if (dense.has_value()) {
+      dense_c = dense->contiguous();
+      TORCH_CHECK(dense_c.device().is_cpu() && dense_c.scalar_type() == at::kFloat && dense_c.numel() == rows * cols,
+                  op, ": expected a float32 CPU dense gradient of ", rows, " x ", cols, " entries, got ",
+                  dense_c.scalar_type(), " ", dense_c.sizes());
+      source.dense = dense_c.data_ptr<float>();
+    } else {
+      TORCH_CHECK(dy.has_value() && x.has_value(), op, ": expected a dense gradient or its factors dy and x");
+      source.dy = dy->contiguous();
+      source.x = x->contiguous();
+      TORCH_CHECK(source.dy.scalar_type() == at::kFloat && source.x.scalar_type() == at::kFloat &&
+                      source.dy.device().is_cpu() && source.x.device().is_cpu() && source.dy.dim() == 2 &&
+                      source.x.dim() == 2 && source.dy.size(1) == rows && source.x.size(1) == cols &&
+                      source.dy.size(0) == source.x.size(0),
+                  op, ": expected float32 CPU factors dy [B, ", rows, "] and x [B, ", cols, "], got ",
+                  source.dy.sizes(), " and ", source.x.sizes());
+    }
+  }
+  const at::Tensor ex = excluded.contiguous();
+  const int64_t* ep = ex.data_ptr<int64_t>();
+  const int64_t n_excluded = ex.numel();
+  const int64_t size = rows * cols;
+  for (int64_t k = 0; k < n_excluded; ++k) {
+    TORCH_CHECK(0 <= ep[k] && ep[k] < size && (k == 0 || ep[k - 1] < ep[k]), op, ": excluded position ", ep[k],
+                " at ", k, " is outside [0, ", size, ") or not ascending");
+  }
+  const int64_t available = size - n_excluded;
+  TORCH_CHECK(0 <= n && n <= available, op, ": cannot select ", n, " entries from ", available, " candidates");
+  at::Tensor out = at::empty({n}, ex.options());
+  if (n == 0) return out;
+  const HashKey key(seed);
+  // Thresholds from a sample of the candidates keep ~2n (then ~8n) of them; noise is ignored there, and the result
+  // is checked below: with too few passing, the next threshold is tried, the last being none.
+  std::vector<float> thresholds;
+  if (size >= (int64_t{1} << 16) && 4 * n < available) {
+    // One position in each of 2^14 equal strides, jittered by a hash so that it does not align with the columns.
+    const int64_t stride = std::max<int64_t>(1, size / (int64_t{1} << 14));
+    std::vector<float> sample;
+    for (int64_t i0 = 0; i0 < size; i0 += stride) {
+      const int64_t i = std::min(size - 1, i0 + static_cast<int64_t>(fmix32(static_cast<uint32_t>(i0 / stride) + 1u) %
+                                                                     static_cast<uint32_t>(stride)));
+      if (std::binary_search(ep, ep + n_excluded, i)) continue;
+      sample.push_back(random ? hashed_uniform_value(i, key.key0, key.high(i)) : source.sample(i));
+    }
+    for (const double factor : {2.0, 8.0}) {
+      const double share = factor * static_cast<double>(n) / static_cast<double>(available);
+      if (sample.size() <= 256 || share >= 0.5) break;
+      int64_t rank = static_cast<int64_t>(std::llround(static_cast<double>(sample.size()) * (1.0 - share)));
+      rank = std::min<int64_t>(std::max<int64_t>(rank, 1), static_cast<int64_t>(sample.size())) - 1;
+      std::nth_element(sample.begin(), sample.begin() + rank, sample.end());
+      thresholds.push_back(sample[static_cast<size_t>(rank)]);
+    }
+  }
+  thresholds.push_back(-std::numeric_limits<float>::infinity());
+  Collected c;
+  for (const float threshold : thresholds) {
+    c = collect_all(source, rows, ep, n_excluded, key, threshold);
+    float factor = 0.0f;
+    if (!random && tie_noise > 0) {
+      const float magnitude = c.max_abs == 0.0f ? 1.0f : c.max_abs;
+      factor = magnitude * static_cast<float>(tie_noise);
+      add_noise(c, key, factor);
+    }
+    // Every candidate left out scores below threshold + factor (|g| < threshold, noise < factor): the n best are
+    // among the collected ones if n of them score above that.
+    const float bound = noise_bound(threshold, factor);
+    int64_t above = 0;
+    for (float k : c.keys) above += static_cast<int64_t>(k > bound);
+    if (above >= n) break;
+  }
+  const int64_t count = static_cast<int64_t>(c.keys.size());
+  TORCH_CHECK(count >= n, op, ": internal error, ", count, " candidates collected for ", n);
+  std::vector<int64_t> order(static_cast<size_t>(count));
+  for (int64_t t = 0; t < count; ++t) order[static_cast<size_t>(t)] = t;
+  // Best first: higher score, then lower position (positions ascend with t, so compare t).
+  auto better = [&](int64_t a, int64_t b) { return c.keys[a] > c.keys[b] || (c.keys[a] == c.keys[b] && a < b); };
+  if (count > n) std::nth_element(order.begin(), order.begin() + (n - 1), order.end(), better);
+  order.resize(static_cast<size_t>(n));
+  std::sort(order.begin(), order.end());
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t) o[t] = c.positions[static_cast<size_t>(order[static_cast<size_t>(t)])];
+  return out;
+}
+
+std::vector<at::Tensor> merge_positions(const at::Tensor& kept, const at::Tensor& grown) {
+  const char* op = "sparseapps::merge_positions";
+  for (const at::Tensor* t : {&kept, &grown}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1, op,
+                ": expected 1-D int64 CPU positions, got ", t->scalar_type(), " ", t->sizes());
+  }
+  const at::Tensor a = kept.contiguous(), b = grown.contiguous();
+  const int64_t na = a.numel(), nb = b.numel();
+  at::Tensor merged = at::empty({na + nb}, a.options());
+  at::Tensor slots = at::empty({na}, a.options());
+  const int64_t* ap = a.data_ptr<int64_t>();
+  const int64_t* bp = b.data_ptr<int64_t>();
+  int64_t* m = merged.data_ptr<int64_t>();
+  int64_t* s = slots.data_ptr<int64_t>();
+  int64_t i = 0, j = 0, k = 0;
+  while (i < na || j < nb) {
+    if (j == nb || (i < na && ap[i] < bp[j])) {
+      TORCH_CHECK(i == 0 || ap[i - 1] < ap[i], op, ": kept positions are not ascending at ", i);
+      s[i] = k;
+      m[k++] = ap[i++];
+    } else {
+      TORCH_CHECK(i == na || ap[i] != bp[j], op, ": position ", bp[j], " is both kept and grown");
+      TORCH_CHECK(j == 0 || bp[j - 1] < bp[j], op, ": grown positions are not ascending at ", j);
+      m[k++] = bp[j++];
+    }
+  }
+  return {merged, slots};
+}
+
+}  // namespace
+}  // namespace sparseapps
+
+TORCH_LIBRARY_FRAGMENT(sparseapps, m) {
+  m.def("hashed_uniform_at(int seed, Tensor positions) -> Tensor", &sparseapps::hashed_uniform_at);
+  m.def(
+      "grow_select(Tensor? dense, Tensor? dy, Tensor? x, int rows, int cols, Tensor excluded, int n, int seed, "
+      "float tie_noise, bool random) -> Tensor",
+      &sparseapps::grow_select);
+  m.def("merge_positions(Tensor kept, Tensor grown) -> Tensor[]", &sparseapps::merge_positions);
+}

@@ -26,11 +26,12 @@ Writes ``results.json`` (every run and the summary), ``results.md`` and ``accura
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from torch import nn
 from sparseapps.core import PRESETS, DynamicSparsity, SparsityConfig
 from sparseapps.core.config import FORESIGHT_METHODS
 from sparseapps.core.io import write_atomic, write_json
+from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_cnn, make_mnist1d_mlp
 from sparseapps.demo import load_digits_tensors, make_mlp
 
@@ -82,6 +84,10 @@ class Args:
     )
     threads: int = field(
         default=1, metadata={"help": "torch CPU threads (1: comparable wall-clock on a shared machine)"}
+    )
+    combine: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "no training: merge the results.json of these output folders (e.g. one per task)"},
     )
     data_root: str = field(
         default="",
@@ -129,7 +135,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
         if isinstance(default, bool):
             parser.add_argument(option, action="store_true", help=f.metadata["help"])
         elif isinstance(default, tuple):
-            parser.add_argument(option, nargs="+", type=type(default[0]), help=f.metadata["help"])
+            parser.add_argument(
+                option, nargs="+", type=type(default[0]) if default else str, help=f.metadata["help"]
+            )
         else:
             parser.add_argument(option, type=type(default), help=f.metadata["help"])
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
@@ -302,7 +310,68 @@ def separated(points: list[Point]) -> dict[tuple[str, float], tuple[str, list[st
     return result
 
 
-def markdown(args: Args, points: list[Point], skipped: list[dict[str, object]]) -> str:
+#: The registered comparisons (docs/bench_methods_registration.md): each pruning criterion against magnitude on the
+#: same gradual schedule (gmp), paired by seed (same initialization and batch order). Movement pruning's claim
+#: (Sanh et al. 2020) is that it beats magnitude at high sparsity.
+REGISTERED_PAIRS = (("movement", "gmp"), ("taylor", "gmp"), ("obd", "gmp"))
+
+
+def paired_differences(
+    runs: list[Run], pairs: tuple[tuple[str, str], ...] = REGISTERED_PAIRS
+) -> list[dict[str, object]]:
+    """Per registered pair, task and sparsity: mean of (method - baseline) test accuracy over the seeds both ran,
+    its 95% CI half-width (Student's t over the paired differences) and whether the interval excludes 0.
+
+    Example:
+        >>> a = [Run(task="t", method="m", target_sparsity=0.9, seed=s, test_accuracy=0.6 + s / 100, sparsity=0.9,
+        ...          flops_fraction=0.1, steps=1, seconds=1.0) for s in range(3)]
+        >>> b = [Run(task="t", method="b", target_sparsity=0.9, seed=s, test_accuracy=0.5 + s / 100, sparsity=0.9,
+        ...          flops_fraction=0.1, steps=1, seconds=1.0) for s in range(3)]
+        >>> row = paired_differences(a + b, (("m", "b"),))[0]
+        >>> round(row["mean"], 3), row["seeds"], row["verdict"]
+        (0.1, 3, 'm better')
+    """
+    by_key = {(r.task, r.method, r.target_sparsity, r.seed): r.test_accuracy for r in runs}
+    rows = []
+    for method, baseline in pairs:
+        for task, sparsity in sorted({(r.task, r.target_sparsity) for r in runs if r.method == method}):
+            seeds = sorted(
+                r.seed
+                for r in runs
+                if (r.task, r.method, r.target_sparsity) == (task, method, sparsity)
+                and (task, baseline, sparsity, r.seed) in by_key
+            )
+            if len(seeds) < 2:
+                continue
+            diffs = [
+                by_key[(task, method, sparsity, s)] - by_key[(task, baseline, sparsity, s)] for s in seeds
+            ]
+            mean, half = statistics.fmean(diffs), confidence_half_width(diffs)
+            verdict = (
+                f"{method} better"
+                if mean - half > 0
+                else f"{baseline} better"
+                if mean + half < 0
+                else "no difference"
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "baseline": baseline,
+                    "task": task,
+                    "sparsity": sparsity,
+                    "seeds": len(seeds),
+                    "mean": mean,
+                    "ci95": half,
+                    "verdict": verdict,
+                }
+            )
+    return rows
+
+
+def markdown(
+    args: Args, points: list[Point], skipped: list[dict[str, object]], paired: list[dict[str, object]] = ()
+) -> str:
     """One table per task: a row per method, a column per sparsity (mean ± 95% CI), dense beside; a point the
     method cannot reach reads n/a, with the reason below the table."""
     sparsities = sorted(args.sparsities)
@@ -340,6 +409,21 @@ def markdown(args: Args, points: list[Point], skipped: list[dict[str, object]]) 
         for skip in skipped:
             if skip["task"] == task:
                 lines.append(f"- n/a: {skip['method']} at {skip['sparsity']:.0%}: {skip['reason']}")
+    if paired:
+        lines += [
+            "",
+            "## Registered comparisons (docs/bench_methods_registration.md)",
+            "",
+            "Paired by seed: mean of (method - baseline) test accuracy, 95% CI of the paired differences.",
+            "",
+            "| method | baseline | task | sparsity | seeds | difference | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in paired:
+            lines.append(
+                f"| {row['method']} | {row['baseline']} | {row['task']} | {row['sparsity']:.0%} | {row['seeds']} | "
+                f"{row['mean']:+.3f} ± {row['ci95']:.3f} | {row['verdict']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -397,7 +481,19 @@ def run_grid(args: Args) -> None:
     start = time.perf_counter()
     runs: list[Run] = []
     skipped: list[dict[str, object]] = []
-    for task_name in args.tasks:
+    for folder in args.combine:
+        saved = json.loads((Path(folder) / "results.json").read_text())
+        runs += [Run(**r) for r in saved["runs"]]
+        skipped += saved["skipped"]
+    if args.combine:  # the tables cover what the folders hold, in the order of the defaults
+        present = {r.task for r in runs}
+        args = replace(
+            args,
+            tasks=tuple(t for t in TASKS if t in present),
+            methods=tuple(sorted({r.method for r in runs} - {DENSE})),
+            sparsities=tuple(sorted({r.target_sparsity for r in runs} - {0.0})),
+        )
+    for task_name in () if args.combine else args.tasks:
         task = load_task(task_name, args)
         grid = [(DENSE, 0.0)] + [(m, s) for m in args.methods for s in args.sparsities]
         for method, sparsity in grid:
@@ -417,18 +513,21 @@ def run_grid(args: Args) -> None:
                 flush=True,
             )
     points = summarize(runs)
+    paired = paired_differences(runs)
     out = Path(args.out)
     write_json(
         out / "results.json",
         {
             "args": asdict(args),
             "torch": torch.__version__,
+            "cpu": cpu_model(),
             "runs": [asdict(r) for r in runs],
+            "paired": paired,
             "points": [asdict(p) for p in points],
             "skipped": skipped,
         },
     )
-    text = markdown(args, points, skipped)
+    text = markdown(args, points, skipped, paired) + f"\nCPU: {cpu_model()}; torch {torch.__version__}.\n"
     write_atomic(out / "results.md", text.encode())
     plot(args, points, out / "accuracy_vs_sparsity.png")
     print(

@@ -287,7 +287,7 @@ class SparsityConfig(PlainConfig):
         Args:
             name: one of :data:`PRESETS` (``static``, ``set``, ``rigl``, ``snfs``, ``ctre``, ``dsr``, ``srigl``,
                 ``gmp``, ``one_shot``, ``snip``, ``grasp``, ``synflow``, ``lottery``, ``taylor``, ``movement``,
-                ``obd``).
+                ``obd``, ``momentum_magnitude``).
             **overrides: any :class:`SparsityConfig` field, e.g. ``sparsity=0.95``.
         """
         if name not in PRESETS:
@@ -395,3 +395,6 @@ PRESETS["movement"] = {**PRESETS["gmp"], "drop": "movement"}
 # LeCun et al. 1990: OBD saliency 0.5 * H_ii * w^2 with H_ii the diagonal empirical Fisher (average of g^2 over
 # recent mini-batches, decay `momentum`), pruned gradually on GMP's schedule instead of once after training.
 PRESETS["obd"] = {**PRESETS["gmp"], "drop": "obd", "momentum": 0.99}
+# Momentum-based pruning (the survey's "magnitudes tracked over the last epochs"): |w| averaged with decay 0.99
+# (~100 steps, a few epochs of MNIST-1D) on GMP's schedule.
+PRESETS["momentum_magnitude"] = {**PRESETS["gmp"], "drop": "momentum_magnitude", "momentum": 0.99}

@@ -44,6 +44,7 @@ from torch import nn
 from sparseapps.core import scores, scoring
 
 __all__ = [
+    "accumulate_magnitude_",
     "accumulate_movement_",
     "accumulate_squared_gradient_",
     "empirical_fisher_diagonal",
@@ -77,6 +78,18 @@ def _obd(ctx: scores.ScoreContext) -> torch.Tensor:
     return obd_scores(ctx.weight, ctx.grad_squared)
 
 
+@scores.register_drop("momentum_magnitude", needs=("magnitude_average",))
+def _momentum_magnitude(ctx: scores.ScoreContext) -> torch.Tensor:
+    """Momentum-based pruning: ``|w|`` averaged over recent steps (decay ``momentum``), so a weight that is small
+    only now is not dropped before one that stayed small. The survey's layer-importance factor ``W_l / W_avg``
+    multiplies a whole tensor, so it changes nothing under per-tensor budgets (every preset here) and is left out."""
+    if ctx.magnitude_average is None:
+        raise RuntimeError(
+            f"{ctx.fqn!r}: the momentum_magnitude criterion needs 'magnitude_average', which was not collected"
+        )
+    return ctx.magnitude_average.float()
+
+
 # ---------------------------------------------------------------------------------------------- accumulators
 def accumulate_movement_(total: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Movement pruning's score after one more step: ``total -= grad * weight`` in place, returned.
@@ -96,6 +109,18 @@ def accumulate_movement_(total: torch.Tensor, weight: torch.Tensor, grad: torch.
         tensor([ 0.5000, -0.5000,  0.0000])
     """
     return total.addcmul_(grad.detach().to(total.dtype), weight.detach().to(total.dtype), value=-1.0)
+
+
+def accumulate_magnitude_(average: torch.Tensor, weight: torch.Tensor, decay: float) -> torch.Tensor:
+    """The exponential average of weight magnitudes, ``average = decay * average + (1 - decay) * |w|`` (in place).
+
+    Example:
+        >>> accumulate_magnitude_(torch.tensor([1.0, 0.0]), torch.tensor([-2.0, 3.0]), 0.5)
+        tensor([1.5000, 1.5000])
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+    return average.mul_(decay).add_(weight.detach().abs().to(average.dtype), alpha=1.0 - decay)
 
 
 def accumulate_squared_gradient_(average: torch.Tensor, grad: torch.Tensor, decay: float) -> torch.Tensor:

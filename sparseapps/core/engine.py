@@ -406,6 +406,10 @@ class DynamicSparsity:
         straight-through one) and the average of ``g * g`` (decay ``config.momentum``)."""
         if "movement" in self.traces:
             criteria.accumulate_movement_(self.traces["movement"][fqn], weight, grad)
+        if "magnitude_average" in self.traces:
+            criteria.accumulate_magnitude_(
+                self.traces["magnitude_average"][fqn], weight, self.config.momentum
+            )
         if "grad_squared" in self.traces:
             criteria.accumulate_squared_gradient_(
                 self.traces["grad_squared"][fqn], grad.float(), self.config.momentum
@@ -451,6 +455,7 @@ class DynamicSparsity:
             activations=self._activations.get(fqn),
             movement=self.traces.get("movement", {}).get(fqn),
             grad_squared=self.traces.get("grad_squared", {}).get(fqn),
+            magnitude_average=self.traces.get("magnitude_average", {}).get(fqn),
         )
 
     def drop_scores(self) -> dict[str, torch.Tensor]:

@@ -50,11 +50,14 @@ Kind = Literal["drop", "grow"]
 # exponential average of dense gradients, tracked every step), "ever_active" (entries active at any time so far),
 # "activations" (a Linear/Conv layer's inputs and outputs of the step before the update), and the traces
 # "movement" (-sum over steps of g * w, movement pruning) and "grad_squared" (an exponential average of g * g, the
-# diagonal empirical Fisher of OBD), each updated every step from the dense gradient.
-NEEDS = frozenset({"grad", "momentum", "ever_active", "activations", "movement", "grad_squared"})
+# diagonal empirical Fisher of OBD) and "magnitude_average" (an exponential average of |w|, momentum-based
+# pruning), each updated every step (the first two from the dense gradient).
+NEEDS = frozenset(
+    {"grad", "momentum", "ever_active", "activations", "movement", "grad_squared", "magnitude_average"}
+)
 # Needs that are dense per-entry state updated every step (so masked storage only, and not in row mode).
-EVERY_STEP = frozenset({"momentum", "movement", "grad_squared"})
-TRACES = ("movement", "grad_squared")
+EVERY_STEP = frozenset({"momentum", "movement", "grad_squared", "magnitude_average"})
+TRACES = ("movement", "grad_squared", "magnitude_average")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +76,7 @@ class ScoreContext:
         activations: ``([B, in, ...], [B, out, ...])`` the layer's inputs and outputs (``"activations"``).
         movement: ``[*S]`` ``-sum_t g_t * w_t`` over the steps so far (``"movement"`` in needs).
         grad_squared: ``[*S]`` the exponential average of ``g * g`` (``"grad_squared"`` in needs).
+        magnitude_average: ``[*S]`` the exponential average of ``|w|`` (``"magnitude_average"`` in needs).
     """
 
     fqn: str
@@ -86,6 +90,7 @@ class ScoreContext:
     activations: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     movement: torch.Tensor | None = None
     grad_squared: torch.Tensor | None = None
+    magnitude_average: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,6 +241,7 @@ def compute(criterion: Criterion, context: ScoreContext, tie_noise: float) -> to
         context.ever_active,
         context.movement,
         context.grad_squared,
+        context.magnitude_average,
         *(context.activations or ()),
     )
     storage = scores.untyped_storage().data_ptr()

@@ -308,3 +308,20 @@ def test_traces_resume_bit_for_bit_and_are_refused_where_they_cannot_be_kept() -
             SparsityConfig.preset("movement", sparsity=0.5, embedding_rows="looked_up"),
             total_steps=10,
         )
+
+
+def test_momentum_magnitude_averages_weight_magnitudes_every_step_and_prunes_by_them() -> None:
+    config = SparsityConfig.preset("momentum_magnitude", sparsity=0.9)
+    assert (config.method, config.drop, config.momentum) == ("gmp", "momentum_magnitude", 0.99)
+    assert scores.get("drop", "momentum_magnitude").needs == frozenset({"magnitude_average"})
+    engine, _, seen = _traced_run("momentum_magnitude", 12)
+    beta, average = engine.config.momentum, torch.zeros(8, 6)
+    for weight, _ in seen:  # the weights before each step (pruned ones are 0)
+        average = beta * average + (1 - beta) * weight.abs()
+    torch.testing.assert_close(engine.traces["magnitude_average"]["0.weight"], average, rtol=1e-5, atol=1e-7)
+    # the registered criterion drops the active weights of the lowest average, not of the lowest current |w|
+    t = engine.tensors["0.weight"]
+    after = rules.drop(t.mask, engine.drop_scores()["0.weight"], 3)
+    dropped = t.mask & ~after
+    trace = engine.traces["magnitude_average"]["0.weight"]
+    assert int(dropped.sum()) == 3 and float(trace[dropped].max()) <= float(trace[after].min())

@@ -84,6 +84,10 @@ class Args:
         default=10, metadata={"help": "deterministic evaluation episodes after training"}
     )
     threads: int = field(default=1, metadata={"help": "torch threads"})
+    layers_only: bool = field(
+        default=False,
+        metadata={"help": "only the hidden-layer cost table (seconds): where the wall-clock goes"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "seeds", "width", "wide_width", "update_interval", "eval_episodes", "threads"):
@@ -264,6 +268,59 @@ def summarize(args: Args, records: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def layer_costs(args: Args, repeats: int = 60) -> list[dict[str, Any]]:
+    """One hidden layer's forward + backward at SAC's batch (256), interleaved, medians: the dense agent's
+    ``width x width`` Linear and the wide agent's ``wide x wide`` CompactLinear holding the same number of weights
+    (density ``(width / wide)^2``, uniform fan-in). GFLOP/s counts the useful work of both: ``3 * 2 * B * weights``
+    (forward, input gradient, weight gradient)."""
+    batch, generator = 256, torch.Generator().manual_seed(0)
+    dense = nn.Linear(args.width, args.width)
+    wide = nn.Linear(args.wide_width, args.wide_width)
+    mask = torch.rand(wide.weight.shape, generator=generator) < (args.width / args.wide_width) ** 2
+    compact = CompactLinear.from_linear(wide, mask)
+    layers = {"dense": (dense, args.width), "compact": (compact, args.wide_width)}
+    inputs = {
+        name: torch.randn(batch, width, generator=generator, requires_grad=True)
+        for name, (_, width) in layers.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for repeat in range(repeats + 5):
+        for name, (layer, _) in layers.items():
+            start = time.perf_counter()
+            layer(inputs[name]).sum().backward()
+            if repeat >= 5:
+                times[name].append(time.perf_counter() - start)
+    weights = {"dense": dense.weight.numel(), "compact": compact.nnz}
+    rows = []
+    for name in layers:
+        seconds = statistics.median(times[name])
+        rows.append(
+            {
+                "layer": name,
+                "shape": f"{layers[name][1]}x{layers[name][1]}",
+                "weights": weights[name],
+                "ms": seconds * 1e3,
+                "gflops": 6 * batch * weights[name] / seconds / 1e9,
+            }
+        )
+    return rows
+
+
+def layer_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "Hidden layer, forward + backward at batch 256 (median of interleaved repeats):",
+        "",
+        "| layer | shape | weights | ms | useful GFLOP/s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['layer']} | {r['shape']} | {r['weights']} | {r['ms']:.3f} | {r['gflops']:.1f} |" for r in rows
+    ]
+    ratio = rows[1]["ms"] / rows[0]["ms"]
+    lines += ["", f"The wide compact layer costs {ratio:.2f}x the dense one for the same weights."]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(args: Args, sparsity: float, summary: dict[str, Any], machine: dict[str, Any]) -> str:
     """The results table (and the goal) as markdown."""
     lines = [
@@ -312,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{wide_counts['output_weights']} output weights -> sparsity {sparsity:.6f} "
         f"(density {1 - sparsity:.6f}) of the hidden weights"
     )
+    torch.set_num_threads(args.threads)
+    layers = layer_markdown(layer_costs(args))
+    print(layers)
+    if args.layers_only:
+        write_atomic(out / "layers.md", layers.encode())
+        return 0
     variants = [v for v in VARIANTS if v != "masked" or args.masked_steps]
     records: list[dict[str, Any]] = []
     table = ""
@@ -326,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             summary = summarize(args, records)
-            table = markdown(args, sparsity, summary, machine)
+            table = markdown(args, sparsity, summary, machine) + "\n" + layers
             result = {
                 "args": asdict(args),
                 "machine": machine,

@@ -42,7 +42,7 @@ from sparseapps.core.compact.layer import (
     move_entries,
     resize_to_checkpoint,
 )
-from sparseapps.core.kernels import reference
+from sparseapps.core.kernels import formats, reference
 
 __all__ = ["CompactEmbedding", "column_dtype", "compact_lookup"]
 
@@ -86,9 +86,9 @@ class CompactEmbedding(nn.Module):
         mask = mask.to(weight.device)
         positions = mask.reshape(-1).nonzero().squeeze(1)  # one int64 index (a 2-D mask index would make two)
         self.values = nn.Parameter(weight.detach().reshape(-1).index_select(0, positions))
-        row_ptr = torch.zeros(self.num_embeddings + 1, dtype=torch.int64, device=weight.device)
-        row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
-        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer(
+            "row_ptr", formats.row_pointers(positions, self.num_embeddings, self.embedding_dim)
+        )
         columns = positions.remainder_(self.embedding_dim).to(column_dtype(self.embedding_dim))
         self.register_buffer("col_indices", columns)
         self.capture_dense_grad = False

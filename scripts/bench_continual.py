@@ -17,14 +17,18 @@ every task seen so far) with the same MLP shape, optimizer (Adam), epochs and ba
 Reported: ACC (mean final accuracy over tasks), BWT, and the median training seconds per task; ours' time as a
 ratio to Naive's on the same stream and seed (the same loop; Naive trains a dense model of the same shape).
 
-Part 2 (sweep): ERK vs uniform at 80 / 90 / 95% sparsity per task x grow criterion random / unfired / gradient /
-momentum, on both streams, in two regimes:
+Part 2 (sweep): ERK vs uniform at 80 / 90 / 95% sparsity per task (``--sweep-sparsities``) x grow criterion
+random / unfired / gradient / momentum (``--sweep-grow``), on both streams, in two regimes:
 
 - ``strict``: strict isolation with ``capacity='redistribute'`` (a layer gives a task at most its fair share of
   the free weights, the surplus goes to the other layers). When ``n_tasks`` targets exceed the network (80% with
   5 tasks and ERK, 80-90% with 10 tasks) every task ends up with about ``1/T`` of each layer, ERK or not.
 - ``reuse``: ``capacity='free'`` with forward transfer, the closest to Yildirim et al.'s code: each task takes
   ``density_l`` of the free weights of layer ``l`` (ERK / uniform profile) and reads earlier tasks' frozen ones.
+
+The sweep also runs on Split-MNIST-1D (5 tasks x 2 classes) and Permuted-MNIST-1D (10 tasks x 10 classes)
+(``--sweep-streams``; MNIST-1D generated offline and cached, see ``make_benchmark``), with the same MLP on the
+flattened 40-point signals. Its table gives ERK - uniform paired by seed: the mean and a 95% t interval.
 
 Part 3 (time): Naive and ours interleaved on the first three Permuted-Digits tasks, median seconds per task.
 
@@ -70,6 +74,7 @@ from sparseapps.core.io import write_json
 
 METHODS = ("ours", "ours+transfer", "naive", "ewc", "lwf", "packnet", "dense-per-task")
 STREAMS = ("split-digits", "permuted-digits")
+SWEEP_STREAMS = (*STREAMS, "split-mnist1d", "permuted-mnist1d")
 SWEEP_SPARSITIES = (0.8, 0.9, 0.95)
 SWEEP_GROW = ("random", "unfired", "gradient", "momentum")
 SWEEP_DISTRIBUTIONS = ("erk", "uniform")
@@ -269,28 +274,47 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def paired_interval(differences: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """The two-sided ``confidence`` t interval of the mean of ``differences``; None for fewer than two."""
+    if len(differences) < 2:
+        return None
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.5 + confidence / 2, len(differences) - 1)) * statistics.stdev(differences)
+    half /= math.sqrt(len(differences))
+    mean = statistics.fmean(differences)
+    return mean - half, mean + half
+
+
 def format_sweep(rows: list[dict[str, Any]]) -> str:
+    """One line per (stream, regime, sparsity, grow): both ACCs, and ERK - uniform paired by seed with its 95%
+    t interval (over the seeds both distributions ran)."""
     lines = [
         f"{'stream':<16} {'regime':<7} {'sparsity':>8} {'grow':<9} {'ERK ACC':>17} {'uniform ACC':>17} "
-        f"{'ERK - uniform':>13}"
+        f"{'ERK - uniform':>13} {'95% CI':>19}"
     ]
     groups = sorted({(r["stream"], r["regime"], r["sparsity"], r["grow"]) for r in rows})
     for stream, regime, sparsity, grow in groups:
         cell = {
-            dist: [
-                r["acc"]
+            dist: {
+                r["seed"]: r["acc"]
                 for r in rows
                 if (r["stream"], r["regime"], r["sparsity"], r["grow"], r["distribution"])
                 == (stream, regime, sparsity, grow, dist)
-            ]
+            }
             for dist in SWEEP_DISTRIBUTIONS
         }
-        if not cell["erk"] or not cell["uniform"]:
+        seeds = sorted(cell["erk"].keys() & cell["uniform"].keys())
+        if not seeds:
             continue
-        diff = statistics.fmean(cell["erk"]) - statistics.fmean(cell["uniform"])
+        differences = [cell["erk"][seed] - cell["uniform"][seed] for seed in seeds]
+        interval = paired_interval(differences)
+        shown = f"[{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval is not None else "-"
         lines.append(
-            f"{stream:<16} {regime:<7} {sparsity:>8.2f} {grow:<9} {_mean_std(cell['erk']):>17} "
-            f"{_mean_std(cell['uniform']):>17} {diff:>+13.4f}"
+            f"{stream:<16} {regime:<7} {sparsity:>8.2f} {grow:<9} "
+            f"{_mean_std([cell['erk'][seed] for seed in seeds]):>17} "
+            f"{_mean_std([cell['uniform'][seed] for seed in seeds]):>17} "
+            f"{statistics.fmean(differences):>+13.4f} {shown:>19}"
         )
     return "\n".join(lines)
 
@@ -329,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method and stream")
     parser.add_argument("--epochs-split", type=int, default=10, help="epochs per task on Split-Digits")
     parser.add_argument("--epochs-permuted", type=int, default=5, help="epochs per task on Permuted-Digits")
+    parser.add_argument(
+        "--epochs-split-mnist1d", type=int, default=10, help="epochs per task on Split-MNIST-1D (sweep only)"
+    )
+    parser.add_argument(
+        "--epochs-permuted-mnist1d",
+        type=int,
+        default=5,
+        help="epochs per task on Permuted-MNIST-1D (sweep only)",
+    )
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="MLP hidden widths")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
     parser.add_argument("--streams", nargs="+", default=list(STREAMS), choices=STREAMS, help="streams")
@@ -338,7 +371,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sweep-seeds", type=int, help="seeds of the sweep (default: --seeds)")
     parser.add_argument(
-        "--sweep-streams", nargs="+", default=list(STREAMS), choices=STREAMS, help="streams of the sweep"
+        "--sweep-streams",
+        nargs="+",
+        default=list(STREAMS),
+        choices=SWEEP_STREAMS,
+        help="streams of the sweep",
+    )
+    parser.add_argument(
+        "--sweep-sparsities",
+        type=float,
+        nargs="+",
+        help=f"sparsities per task of the sweep, in (0, 1) (default {SWEEP_SPARSITIES}; --quick: 0.8 0.95)",
+    )
+    parser.add_argument(
+        "--sweep-grow", nargs="+", choices=SWEEP_GROW, help="grow criteria of the sweep (default: all four)"
     )
     parser.add_argument(
         "--sweep-regimes", nargs="+", default=list(SWEEP_REGIMES), choices=SWEEP_REGIMES, help="sweep regimes"
@@ -350,12 +396,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
         return 2
+    bad_sparsities = [s for s in args.sweep_sparsities or () if not 0.0 < s < 1.0]
+    if bad_sparsities:
+        print(f"error: --sweep-sparsities must lie in (0, 1), got {bad_sparsities}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     # the capacity each task got is recorded per run (weights_per_task); the policy's notice is not needed
     warnings.filterwarnings("ignore", message="capacity='redistribute'", category=UserWarning)
     seeds = 1 if args.quick else args.seeds
     sweep_seeds = 1 if args.quick else (args.sweep_seeds or args.seeds)
-    epochs = {"split-digits": args.epochs_split, "permuted-digits": args.epochs_permuted}
+    epochs = {
+        "split-digits": args.epochs_split,
+        "permuted-digits": args.epochs_permuted,
+        "split-mnist1d": args.epochs_split_mnist1d,
+        "permuted-mnist1d": args.epochs_permuted_mnist1d,
+    }
     if args.quick:
         epochs = {stream: 2 for stream in epochs}
     hidden = tuple(args.hidden)
@@ -381,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep_rows: list[dict[str, Any]] = []
     if not args.no_sweep:
-        sparsities = (0.8, 0.95) if args.quick else SWEEP_SPARSITIES
-        grows = ("random", "gradient") if args.quick else SWEEP_GROW
+        sparsities = args.sweep_sparsities or ((0.8, 0.95) if args.quick else SWEEP_SPARSITIES)
+        grows = args.sweep_grow or (("random", "gradient") if args.quick else SWEEP_GROW)
         for stream in args.sweep_streams:
             setting = Setting(stream=stream, epochs=epochs[stream], hidden=hidden)
             for seed in range(sweep_seeds):
@@ -403,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"ACC {row['acc']:.4f} weights/task {row['weights_per_task']}",
                             flush=True,
                         )
-        print(f"\nsweep, mean ± std over {sweep_seeds} seed(s)\n{format_sweep(sweep_rows)}")
+        print(
+            f"\nsweep, mean ± std over {sweep_seeds} seed(s); ERK - uniform paired by seed, 95% t interval\n"
+            f"{format_sweep(sweep_rows)}"
+        )
 
     timing: dict[str, Any] = {}
     if args.timing_rounds > 0:

@@ -1,6 +1,6 @@
 """Offline continual-learning benchmarks as Avalanche 0.6.0 scenarios.
 
-Six benchmarks, by name (``make_benchmark(name, ...)``):
+Eight benchmarks, by name (``make_benchmark(name, ...)``):
 
 - ``split-digits``: scikit-learn's digits (8x8 images, 1797 samples, bundled with scikit-learn, no download),
   a seeded stratified train/test split, the ten classes in a seeded order split into ``n_tasks`` tasks (default
@@ -11,6 +11,16 @@ Six benchmarks, by name (``make_benchmark(name, ...)``):
 - ``rotated-digits``: every task holds all ten digits rotated counterclockwise by a fixed angle,
   ``180 * t / n_tasks`` degrees for task ``t`` (default 5 tasks: 0, 36, 72, 108, 144 degrees); bilinear resampling,
   zeros outside the image.
+- ``split-mnist1d`` and ``permuted-mnist1d``: MNIST-1D (Greydanus & Kobak), the published dataset (mnist1d's
+  generator, seed 42, 4000 train / 1000 test signals of 40 points) generated offline and cached by
+  :func:`~sparseapps.core.mnist1d.load_mnist1d` under ``dataset_root`` (the cache root; None: ``$SPARSEAPPS_DATA``
+  or ``~/.cache/sparseapps/data``). A signal is a ``[1, 1, 40]`` sample. ``split-mnist1d`` splits the ten classes in
+  a seeded order into ``n_tasks`` tasks (default 5 x 2), as ``split-digits``; ``permuted-mnist1d`` gives every
+  task all ten classes with its own seeded permutation of the 40 positions (default 10 tasks), task 0 unpermuted,
+  as ``permuted-digits``. The signals are used as generated (about zero mean and unit variance, as mnist1d's own
+  training uses them), not rescaled to [0, 1]: the digits' scaling divides by their pixel maximum, which a signal
+  does not have. ``seed`` seeds the class order and the permutations; the dataset itself is always the published
+  one.
 - ``split-mnist`` (default 5 tasks), ``permuted-mnist`` (default 10 tasks) and ``split-cifar100`` (default 10
   tasks), read from a local ``dataset_root``; nothing is downloaded. Expected layouts:
 
@@ -25,7 +35,8 @@ Six benchmarks, by name (``make_benchmark(name, ...)``):
   files have no official checksum and are checked for format only. The CIFAR pickles are read with an unpickler
   that accepts only the numpy array constructors the official files use, so a crafted file cannot run code.
 
-Labels and task labels. Every sample is ``[x, y, t]``: ``x`` a float32 image ``[C, H, W]`` in [0, 1], ``y`` the
+Labels and task labels. Every sample is ``[x, y, t]``: ``x`` a float32 image ``[C, H, W]`` (in [0, 1] but for
+MNIST-1D's signals), ``y`` the
 label, ``t`` the task label, so the streams work with ``MultiTaskModule`` models and Avalanche's templates.
 
 - ``task_incremental=True``: experience ``t`` has task label ``t`` and labels ``0 .. k-1`` local to the task
@@ -79,7 +90,38 @@ from sparseapps.continual.streams import (
     build_split_benchmark,
     rotate_images,
 )
+from sparseapps.core.mnist1d import MNIST1D_LENGTH, load_mnist1d
 from sparseapps.core.validation import check_bool, check_choice, check_int
+
+MNIST1D_N_TASKS = {"split-mnist1d": 5, "permuted-mnist1d": 10}
+"""The MNIST-1D benchmarks and their default numbers of tasks. ``make_benchmark`` builds them besides
+``BENCHMARK_NAMES``, which (with ``DEFAULT_N_TASKS``) lives in :mod:`sparseapps.continual.config` and does not list
+them, so ``ContinualRun`` and the CLI do not offer them."""
+
+
+def load_mnist1d_signals(dataset_root: str | Path | None = None) -> tuple[LabeledImages, LabeledImages]:
+    """The published MNIST-1D (4000 train / 1000 test) as signals ``[N, 1, 1, 40]`` float32, from the cache.
+
+    Generated offline by mnist1d's ``make_dataset`` on first use and read from the checksummed cache afterwards
+    (:func:`~sparseapps.core.mnist1d.load_mnist1d`); nothing is downloaded.
+
+    Args:
+        dataset_root: the cache root; None for ``$SPARSEAPPS_DATA`` or ``~/.cache/sparseapps/data``.
+
+    Returns:
+        ``(train, test)`` with labels in 0..9 and ``scale = 1`` (the signals as generated).
+
+    Raises:
+        TypeError: ``dataset_root`` is neither None, a str nor a Path.
+        CorruptFileError: the cached file differs from its recorded checksum.
+    """
+    if dataset_root is not None and not isinstance(dataset_root, str | Path):
+        raise TypeError(f"dataset_root: expected a str or Path, got {type(dataset_root).__name__}")
+    x_train, y_train, x_test, y_test = load_mnist1d(dataset_root)
+    return (
+        LabeledImages(images=x_train.reshape(-1, 1, 1, MNIST1D_LENGTH), targets=y_train),
+        LabeledImages(images=x_test.reshape(-1, 1, 1, MNIST1D_LENGTH), targets=y_test),
+    )
 
 
 def make_benchmark(
@@ -90,15 +132,15 @@ def make_benchmark(
     dataset_root: str | Path | None = None,
     task_incremental: bool = True,
 ) -> Benchmark:
-    """Builds one of ``BENCHMARK_NAMES`` (see the module docstring for each).
+    """Builds one of ``BENCHMARK_NAMES`` or ``MNIST1D_N_TASKS`` (see the module docstring for each).
 
     Args:
         name: the benchmark, e.g. ``"split-digits"``.
-        n_tasks: number of tasks; ``DEFAULT_N_TASKS[name]`` when None. Split benchmarks need a divisor of the
-            number of classes (10 or 100).
+        n_tasks: number of tasks; ``DEFAULT_N_TASKS[name]`` (``MNIST1D_N_TASKS[name]``) when None. Split
+            benchmarks need a divisor of the number of classes (10 or 100).
         seed: seeds the digits train/test split, the class order and the permutations.
-        dataset_root: folder of the MNIST / CIFAR-100 files; required by those benchmarks, unused by the digits
-            ones.
+        dataset_root: folder of the MNIST / CIFAR-100 files, required by those benchmarks; the cache root of
+            MNIST-1D (optional); unused by the digits ones.
         task_incremental: task labels and per-task labels when True; class-incremental (task label 0, global
             labels) when False.
 
@@ -110,11 +152,15 @@ def make_benchmark(
             or train and test class sets that differ.
         FileNotFoundError: a dataset file is missing.
     """
-    check_choice("name", name, BENCHMARK_NAMES)
-    n_tasks = check_int(f"n_tasks of {name}", DEFAULT_N_TASKS[name] if n_tasks is None else n_tasks, low=1)
+    default_n_tasks = {**DEFAULT_N_TASKS, **MNIST1D_N_TASKS}
+    check_choice("name", name, default_n_tasks)
+    n_tasks = check_int(f"n_tasks of {name}", default_n_tasks[name] if n_tasks is None else n_tasks, low=1)
     check_int("seed", seed, low=0, high=2**32 - 1)
     check_bool("task_incremental", task_incremental)
-    train, test = load_source(name, seed=seed, dataset_root=dataset_root)
+    if name in MNIST1D_N_TASKS:
+        train, test = load_mnist1d_signals(dataset_root)
+    else:
+        train, test = load_source(name, seed=seed, dataset_root=dataset_root)
     if name.startswith("split-"):
         return build_split_benchmark(
             train, test, n_tasks=n_tasks, seed=seed, task_incremental=task_incremental, name=name
@@ -135,6 +181,7 @@ __all__ = [
     "CIFAR100_URL",
     "DEFAULT_N_TASKS",
     "DIGITS_TEST_FRACTION",
+    "MNIST1D_N_TASKS",
     "MNIST_MD5",
     "MNIST_STEMS",
     "MNIST_URLS",
@@ -146,6 +193,7 @@ __all__ = [
     "load_cifar100",
     "load_digits_split",
     "load_mnist",
+    "load_mnist1d_signals",
     "make_benchmark",
     "read_idx",
     "rotate_images",

@@ -346,16 +346,14 @@ def move_entries(
 ) -> Repack:
     """Moves a compact module's ``values`` (and their gradient) to the ascending positions ``new`` of its
     ``[rows, columns]`` shape, entry ``old_index[k]`` becoming entry ``new_index[k]``, and rebuilds ``row_ptr`` and
-    ``col_indices``; returns the :class:`Repack` for the optimizer state."""
+    ``col_indices`` (``new`` is overwritten); returns the :class:`Repack` for the optimizer state."""
     repack = Repack(old_index, new_index, nnz=new.numel())
     with torch.no_grad():
         module.values.data = repack.apply(module.values.detach())
         if module.values.grad is not None:
             module.values.grad = repack.apply(module.values.grad)
-    row = torch.div(new, columns, rounding_mode="floor")
-    module.row_ptr = torch.zeros_like(module.row_ptr)
-    module.row_ptr[1:] = torch.cumsum(torch.bincount(row, minlength=rows), 0)
-    module.col_indices = (new - row * columns).to(module.col_indices.dtype)
+    module.row_ptr = formats.row_pointers(new, rows, columns)
+    module.col_indices = new.remainder_(columns).to(module.col_indices.dtype)  # `new` is spent
     return repack
 
 

@@ -208,3 +208,15 @@ def test_a_non_finite_captured_gradient_is_named_before_the_update() -> None:
         else:
             optimizer.step()
     assert engine.step == 1
+
+
+def test_sorted_index_equals_its_twin() -> None:
+    haystack = torch.tensor([2, 5, 9, 14])
+    needles = torch.tensor([0, 2, 9, 10, 20])
+    assert ops.sorted_index(haystack, needles).tolist() == [-1, 0, 2, -1, -1]
+    assert torch.equal(
+        ops.sorted_index(haystack, needles), reference.sorted_index_reference(haystack, needles)
+    )
+    assert ops.sorted_index(torch.tensor([], dtype=torch.long), needles).tolist() == [-1] * 5
+    with pytest.raises(RuntimeError, match="not ascending"):
+        ops.sorted_index(haystack, torch.tensor([3, 1]))

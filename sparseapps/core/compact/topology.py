@@ -106,15 +106,14 @@ def update(engine: DynamicSparsity, fraction: float) -> rules.UpdateRecord:
     # An entry dropped and grown again in the same update stays, with its value and state (as in the dense path).
     for fqn, t in engine.tensors.items():
         positions = t.module.positions()
-        slot = torch.searchsorted(positions, grown[fqn]).clamp_(max=max(positions.numel() - 1, 0))
-        again = (
-            positions[slot] == grown[fqn]
-            if positions.numel()
-            else torch.zeros_like(grown[fqn], dtype=torch.bool)
-        )
+        if positions.device.type == "cpu" and library.ensure_loaded().compiled:
+            slot = torch.ops.sparseapps.sorted_index(positions, grown[fqn])
+        else:
+            slot = reference.sorted_index_reference(positions, grown[fqn])
+        again = slot >= 0
         if bool(again.any()):
             back = slot[again]
-            kept[fqn] = torch.cat([kept[fqn], back]).sort().values
+            kept[fqn] = _merge(kept[fqn], back)
             grown[fqn] = grown[fqn][~again]
     if engine.commit_hooks:  # the hooks read masks (continual ownership, RL targets, distributed checks)
         masks = {fqn: _mask(t.module, kept[fqn], grown[fqn]) for fqn, t in engine.tensors.items()}
@@ -153,6 +152,13 @@ def check_captured(engine: DynamicSparsity, step: int) -> None:
                 and not bool(torch.isfinite(part).all())
             ):
                 raise ValueError(f"non-finite gradient in {fqn!r} at update step {step}")
+
+
+def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The ascending union of two disjoint ascending index lists."""
+    if a.device.type == "cpu" and library.ensure_loaded().compiled:
+        return torch.ops.sparseapps.merge_positions(a, b)[0]
+    return reference.merge_positions_reference(a, b)[0]
 
 
 def _mask(module: CompactLinear, kept: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:

@@ -297,6 +297,20 @@ def grow_select_reference(
     return index[order].sort().values
 
 
+def sorted_index_reference(haystack: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
+    """``[len(needles)]`` int64: the index of each needle in the ascending ``haystack``, -1 where absent (the
+    compiled ``sorted_index``'s twin).
+
+    Example:
+        >>> sorted_index_reference(torch.tensor([2, 5, 9]), torch.tensor([1, 5, 9])).tolist()
+        [-1, 1, 2]
+    """
+    if haystack.numel() == 0:
+        return torch.full_like(needles, -1)
+    slot = torch.searchsorted(haystack, needles).clamp_(max=haystack.numel() - 1)
+    return torch.where(haystack[slot] == needles, slot, torch.full_like(slot, -1))
+
+
 def merge_positions_reference(kept: torch.Tensor, grown: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(merged, slots)``: the ascending union of two disjoint ascending position lists, and where each kept
     position landed (the compiled ``merge_positions``' twin).

@@ -4,7 +4,8 @@
 // - grow_select: the n best growth candidates of a layer, scored |g| + tie noise (or a uniform draw), where the
 //   dense gradient g = dy^T x is formed a block of rows at a time from the captured factors (or read from a dense
 //   gradient) and never held whole; the active entries are skipped by walking their sorted positions;
-// - merge_positions: the new entry list from the kept and the grown positions.
+// - merge_positions: the new entry list from the kept and the grown positions;
+// - sorted_index: where each of some ascending positions sits in an ascending list (-1 where absent).
 //
 // The selection is the one of select_top (ops.cpp) on the dense scores: best = higher score, ties to the lower
 // position. Scores match the dense path bit for bit: |g| + float(u * factor) with the product rounded first.
@@ -229,7 +230,7 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
   at::Tensor out = at::empty({n}, ex.options());
   if (n == 0) return out;
   const HashKey key(seed);
-  // Thresholds from a sample of the candidates keep ~2n (then ~8n) of them; noise is ignored there, and the result
+  // Thresholds from a sample of the candidates keep ~1.3n (then ~8n) of them; noise is ignored there, and the result
   // is checked below: with too few passing, the next threshold is tried, the last being none.
   std::vector<float> thresholds;
   if (size >= (int64_t{1} << 16) && 4 * n < available) {
@@ -242,7 +243,7 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
       if (std::binary_search(ep, ep + n_excluded, i)) continue;
       sample.push_back(random ? hashed_uniform_value(i, key.key0, key.high(i)) : source.sample(i));
     }
-    for (const double factor : {2.0, 8.0}) {
+    for (const double factor : {1.3, 8.0}) {
       const double share = factor * static_cast<double>(n) / static_cast<double>(available);
       if (sample.size() <= 256 || share >= 0.5) break;
       int64_t rank = static_cast<int64_t>(std::llround(static_cast<double>(sample.size()) * (1.0 - share)));
@@ -281,9 +282,38 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
     return a.key > b.key || (a.key == b.key && a.position < b.position);
   };
   if (count > n) std::nth_element(entries.begin(), entries.begin() + (n - 1), entries.end(), better);
+  // The n best are the entries at least as good as the n-th (the order is strict): read off the collected ones,
+  // which ascend by position, so the result needs no sort.
+  const Entry last = count > n ? entries[static_cast<size_t>(n - 1)] : Entry{-std::numeric_limits<float>::infinity(),
+                                                                             std::numeric_limits<int64_t>::max()};
   int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t t = 0; t < n; ++t) o[t] = entries[static_cast<size_t>(t)].position;
-  std::sort(o, o + n);
+  int64_t k = 0;
+  for (int64_t t = 0; t < count && k < n; ++t) {
+    const Entry e{c.keys[t], c.positions[t]};
+    if (!better(last, e)) o[k++] = e.position;
+  }
+  TORCH_CHECK(k == n, op, ": internal error, ", k, " entries selected for ", n);
+  return out;
+}
+
+at::Tensor sorted_index(const at::Tensor& haystack, const at::Tensor& needles) {
+  const char* op = "sparseapps::sorted_index";
+  for (const at::Tensor* t : {&haystack, &needles}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1, op,
+                ": expected 1-D int64 CPU positions, got ", t->scalar_type(), " ", t->sizes());
+  }
+  const at::Tensor h = haystack.contiguous(), q = needles.contiguous();
+  const int64_t nh = h.numel(), nq = q.numel();
+  at::Tensor out = at::empty({nq}, q.options());
+  const int64_t* hp = h.data_ptr<int64_t>();
+  const int64_t* qp = q.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  int64_t i = 0;
+  for (int64_t j = 0; j < nq; ++j) {
+    TORCH_CHECK(j == 0 || qp[j - 1] < qp[j], op, ": needles are not ascending at ", j);
+    while (i < nh && hp[i] < qp[j]) ++i;
+    o[j] = (i < nh && hp[i] == qp[j]) ? i : -1;
+  }
   return out;
 }
 
@@ -326,4 +356,5 @@ TORCH_LIBRARY_FRAGMENT(sparseapps, m) {
       "float tie_noise, bool random) -> Tensor",
       &sparseapps::grow_select);
   m.def("merge_positions(Tensor kept, Tensor grown) -> Tensor[]", &sparseapps::merge_positions);
+  m.def("sorted_index(Tensor haystack, Tensor needles) -> Tensor", &sparseapps::sorted_index);
 }

@@ -35,7 +35,12 @@ def test_tune_picks_a_candidate_and_leaves_the_library_configured_with_it(cache:
     assert _current() == (result.tile_bytes, result.gather_max_batch)
     assert result.cpu == tuning.cpu_model() and result.library.startswith(result.cpu)
     candidates = len(tuning.TILE_BYTES) * len(tuning.GATHER_MAX_BATCH)
+    grow = result.measured.pop("grow_select 2048x2048 b64")
     assert all(len(per) == candidates for per in result.measured.values())
+    assert (
+        len(grow) == len(tuning.GROW_BLOCK_ENTRIES) and result.grow_block_entries in tuning.GROW_BLOCK_ENTRIES
+    )
+    assert f"block={result.grow_block_entries >> 10}K" in grow
 
 
 def test_a_cached_entry_is_applied_without_measuring(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

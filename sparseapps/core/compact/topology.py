@@ -29,7 +29,7 @@ import torch
 from sparseapps.core import rules, scores, scoring
 from sparseapps.core.compact.embedding import CompactEmbedding
 from sparseapps.core.compact.layer import CompactLinear
-from sparseapps.core.kernels import library, reference
+from sparseapps.core.kernels import library, reference, tuning
 
 if TYPE_CHECKING:
     from sparseapps.core.engine import DynamicSparsity
@@ -100,7 +100,7 @@ def update(engine: DynamicSparsity, fraction: float) -> rules.UpdateRecord:
         rows, cols = module.weight_shape
         args = (dense, dy, x, rows, cols, excluded, count, seed, noise, random)
         if excluded.device.type == "cpu" and library.ensure_loaded().compiled:
-            grown[fqn] = torch.ops.sparseapps.grow_select(*args)
+            grown[fqn] = torch.ops.sparseapps.grow_select(*args, tuning.grow_block_entries())
         else:
             grown[fqn] = reference.grow_select_reference(*args)
     # An entry dropped and grown again in the same update stays, with its value and state (as in the dense path).

@@ -1,7 +1,8 @@
 """Kernel parameters chosen by measurement on the CPU that runs them, cached per CPU model.
 
-The compiled kernels have two knobs whose best values depend on the CPU's caches and instruction set, not on
-the model: ``tile_bytes`` (the byte budget of one column tile of transposed activations in the batched forward,
+The compiled kernels have three knobs whose best values depend on the CPU's caches and instruction set, not on
+the model (the third, ``grow_block_entries``, the block of a compact topology update's growth scan, is timed on
+its own workload after the first two): ``tile_bytes`` (the byte budget of one column tile of transposed activations in the batched forward,
 input-gradient and weight-gradient kernels: about half an L2 is a guess that is wrong by 2x on some CPUs) and
 ``gather_max_batch`` (small batches up to this size take the gather path instead of tiles). :func:`tune` times a
 fixed set of compact training and inference workloads under every candidate value (interleaved rounds, medians,
@@ -36,6 +37,16 @@ from sparseapps.core.io import write_json
 TUNE_VARIABLE = "SPARSEAPPS_TUNE"
 TILE_BYTES = (128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20)
 GATHER_MAX_BATCH = (1, 2, 4)
+#: Entries of the dense gradient ``dy^T x`` formed per block by ``grow_select`` (a compact topology update): the
+#: product of small blocks runs below the GEMM's speed, large ones fall out of L2 before the scan reads them.
+GROW_BLOCK_ENTRIES = (1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20)
+GROW_BLOCK_DEFAULT = 1 << 18
+_grow_block = GROW_BLOCK_DEFAULT
+
+
+def grow_block_entries() -> int:
+    """The ``block_entries`` of ``grow_select`` chosen for this CPU (the default until tuning has run)."""
+    return _grow_block
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +58,7 @@ class Tuning:
     library: str
     tile_bytes: int
     gather_max_batch: int
+    grow_block_entries: int = GROW_BLOCK_DEFAULT
     measured: dict[str, dict[str, float]]
     seconds: float
 
@@ -153,6 +165,8 @@ def tune(*, rounds: int = 5, verbose: bool = False) -> Tuning:
 
         tile, gather = min(candidates, key=lambda c: (score(c), c))
         description = torch.ops.sparseapps._configure("", gather, tile)
+        grow_times = _time_grow_blocks(rounds)
+        block = min(GROW_BLOCK_ENTRIES, key=lambda b: (grow_times[b], b))
     finally:
         torch.set_num_threads(threads)
     isa = str(description).split(";")[0].removeprefix("isa=")
@@ -162,9 +176,15 @@ def tune(*, rounds: int = 5, verbose: bool = False) -> Tuning:
         library=_key(isa),
         tile_bytes=tile,
         gather_max_batch=gather,
+        grow_block_entries=block,
         measured={
-            name: {f"tile={c[0] >> 10}K gather={c[1]}": round(t * 1e3, 4) for c, t in per.items()}
-            for name, per in medians.items()
+            **{
+                name: {f"tile={c[0] >> 10}K gather={c[1]}": round(t * 1e3, 4) for c, t in per.items()}
+                for name, per in medians.items()
+            },
+            "grow_select 2048x2048 b64": {
+                f"block={b >> 10}K": round(t * 1e3, 4) for b, t in grow_times.items()
+            },
         },
         seconds=round(time.perf_counter() - start, 2),
     )
@@ -173,6 +193,22 @@ def tune(*, rounds: int = 5, verbose: bool = False) -> Tuning:
             line = "  ".join(f"{k}: {v:.2f}" for k, v in per.items())
             print(f"[tuning] {name} (ms): {line}")
     return result
+
+
+def _time_grow_blocks(rounds: int) -> dict[int, float]:
+    """Median seconds of one growth scan (a 2048 x 2048 layer's ``|dy^T x|`` from batch-64 factors, 10% active,
+    the best 1% grown) per block size, interleaved."""
+    generator = torch.Generator().manual_seed(1)
+    dy, x = torch.randn(64, 2048, generator=generator), torch.randn(64, 2048, generator=generator)
+    excluded = torch.randperm(2048 * 2048, generator=generator)[: 2048 * 2048 // 10].sort().values
+    times: dict[int, list[float]] = {b: [] for b in GROW_BLOCK_ENTRIES}
+    for round_index in range(rounds + 1):
+        for block in GROW_BLOCK_ENTRIES:
+            begin = time.perf_counter()
+            torch.ops.sparseapps.grow_select(None, dy, x, 2048, 2048, excluded, 40_000, 7, 1e-5, False, block)
+            if round_index:
+                times[block].append(time.perf_counter() - begin)
+    return {b: statistics.median(t) for b, t in times.items()}
 
 
 def save(result: Tuning) -> Path:
@@ -190,8 +226,10 @@ def apply_tuning() -> dict[str, Any]:
     "tile_bytes": ..., "gather_max_batch": ...}``."""
     isa = str(torch.ops.sparseapps.kernel_info()).split(";")[0].removeprefix("isa=")
     entry = _read_cache().get(_key(isa))
+    global _grow_block
     if isinstance(entry, dict) and {"tile_bytes", "gather_max_batch"} <= entry.keys():
         torch.ops.sparseapps._configure("", int(entry["gather_max_batch"]), int(entry["tile_bytes"]))
+        _grow_block = int(entry.get("grow_block_entries", GROW_BLOCK_DEFAULT))
         return {
             "source": "cache",
             "tile_bytes": entry["tile_bytes"],
@@ -201,6 +239,7 @@ def apply_tuning() -> dict[str, Any]:
         info = str(torch.ops.sparseapps.kernel_info())
         return {"source": "defaults", "reason": f"{TUNE_VARIABLE}=off", "description": info}
     result = tune()
+    _grow_block = result.grow_block_entries
     with contextlib.suppress(OSError):  # a read-only checkout: the measurement holds for this process
         save(result)
     return {
@@ -224,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     path = save(result)
     print(
         f"[tuning] {result.cpu} ({result.isa}): tile_bytes={result.tile_bytes >> 10}K "
-        f"gather_max_batch={result.gather_max_batch} in {result.seconds:.1f} s -> {path}"
+        f"gather_max_batch={result.gather_max_batch} grow_block_entries={result.grow_block_entries >> 10}K "
+        f"in {result.seconds:.1f} s -> {path}"
     )
     return 0
 

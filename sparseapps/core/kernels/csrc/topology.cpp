@@ -143,9 +143,9 @@ void collect_rows(const GrowSource& source, int64_t r0, int64_t r1, const HashKe
 
 // All candidates passing `threshold` (excluded positions removed), in ascending position, and max |g|.
 Collected collect_all(const GrowSource& source, int64_t rows, const int64_t* excluded, int64_t n_excluded,
-                      const HashKey& key, float threshold) {
-  // Blocks of ~64K entries: the block of g stays in L2 between the product and the scan.
-  const int64_t block_rows = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, source.cols));
+                      const HashKey& key, float threshold, int64_t block_entries) {
+  // Blocks of ~block_entries (tuned per machine): the block of g stays in L2 between the product and the scan.
+  const int64_t block_rows = std::max<int64_t>(1, block_entries / std::max<int64_t>(1, source.cols));
   const int64_t n_blocks = (rows + block_rows - 1) / block_rows;
   std::vector<Collected> parts(static_cast<size_t>(n_blocks));
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -188,8 +188,9 @@ __attribute__((optimize("fp-contract=off"))) float noise_bound(float threshold, 
 
 at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::optional<at::Tensor>& dy,
                        const c10::optional<at::Tensor>& x, int64_t rows, int64_t cols, const at::Tensor& excluded,
-                       int64_t n, int64_t seed, double tie_noise, bool random) {
+                       int64_t n, int64_t seed, double tie_noise, bool random, int64_t block_entries) {
   const char* op = "sparseapps::grow_select";
+  TORCH_CHECK(block_entries >= 1, op, ": expected block_entries >= 1, got ", block_entries);
   TORCH_CHECK(rows >= 0 && cols >= 0, op, ": expected a non-negative shape, got [", rows, ", ", cols, "]");
   TORCH_CHECK(seed >= 0, op, ": expected seed >= 0, got ", seed);
   TORCH_CHECK(excluded.device().is_cpu() && excluded.scalar_type() == at::kLong && excluded.dim() == 1, op,
@@ -255,7 +256,7 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
   thresholds.push_back(-std::numeric_limits<float>::infinity());
   Collected c;
   for (const float threshold : thresholds) {
-    c = collect_all(source, rows, ep, n_excluded, key, threshold);
+    c = collect_all(source, rows, ep, n_excluded, key, threshold, block_entries);
     float factor = 0.0f;
     if (!random && tie_noise > 0) {
       const float magnitude = c.max_abs == 0.0f ? 1.0f : c.max_abs;
@@ -353,7 +354,7 @@ TORCH_LIBRARY_FRAGMENT(sparseapps, m) {
   m.def("hashed_uniform_at(int seed, Tensor positions) -> Tensor", &sparseapps::hashed_uniform_at);
   m.def(
       "grow_select(Tensor? dense, Tensor? dy, Tensor? x, int rows, int cols, Tensor excluded, int n, int seed, "
-      "float tie_noise, bool random) -> Tensor",
+      "float tie_noise, bool random, int block_entries=262144) -> Tensor",
       &sparseapps::grow_select);
   m.def("merge_positions(Tensor kept, Tensor grown) -> Tensor[]", &sparseapps::merge_positions);
   m.def("sorted_index(Tensor haystack, Tensor needles) -> Tensor", &sparseapps::sorted_index);

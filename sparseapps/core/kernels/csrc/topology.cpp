@@ -48,6 +48,7 @@ struct GrowSource {
   at::Tensor dy, x;              // dy [B, rows], x [B, cols]: g = dy^T x
   bool random = false;           // scores are u(seed, i) alone
   int64_t cols = 0;
+  float exact_factor = -1.0f;    // >= 0: a dense gradient's scores are formed whole, |g| + u * factor
 
   // Rows [r0, r1) of g (or nothing for random scores): a pointer to row-major [r1 - r0, cols] values.
   const float* block(int64_t r0, int64_t r1, at::Tensor& holder) const {
@@ -124,6 +125,19 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void scan(const flo
   out.max_abs = m;
 }
 
+// out[t] = u(base + t) (no g), or |g[t]| + float(u(base + t) * factor) as the dense path computes it.
+__attribute__((target_clones("avx512f", "avx2", "default"), optimize("fp-contract=off"))) void exact_scores(
+    const float* g, int64_t base, int64_t len, const HashKey& key, float factor, float* out) {
+  if (g == nullptr) {
+    for (int64_t t = 0; t < len; ++t) out[t] = hashed_uniform_value(base + t, key.key0, key.high(base + t));
+    return;
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    const float noise = hashed_uniform_value(base + t, key.key0, key.high(base + t)) * factor;
+    out[t] = std::fabs(g[t]) + noise;
+  }
+}
+
 // Entries of rows [r0, r1) whose score passes `threshold`, the excluded ones included (removed afterwards).
 void collect_rows(const GrowSource& source, int64_t r0, int64_t r1, const HashKey& key, float threshold,
                   Collected& out) {
@@ -131,10 +145,10 @@ void collect_rows(const GrowSource& source, int64_t r0, int64_t r1, const HashKe
   at::Tensor holder;
   const float* g = source.block(r0, r1, holder);
   const int64_t base = r0 * cols, len = (r1 - r0) * cols;
-  if (g == nullptr) {  // random scores: the block's uniform draws
-    std::vector<float> u(static_cast<size_t>(len));
-    for (int64_t t = 0; t < len; ++t) u[static_cast<size_t>(t)] = hashed_uniform_value(base + t, key.key0, key.high(base + t));
-    scan(u.data(), len, base, threshold, out);
+  if (g == nullptr || source.exact_factor >= 0.0f) {  // the block's exact scores: uniform draws, or |g| + noise
+    std::vector<float> scores(static_cast<size_t>(len));
+    exact_scores(g, base, len, key, std::max(source.exact_factor, 0.0f), scores.data());
+    scan(scores.data(), len, base, threshold, out);
     out.max_abs = 0.0f;
     return;
   }
@@ -231,6 +245,17 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
   at::Tensor out = at::empty({n}, ex.options());
   if (n == 0) return out;
   const HashKey key(seed);
+  // A dense gradient is read once for its largest |g| (the tie-noise scale), so that the scan can then threshold
+  // the exact scores: with many equal gradients (an embedding table's rows not looked up are all 0) a threshold on
+  // |g| alone would let every tie through.
+  if (source.dense != nullptr && tie_noise > 0) {
+    float m = 0.0f;
+    for (int64_t i = 0; i < size; ++i) m = std::max(m, std::fabs(source.dense[i]));
+    source.exact_factor = (m == 0.0f ? 1.0f : m) * static_cast<float>(tie_noise);
+  } else if (source.dense != nullptr) {
+    source.exact_factor = 0.0f;
+  }
+  const bool exact = random || source.exact_factor >= 0.0f;
   // Thresholds from a sample of the candidates keep ~1.3n (then ~8n) of them; noise is ignored there, and the result
   // is checked below: with too few passing, the next threshold is tried, the last being none.
   std::vector<float> thresholds;
@@ -242,7 +267,9 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
       const int64_t i = std::min(size - 1, i0 + static_cast<int64_t>(fmix32(static_cast<uint32_t>(i0 / stride) + 1u) %
                                                                      static_cast<uint32_t>(stride)));
       if (std::binary_search(ep, ep + n_excluded, i)) continue;
-      sample.push_back(random ? hashed_uniform_value(i, key.key0, key.high(i)) : source.sample(i));
+      float value = 0.0f;
+      if (exact) exact_scores(random ? nullptr : source.dense + i, i, 1, key, source.exact_factor, &value);
+      sample.push_back(exact ? value : source.sample(i));
     }
     for (const double factor : {1.3, 8.0}) {
       const double share = factor * static_cast<double>(n) / static_cast<double>(available);
@@ -257,8 +284,12 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
   Collected c;
   for (const float threshold : thresholds) {
     c = collect_all(source, rows, ep, n_excluded, key, threshold, block_entries);
+    if (exact) {  // every candidate left out scores below the threshold
+      if (static_cast<int64_t>(c.keys.size()) >= n) break;
+      continue;
+    }
     float factor = 0.0f;
-    if (!random && tie_noise > 0) {
+    if (tie_noise > 0) {
       const float magnitude = c.max_abs == 0.0f ? 1.0f : c.max_abs;
       factor = magnitude * static_cast<float>(tie_noise);
       add_noise(c, key, factor);

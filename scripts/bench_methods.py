@@ -481,10 +481,17 @@ def run_grid(args: Args) -> None:
     start = time.perf_counter()
     runs: list[Run] = []
     skipped: list[dict[str, object]] = []
+    seen: set[tuple[str, str, float, int]] = set()
     for folder in args.combine:
         saved = json.loads((Path(folder) / "results.json").read_text())
-        runs += [Run(**r) for r in saved["runs"]]
-        skipped += saved["skipped"]
+        for run in (Run(**r) for r in saved["runs"]):
+            key = (run.task, run.method, run.target_sparsity, run.seed)
+            if (
+                key not in seen
+            ):  # a folder that re-ran a point (e.g. dense beside an added preset): first one kept
+                seen.add(key)
+                runs.append(run)
+        skipped += [k for k in saved["skipped"] if k not in skipped]
     if args.combine:  # the tables cover what the folders hold, in the order of the defaults
         present = {r.task for r in runs}
         args = replace(

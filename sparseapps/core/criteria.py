@@ -50,6 +50,7 @@ __all__ = [
     "empirical_fisher_diagonal",
     "hutchinson_diagonal",
     "obd_scores",
+    "record_last_magnitude_",
 ]
 
 
@@ -90,6 +91,28 @@ def _momentum_magnitude(ctx: scores.ScoreContext) -> torch.Tensor:
     return ctx.magnitude_average.float()
 
 
+@scores.register_grow("fisher", needs=("grad_squared",))
+def _fisher(ctx: scores.ScoreContext) -> torch.Tensor:
+    """Second-order growth: the diagonal empirical Fisher ``E[g * g]`` (decay ``momentum``) of the inactive
+    entries, the curvature an entry's loss would have if it were grown (OBD's Hessian estimate, read for growth)."""
+    if ctx.grad_squared is None:
+        raise RuntimeError(f"{ctx.fqn!r}: the fisher criterion needs 'grad_squared', which was not collected")
+    return ctx.grad_squared.float()
+
+
+@scores.register_grow("last_magnitude", needs=("last_magnitude",))
+def _last_magnitude(ctx: scores.ScoreContext) -> torch.Tensor:
+    """Magnitude-based regrowth: entries pruned at earlier updates come back in order of the magnitude they had when
+    last active. Entries active now (the ones this update may drop) and never-active ones score 0 (ties broken at
+    random by the tie noise): otherwise every entry dropped by this update would outscore the rest and be grown back
+    at once, undoing the update."""
+    if ctx.last_magnitude is None:
+        raise RuntimeError(
+            f"{ctx.fqn!r}: the last_magnitude criterion needs 'last_magnitude', which was not collected"
+        )
+    return torch.where(ctx.mask, 0.0, ctx.last_magnitude.float())
+
+
 # ---------------------------------------------------------------------------------------------- accumulators
 def accumulate_movement_(total: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Movement pruning's score after one more step: ``total -= grad * weight`` in place, returned.
@@ -121,6 +144,16 @@ def accumulate_magnitude_(average: torch.Tensor, weight: torch.Tensor, decay: fl
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay!r}")
     return average.mul_(decay).add_(weight.detach().abs().to(average.dtype), alpha=1.0 - decay)
+
+
+def record_last_magnitude_(last: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``last = |w|`` where ``mask`` (the active entries), unchanged elsewhere (in place).
+
+    Example:
+        >>> record_last_magnitude_(torch.tensor([0.5, 0.7]), torch.tensor([-2.0, 0.0]), torch.tensor([True, False]))
+        tensor([2.0000, 0.7000])
+    """
+    return last.copy_(torch.where(mask, weight.detach().abs().to(last.dtype), last))
 
 
 def accumulate_squared_gradient_(average: torch.Tensor, grad: torch.Tensor, decay: float) -> torch.Tensor:

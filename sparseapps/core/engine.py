@@ -406,6 +406,8 @@ class DynamicSparsity:
         straight-through one) and the average of ``g * g`` (decay ``config.momentum``)."""
         if "movement" in self.traces:
             criteria.accumulate_movement_(self.traces["movement"][fqn], weight, grad)
+        if "last_magnitude" in self.traces:
+            criteria.record_last_magnitude_(self.traces["last_magnitude"][fqn], weight, self.tensors[fqn].mask)
         if "magnitude_average" in self.traces:
             criteria.accumulate_magnitude_(
                 self.traces["magnitude_average"][fqn], weight, self.config.momentum
@@ -456,6 +458,7 @@ class DynamicSparsity:
             movement=self.traces.get("movement", {}).get(fqn),
             grad_squared=self.traces.get("grad_squared", {}).get(fqn),
             magnitude_average=self.traces.get("magnitude_average", {}).get(fqn),
+            last_magnitude=self.traces.get("last_magnitude", {}).get(fqn),
         )
 
     def drop_scores(self) -> dict[str, torch.Tensor]:

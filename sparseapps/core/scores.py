@@ -50,14 +50,24 @@ Kind = Literal["drop", "grow"]
 # exponential average of dense gradients, tracked every step), "ever_active" (entries active at any time so far),
 # "activations" (a Linear/Conv layer's inputs and outputs of the step before the update), and the traces
 # "movement" (-sum over steps of g * w, movement pruning) and "grad_squared" (an exponential average of g * g, the
-# diagonal empirical Fisher of OBD) and "magnitude_average" (an exponential average of |w|, momentum-based
-# pruning), each updated every step (the first two from the dense gradient).
+# diagonal empirical Fisher of OBD), "magnitude_average" (an exponential average of |w|, momentum-based
+# pruning) and "last_magnitude" (|w| of each entry when it was last active: magnitude-based regrowth), each updated
+# every step (the first two from the dense gradient).
 NEEDS = frozenset(
-    {"grad", "momentum", "ever_active", "activations", "movement", "grad_squared", "magnitude_average"}
+    {
+        "grad",
+        "momentum",
+        "ever_active",
+        "activations",
+        "movement",
+        "grad_squared",
+        "magnitude_average",
+        "last_magnitude",
+    }
 )
 # Needs that are dense per-entry state updated every step (so masked storage only, and not in row mode).
-EVERY_STEP = frozenset({"momentum", "movement", "grad_squared", "magnitude_average"})
-TRACES = ("movement", "grad_squared", "magnitude_average")
+EVERY_STEP = frozenset({"momentum", "movement", "grad_squared", "magnitude_average", "last_magnitude"})
+TRACES = ("movement", "grad_squared", "magnitude_average", "last_magnitude")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +87,8 @@ class ScoreContext:
         movement: ``[*S]`` ``-sum_t g_t * w_t`` over the steps so far (``"movement"`` in needs).
         grad_squared: ``[*S]`` the exponential average of ``g * g`` (``"grad_squared"`` in needs).
         magnitude_average: ``[*S]`` the exponential average of ``|w|`` (``"magnitude_average"`` in needs).
+        last_magnitude: ``[*S]`` ``|w|`` of each entry at the last step it was active, 0 if never
+            (``"last_magnitude"`` in needs).
     """
 
     fqn: str
@@ -91,6 +103,7 @@ class ScoreContext:
     movement: torch.Tensor | None = None
     grad_squared: torch.Tensor | None = None
     magnitude_average: torch.Tensor | None = None
+    last_magnitude: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,6 +255,7 @@ def compute(criterion: Criterion, context: ScoreContext, tie_noise: float) -> to
         context.movement,
         context.grad_squared,
         context.magnitude_average,
+        context.last_magnitude,
         *(context.activations or ()),
     )
     storage = scores.untyped_storage().data_ptr()

@@ -325,3 +325,58 @@ def test_momentum_magnitude_averages_weight_magnitudes_every_step_and_prunes_by_
     dropped = t.mask & ~after
     trace = engine.traces["magnitude_average"]["0.weight"]
     assert int(dropped.sum()) == 3 and float(trace[dropped].max()) <= float(trace[after].min())
+
+
+def _dst_run(
+    grow: str, steps: int
+) -> tuple[DynamicSparsity, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """A tiny RigL-scheduled run growing by ``grow``; records (weight before the step, gradient, mask) of layer 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = SparsityConfig.preset("rigl", sparsity=0.5, seed=0, update_interval=4, grow=grow, momentum=0.9)
+    engine = DynamicSparsity(model, optimizer, config, total_steps=40)
+    seen = []
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 6, generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), torch.arange(4) % 3).backward()
+        seen.append(
+            (
+                model[0].weight.detach().clone(),
+                model[0].weight.grad.detach().clone(),
+                engine.masks["0.weight"].clone(),
+            )
+        )
+        optimizer.step()
+    return engine, seen
+
+
+def test_fisher_growth_reads_the_squared_gradient_average_and_grows_its_largest_inactive_entries() -> None:
+    assert scores.get("grow", "fisher").needs == frozenset({"grad_squared"})
+    engine, seen = _dst_run("fisher", 11)
+    average = torch.zeros(8, 6)
+    for _, grad, _ in seen:
+        average = 0.9 * average + 0.1 * grad * grad
+    trace = engine.traces["grad_squared"]["0.weight"]
+    torch.testing.assert_close(trace, average, rtol=1e-5, atol=1e-9)
+    mask = engine.masks["0.weight"]
+    after = rules.grow(mask, engine.grow_scores()["0.weight"], 3)
+    grown = after & ~mask
+    assert int(grown.sum()) == 3 and float(trace[grown].min()) >= float(trace[~after].max())
+
+
+def test_last_magnitude_regrowth_brings_back_the_pruned_entries_of_largest_former_magnitude() -> None:
+    assert scores.get("grow", "last_magnitude").needs == frozenset({"last_magnitude"})
+    engine, seen = _dst_run("last_magnitude", 11)
+    last = torch.zeros(8, 6)
+    for weight, _, mask in seen:
+        last = torch.where(mask, weight.abs(), last)
+    trace = engine.traces["last_magnitude"]["0.weight"]
+    torch.testing.assert_close(trace, last)
+    mask = engine.masks["0.weight"]
+    assert bool((trace[~mask] > 0).any())  # entries dropped at the updates remember their magnitude
+    after = rules.grow(mask, engine.grow_scores()["0.weight"], 2)
+    grown = after & ~mask
+    assert float(trace[grown].min()) >= float(trace[~after].max())

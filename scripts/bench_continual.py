@@ -71,6 +71,7 @@ from sparseapps.continual.models import (
 from sparseapps.continual.plugin import SparseIsolationPlugin, continual_evaluator
 from sparseapps.core import SparsityConfig
 from sparseapps.core.io import write_json
+from sparseapps.core.stats import paired_interval
 
 METHODS = ("ours", "ours+transfer", "naive", "ewc", "lwf", "packnet", "dense-per-task")
 STREAMS = ("split-digits", "permuted-digits")
@@ -272,18 +273,6 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
             f"{s['parameters']:>8}"
         )
     return "\n".join(lines)
-
-
-def paired_interval(differences: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
-    """The two-sided ``confidence`` t interval of the mean of ``differences``; None for fewer than two."""
-    if len(differences) < 2:
-        return None
-    from scipy.stats import t as student_t
-
-    half = float(student_t.ppf(0.5 + confidence / 2, len(differences) - 1)) * statistics.stdev(differences)
-    half /= math.sqrt(len(differences))
-    mean = statistics.fmean(differences)
-    return mean - half, mean + half
 
 
 def format_sweep(rows: list[dict[str, Any]]) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from sparseapps.core.config import FORESIGHT_METHODS
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_cnn, make_mnist1d_mlp
+from sparseapps.core.stats import confidence_half_width
 from sparseapps.demo import load_digits_tensors, make_mlp
 
 TASKS = ("mnist1d-mlp", "mnist1d-cnn", "digits-mlp")
@@ -265,20 +265,6 @@ class Point:
     @property
     def high(self) -> float:
         return self.mean + self.ci95
-
-
-def confidence_half_width(values: list[float]) -> float:
-    """Half-width of the 95% confidence interval of the mean (Student's t, ``n - 1`` degrees of freedom).
-
-    Example:
-        >>> round(confidence_half_width([0.5, 0.7]), 4)  # t(0.975, 1) = 12.706, s = 0.1414, n = 2
-        1.2706
-    """
-    from scipy.stats import t
-
-    if len(values) < 2:
-        return math.nan
-    return float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def summarize(runs: list[Run]) -> list[Point]:

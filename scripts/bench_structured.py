@@ -44,9 +44,10 @@ from sparseapps.core.mnist1d import (
     make_mnist1d_mlp,
 )
 from sparseapps.core.shrink import UNIT_CRITERIA, merge_similar_units, prune_units, slimming_penalty
+from sparseapps.core.stats import confidence_half_width
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import accuracy, confidence_half_width  # scripts/ is not a package
+from bench_methods import accuracy  # scripts/ is not a package
 
 DENSE = "dense"
 MERGE = "merge"

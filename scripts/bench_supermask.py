@@ -44,11 +44,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_methods import confidence_half_width  # the sibling benchmark's Student's t interval
 from torch import nn
 
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_mlp
+from sparseapps.core.stats import confidence_half_width
 from sparseapps.core.supermask import (
     WANN_WEIGHTS,
     edge_popup_optimizer,

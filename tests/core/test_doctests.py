@@ -31,6 +31,10 @@ MODULES = [
     "sparseapps.core.obs",
     "sparseapps.core.kernels.formats",
     "sparseapps.core.kernels.reference",
+    "sparseapps.core.stats",
+    "sparseapps.core.sparsegpt",
+    "sparseapps.core.shrink",
+    "sparseapps.core.supermask",
 ]
 
 

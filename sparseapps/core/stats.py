@@ -1,0 +1,44 @@
+"""Confidence intervals of means over seeds (Student's t), shared by the benchmarks and the domain summaries.
+
+Example:
+    >>> round(confidence_half_width([0.5, 0.7]), 4)  # t(0.975, 1) = 12.706, s = 0.1414, n = 2
+    1.2706
+    >>> low, high = paired_interval([0.1, 0.2, 0.3])
+    >>> round(low, 4), round(high, 4)
+    (-0.0484, 0.4484)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+__all__ = ["confidence_half_width", "paired_interval", "t_quantile"]
+
+
+def t_quantile(confidence: float, degrees: int) -> float:
+    """The two-sided ``confidence`` quantile of Student's t with ``degrees`` degrees of freedom."""
+    if not 0.0 < confidence < 1.0 or degrees < 1:
+        raise ValueError(
+            f"expected confidence in (0, 1) and degrees >= 1, got {confidence!r} and {degrees!r}"
+        )
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2, degrees))
+
+
+def confidence_half_width(values: Sequence[float], confidence: float = 0.95) -> float:
+    """Half-width of the ``confidence`` interval of the mean of ``values`` (``n - 1`` degrees of freedom); NaN
+    for fewer than two values."""
+    if len(values) < 2:
+        return math.nan
+    return t_quantile(confidence, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """``(low, high)``: the ``confidence`` interval of the mean of paired ``differences``; None for fewer than two."""
+    if len(differences) < 2:
+        return None
+    mean, half = statistics.fmean(differences), confidence_half_width(differences, confidence)
+    return mean - half, mean + half

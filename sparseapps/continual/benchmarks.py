@@ -79,6 +79,7 @@ from sparseapps.continual.sources import (
     load_cifar100,
     load_digits_split,
     load_mnist,
+    load_mnist1d_signals,
     load_source,
     read_idx,
 )
@@ -90,38 +91,7 @@ from sparseapps.continual.streams import (
     build_split_benchmark,
     rotate_images,
 )
-from sparseapps.core.mnist1d import MNIST1D_LENGTH, load_mnist1d
 from sparseapps.core.validation import check_bool, check_choice, check_int
-
-MNIST1D_N_TASKS = {"split-mnist1d": 5, "permuted-mnist1d": 10}
-"""The MNIST-1D benchmarks and their default numbers of tasks. ``make_benchmark`` builds them besides
-``BENCHMARK_NAMES``, which (with ``DEFAULT_N_TASKS``) lives in :mod:`sparseapps.continual.config` and does not list
-them, so ``ContinualRun`` and the CLI do not offer them."""
-
-
-def load_mnist1d_signals(dataset_root: str | Path | None = None) -> tuple[LabeledImages, LabeledImages]:
-    """The published MNIST-1D (4000 train / 1000 test) as signals ``[N, 1, 1, 40]`` float32, from the cache.
-
-    Generated offline by mnist1d's ``make_dataset`` on first use and read from the checksummed cache afterwards
-    (:func:`~sparseapps.core.mnist1d.load_mnist1d`); nothing is downloaded.
-
-    Args:
-        dataset_root: the cache root; None for ``$SPARSEAPPS_DATA`` or ``~/.cache/sparseapps/data``.
-
-    Returns:
-        ``(train, test)`` with labels in 0..9 and ``scale = 1`` (the signals as generated).
-
-    Raises:
-        TypeError: ``dataset_root`` is neither None, a str nor a Path.
-        CorruptFileError: the cached file differs from its recorded checksum.
-    """
-    if dataset_root is not None and not isinstance(dataset_root, str | Path):
-        raise TypeError(f"dataset_root: expected a str or Path, got {type(dataset_root).__name__}")
-    x_train, y_train, x_test, y_test = load_mnist1d(dataset_root)
-    return (
-        LabeledImages(images=x_train.reshape(-1, 1, 1, MNIST1D_LENGTH), targets=y_train),
-        LabeledImages(images=x_test.reshape(-1, 1, 1, MNIST1D_LENGTH), targets=y_test),
-    )
 
 
 def make_benchmark(
@@ -132,11 +102,11 @@ def make_benchmark(
     dataset_root: str | Path | None = None,
     task_incremental: bool = True,
 ) -> Benchmark:
-    """Builds one of ``BENCHMARK_NAMES`` or ``MNIST1D_N_TASKS`` (see the module docstring for each).
+    """Builds one of ``BENCHMARK_NAMES`` (see the module docstring for each).
 
     Args:
         name: the benchmark, e.g. ``"split-digits"``.
-        n_tasks: number of tasks; ``DEFAULT_N_TASKS[name]`` (``MNIST1D_N_TASKS[name]``) when None. Split
+        n_tasks: number of tasks; ``DEFAULT_N_TASKS[name]`` when None. Split
             benchmarks need a divisor of the number of classes (10 or 100).
         seed: seeds the digits train/test split, the class order and the permutations.
         dataset_root: folder of the MNIST / CIFAR-100 files, required by those benchmarks; the cache root of
@@ -152,15 +122,11 @@ def make_benchmark(
             or train and test class sets that differ.
         FileNotFoundError: a dataset file is missing.
     """
-    default_n_tasks = {**DEFAULT_N_TASKS, **MNIST1D_N_TASKS}
-    check_choice("name", name, default_n_tasks)
-    n_tasks = check_int(f"n_tasks of {name}", default_n_tasks[name] if n_tasks is None else n_tasks, low=1)
+    check_choice("name", name, BENCHMARK_NAMES)
+    n_tasks = check_int(f"n_tasks of {name}", DEFAULT_N_TASKS[name] if n_tasks is None else n_tasks, low=1)
     check_int("seed", seed, low=0, high=2**32 - 1)
     check_bool("task_incremental", task_incremental)
-    if name in MNIST1D_N_TASKS:
-        train, test = load_mnist1d_signals(dataset_root)
-    else:
-        train, test = load_source(name, seed=seed, dataset_root=dataset_root)
+    train, test = load_source(name, seed=seed, dataset_root=dataset_root)
     if name.startswith("split-"):
         return build_split_benchmark(
             train, test, n_tasks=n_tasks, seed=seed, task_incremental=task_incremental, name=name
@@ -181,7 +147,6 @@ __all__ = [
     "CIFAR100_URL",
     "DEFAULT_N_TASKS",
     "DIGITS_TEST_FRACTION",
-    "MNIST1D_N_TASKS",
     "MNIST_MD5",
     "MNIST_STEMS",
     "MNIST_URLS",

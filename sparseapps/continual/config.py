@@ -35,6 +35,8 @@ BENCHMARK_NAMES = (
     "split-mnist",
     "permuted-mnist",
     "split-cifar100",
+    "split-mnist1d",
+    "permuted-mnist1d",
 )
 """Every benchmark :func:`~sparseapps.continual.benchmarks.make_benchmark` builds."""
 DEFAULT_N_TASKS = {
@@ -44,6 +46,8 @@ DEFAULT_N_TASKS = {
     "split-mnist": 5,
     "permuted-mnist": 10,
     "split-cifar100": 10,
+    "split-mnist1d": 5,
+    "permuted-mnist1d": 10,
 }
 Capacity = Literal["equal", "redistribute", "free"]
 CAPACITIES = ("equal", "redistribute", "free")

@@ -25,6 +25,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from sparseapps.continual.streams import LabeledImages
+from sparseapps.core.mnist1d import MNIST1D_LENGTH, load_mnist1d
 from sparseapps.core.validation import check_bool, check_int
 
 DIGITS_TEST_FRACTION = 0.25
@@ -342,13 +343,41 @@ def load_cifar100(
     )
 
 
+def load_mnist1d_signals(dataset_root: str | Path | None = None) -> tuple[LabeledImages, LabeledImages]:
+    """The published MNIST-1D (4000 train / 1000 test) as signals ``[N, 1, 1, 40]`` float32, from the cache.
+
+    Generated offline by mnist1d's ``make_dataset`` on first use and read from the checksummed cache afterwards
+    (:func:`~sparseapps.core.mnist1d.load_mnist1d`); nothing is downloaded.
+
+    Args:
+        dataset_root: the cache root; None for ``$SPARSEAPPS_DATA`` or ``~/.cache/sparseapps/data``.
+
+    Returns:
+        ``(train, test)`` with labels in 0..9 and ``scale = 1`` (the signals as generated).
+
+    Raises:
+        TypeError: ``dataset_root`` is neither None, a str nor a Path.
+        CorruptFileError: the cached file differs from its recorded checksum.
+    """
+    if dataset_root is not None and not isinstance(dataset_root, str | Path):
+        raise TypeError(f"dataset_root: expected a str or Path, got {type(dataset_root).__name__}")
+    x_train, y_train, x_test, y_test = load_mnist1d(dataset_root)
+    return (
+        LabeledImages(images=x_train.reshape(-1, 1, 1, MNIST1D_LENGTH), targets=y_train),
+        LabeledImages(images=x_test.reshape(-1, 1, 1, MNIST1D_LENGTH), targets=y_test),
+    )
+
+
 def load_source(
     name: str, *, seed: int = 0, dataset_root: str | Path | None = None
 ) -> tuple[LabeledImages, LabeledImages]:
-    """The ``(train, test)`` images of a named benchmark: digits for ``*-digits`` (split by ``seed``), the MNIST
-    files for ``*-mnist`` and the CIFAR-100 files for ``*-cifar100``, read from ``dataset_root``."""
+    """The ``(train, test)`` images of a named benchmark: digits for ``*-digits`` (split by ``seed``), MNIST-1D
+    for ``*-mnist1d`` (generated offline, cached under ``dataset_root`` or the default root), the MNIST files for
+    ``*-mnist`` and the CIFAR-100 files for ``*-cifar100``, read from ``dataset_root``."""
     if name.endswith("-digits"):
         return load_digits_split(seed=seed)
+    if name.endswith("-mnist1d"):
+        return load_mnist1d_signals(dataset_root)
     if name.endswith("-mnist"):
         return load_mnist(_check_root(dataset_root, name, _MNIST_LAYOUT))
     return load_cifar100(_check_root(dataset_root, name, _CIFAR100_LAYOUT))

@@ -72,7 +72,7 @@ struct GrowSource {
 };
 
 struct Collected {
-  std::vector<float> keys;  // |g| (or u) of the kept candidates
+  std::vector<float> keys;  // |g| of the kept candidates, or their exact scores (uniform draws, |g| + noise)
   std::vector<int64_t> positions;
   float max_abs = 0.0f;     // max |g| over every entry of the block, the active ones included (tie noise scale)
 };

@@ -193,6 +193,12 @@ class DynamicSparsity:
             for need in scores.TRACES
             if need in self._needs
         }
+        if self._compact and config.dynamic:
+            reason = compact_topology.dense_view_reason(self)
+            logger.info(
+                "compact topology updates run %s",
+                "on the active entries" if reason is None else f"on dense views at update steps: {reason}",
+            )
         if self.traces and config.embedding_rows == "looked_up":
             raise ValueError(
                 f"drop={config.drop!r} / grow={config.grow!r} read {sorted(self.traces)}, a dense trace updated every "
@@ -407,7 +413,9 @@ class DynamicSparsity:
         if "movement" in self.traces:
             criteria.accumulate_movement_(self.traces["movement"][fqn], weight, grad)
         if "last_magnitude" in self.traces:
-            criteria.record_last_magnitude_(self.traces["last_magnitude"][fqn], weight, self.tensors[fqn].mask)
+            criteria.record_last_magnitude_(
+                self.traces["last_magnitude"][fqn], weight, self.tensors[fqn].mask
+            )
         if "magnitude_average" in self.traces:
             criteria.accumulate_magnitude_(
                 self.traces["magnitude_average"][fqn], weight, self.config.momentum

@@ -32,6 +32,7 @@ MODULES = [
     "sparseapps.core.kernels.formats",
     "sparseapps.core.kernels.reference",
     "sparseapps.core.stats",
+    "sparseapps.core.compact.topology",
     "sparseapps.core.sparsegpt",
     "sparseapps.core.shrink",
     "sparseapps.core.supermask",

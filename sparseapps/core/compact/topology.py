@@ -39,21 +39,54 @@ __all__ = ["applies", "update"]
 
 def applies(engine: DynamicSparsity) -> bool:
     """Whether ``engine``'s updates can run on active entries (else they take the dense views)."""
+    return dense_view_reason(engine) is None
+
+
+def dense_view_reason(engine: DynamicSparsity) -> str | None:
+    """Why ``engine``'s topology updates build dense views instead of running on active entries; None when they
+    run on active entries.
+
+    Example:
+        >>> from torch import nn
+        >>> from sparseapps.core import DynamicSparsity, SparsityConfig, to_compact
+        >>> config = SparsityConfig.preset("rigl", sparsity=0.9, storage="compact")
+        >>> model = to_compact(nn.Sequential(nn.Linear(64, 64)), config)
+        >>> engine = DynamicSparsity(model, torch.optim.SGD(model.parameters(), lr=0.1), config, 100)
+        >>> dense_view_reason(engine) is None
+        True
+        >>> srigl = SparsityConfig.preset("srigl", sparsity=0.9, storage="compact")
+        >>> model = to_compact(nn.Sequential(nn.Linear(64, 64)), srigl)
+        >>> dense_view_reason(DynamicSparsity(model, torch.optim.SGD(model.parameters(), lr=0.1), srigl, 100))
+        'constant fan-in (SRigL) keeps per-neuron budgets'
+    """
     config = engine.config
-    drop = scores.get("drop", config.drop)
-    grow = scores.get("grow", config.grow)
-    return (
-        bool(engine.tensors)
-        and all(isinstance(t.module, (CompactLinear, CompactEmbedding)) for t in engine._compact.values())
-        and set(engine._compact) == set(engine.tensors)
-        and not config.constant_fan_in
-        and config.redistribution == "none"
-        and not engine.growth_regions
-        and not engine.ever_active
-        and (config.random_grow_fraction <= 0 or config.grow == "random")
-        and drop.on_entries is not None
-        and grow.fused is not None
+    checks = (
+        (not engine.tensors, "no sparse tensors"),
+        (set(engine._compact) != set(engine.tensors), "not every sparse tensor is compact (masked storage)"),
+        (
+            not all(
+                isinstance(t.module, (CompactLinear, CompactEmbedding)) for t in engine._compact.values()
+            ),
+            "a compact module other than CompactLinear / CompactEmbedding",
+        ),
+        (config.constant_fan_in, "constant fan-in (SRigL) keeps per-neuron budgets"),
+        (
+            config.redistribution != "none",
+            f"redistribution={config.redistribution!r} moves budget across tensors",
+        ),
+        (bool(engine.growth_regions), "growth is restricted to regions (continual isolation)"),
+        (bool(engine.ever_active), "a criterion reads the entries ever active"),
+        (
+            config.random_grow_fraction > 0 and config.grow != "random",
+            "CTRE's random exploration (random_grow_fraction)",
+        ),
+        (
+            scores.get("drop", config.drop).on_entries is None,
+            f"drop={config.drop!r} has no form on active entries",
+        ),
+        (scores.get("grow", config.grow).fused is None, f"grow={config.grow!r} has no compiled growth scan"),
     )
+    return next((reason for failed, reason in checks if failed), None)
 
 
 def update(engine: DynamicSparsity, fraction: float) -> rules.UpdateRecord:

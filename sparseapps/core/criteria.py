@@ -44,9 +44,11 @@ from torch import nn
 from sparseapps.core import scores, scoring
 
 __all__ = [
+    "DORMANT_TAU",
     "accumulate_magnitude_",
     "accumulate_movement_",
     "accumulate_squared_gradient_",
+    "dormant_outputs",
     "empirical_fisher_diagonal",
     "hutchinson_diagonal",
     "obd_scores",
@@ -111,6 +113,48 @@ def _last_magnitude(ctx: scores.ScoreContext) -> torch.Tensor:
             f"{ctx.fqn!r}: the last_magnitude criterion needs 'last_magnitude', which was not collected"
         )
     return torch.where(ctx.mask, 0.0, ctx.last_magnitude.float())
+
+
+#: ReDo's dormancy threshold (Sokar et al. 2023): a neuron whose mean |activation| is at most this share of its
+#: layer's mean is dormant (the same value as ``sparseapps.rl.diagnostics.DORMANT_TAU``).
+DORMANT_TAU = 0.025
+
+
+def dormant_outputs(outputs: torch.Tensor, tau: float = DORMANT_TAU) -> torch.Tensor:
+    """``[B, out, *spatial] -> [out]`` bool: output neurons whose mean ``|relu(z)|`` (over the batch and spatial
+    positions) is at most ``tau`` times the layer's mean, ReDo's test on the activation that follows the layer
+    (ReLU assumed: a neuron whose pre-activation stays negative is dead there).
+
+    Example:
+        >>> dormant_outputs(torch.tensor([[1.0, -2.0, 3.0], [2.0, -1.0, 1.0]])).tolist()
+        [False, True, False]
+    """
+    activity = outputs.detach().float().clamp(min=0.0).transpose(0, 1).reshape(outputs.shape[1], -1).mean(1)
+    return activity / (activity.mean() + 1e-9) <= tau
+
+
+@scores.register_grow("dormant_gradient", needs=("grad", "activations"))
+def _dormant_gradient(ctx: scores.ScoreContext) -> torch.Tensor:
+    """Dormant-aware growth (issue 19's criterion, after ReDo): connections into output neurons ReDo would call
+    dormant (:func:`dormant_outputs` on the layer's outputs of the step before the update) rank before all others,
+    each group by ``|g|``; a dead neuron's row has zero gradient, so its new inputs are drawn by the tie noise."""
+    if ctx.activations is None:
+        raise RuntimeError(
+            f"no activations were captured for {ctx.fqn!r}: dormant_gradient growth needs a forward pass through "
+            "the layer in the step before each update"
+        )
+    if ctx.grad is None:
+        raise RuntimeError(
+            f"{ctx.fqn!r}: the dormant_gradient criterion needs 'grad', which was not collected"
+        )
+    scores_ = ctx.grad.abs().float()
+    dormant = dormant_outputs(ctx.activations[1]).to(scores_.device)
+    if dormant.shape[0] != scores_.shape[0]:
+        raise ValueError(
+            f"{ctx.fqn!r}: {dormant.shape[0]} output neurons in the activations, {scores_.shape[0]} weight rows"
+        )
+    bonus = float(scores_.max()) if scores_.numel() and float(scores_.max()) > 0 else 1.0
+    return scores_ + bonus * dormant.reshape(-1, *([1] * (scores_.dim() - 1))).float()
 
 
 # ---------------------------------------------------------------------------------------------- accumulators

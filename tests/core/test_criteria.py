@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseapps.core import DynamicSparsity, SparsityConfig, rules, scores
+from sparseapps.core import DynamicSparsity, SparsityConfig, criteria, rules, scores
 from sparseapps.core.criteria import (
     accumulate_movement_,
     accumulate_squared_gradient_,
@@ -380,3 +380,36 @@ def test_last_magnitude_regrowth_brings_back_the_pruned_entries_of_largest_forme
     after = rules.grow(mask, engine.grow_scores()["0.weight"], 2)
     grown = after & ~mask
     assert float(trace[grown].min()) >= float(trace[~after].max())
+
+
+def test_dormant_gradient_growth_ranks_connections_into_dormant_neurons_first() -> None:
+    assert scores.get("grow", "dormant_gradient").needs == frozenset({"grad", "activations"})
+    outputs = torch.tensor([[1.0, -2.0, 3.0], [2.0, -1.0, 1.0]])  # neuron 1 never fires after a ReLU
+    assert criteria.dormant_outputs(outputs).tolist() == [False, True, False]
+    grad = torch.tensor([[0.9, 0.8], [0.0, 0.0], [0.5, 0.4]])
+    mask = torch.tensor([[True, False], [False, False], [False, False]])
+    context = scores.ScoreContext(
+        fqn="w",
+        weight=torch.zeros(3, 2),
+        mask=mask,
+        step=1,
+        generator=torch.Generator().manual_seed(0),
+        grad=grad,
+        activations=(torch.ones(2, 2), outputs),
+    )
+    got = scores.compute(scores.get("grow", "dormant_gradient"), context, tie_noise=0.0)
+    torch.testing.assert_close(got, grad + 0.9 * torch.tensor([[0.0], [1.0], [0.0]]))
+    grown = rules.grow(mask, got, 3) & ~mask
+    assert grown[1].all() and int(grown.sum()) == 3  # both inputs of the dead neuron, then |g| (0.8)
+    assert bool(grown[0, 1])
+    with pytest.raises(RuntimeError, match="no activations were captured"):
+        scores.get("grow", "dormant_gradient").function(
+            scores.ScoreContext(
+                fqn="w", weight=grad, mask=mask, step=1, generator=torch.Generator(), grad=grad
+            )
+        )
+
+
+def test_dormant_gradient_growth_runs_in_the_engine() -> None:
+    engine, _ = _dst_run("dormant_gradient", 9)
+    assert len(engine.history) == 2 and engine.history[0]["tensors"]["0.weight"]["grown"] > 0

@@ -25,12 +25,11 @@ Writes ``results.json`` (every run and the summary), ``results.md`` and ``accura
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ from sparseapps.core.config import FORESIGHT_METHODS
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_cnn, make_mnist1d_mlp
+from sparseapps.core.options import parse_config
 from sparseapps.core.stats import confidence_half_width
 from sparseapps.demo import load_digits_tensors, make_mlp
 
@@ -127,22 +127,9 @@ QUICK = {
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """``--name`` per field of :class:`Args` (its help string; tuples take several values); ``--quick`` first
-    applies :data:`QUICK`, then the options given."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        option, default = f"--{f.name}", f.default
-        if isinstance(default, bool):
-            parser.add_argument(option, action="store_true", help=f.metadata["help"])
-        elif isinstance(default, tuple):
-            parser.add_argument(
-                option, nargs="+", type=type(default[0]) if default else str, help=f.metadata["help"]
-            )
-        else:
-            parser.add_argument(option, type=type(default), help=f.metadata["help"])
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
-    defaults = QUICK if given["quick"] else {}
-    return Args(**{**defaults, **{k: v for k, v in given.items() if v is not None and v is not False}})
+    """``--name`` per field of :class:`Args` (``sparseapps.core.options``); ``--quick`` first applies :data:`QUICK`,
+    then the options given."""
+    return parse_config(Args, argv, description=__doc__.splitlines()[0], quick=QUICK)
 
 
 # ---------------------------------------------------------------------------------------------- tasks

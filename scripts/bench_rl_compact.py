@@ -32,12 +32,11 @@ counts in the ratios once its dense run is in) and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from sparseapps.core.compact import CompactLinear
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels import kernel_status
 from sparseapps.core.kernels.tuning import cpu_model
+from sparseapps.core.options import parse_config
 from sparseapps.rl import DynamicSparsityCallback
 from sparseapps.rl.networks import find_networks
 
@@ -105,18 +105,9 @@ QUICK = {"steps": 600, "masked_steps": 200, "seeds": 2, "update_interval": 100, 
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """``--name`` per field of :class:`Args` (its help string); ``--quick`` first applies :data:`QUICK`, then the
-    options given."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        option, default = f"--{f.name.replace('_', '-')}", f.default
-        if isinstance(default, bool):
-            parser.add_argument(option, action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(option, type=type(default), help=f.metadata["help"])
-    given = vars(parser.parse_args(argv))
-    defaults = QUICK if given["quick"] else {}
-    return Args(**{**defaults, **{k: v for k, v in given.items() if v is not None and v is not False}})
+    """``--name`` per field of :class:`Args` (``sparseapps.core.options``); ``--quick`` first applies :data:`QUICK`,
+    then the options given."""
+    return parse_config(Args, argv, description=__doc__.splitlines()[0], quick=QUICK)
 
 
 def build(args: Args, width: int, seed: int) -> SAC:

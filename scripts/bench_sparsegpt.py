@@ -6,7 +6,7 @@ cached after the first run). Every Linear layer of the blocks is pruned (``qkv``
 16 layers); the embeddings, LayerNorms and the output head stay dense, as in the SparseGPT paper.
 
 Per pattern (unstructured sparsities and one N:M), SparseGPT prunes a copy of the dense model layer after layer
-from ``--calibration_sequences`` random training windows of 64 characters; each of ``--seeds`` seeds draws
+from ``--calibration-sequences`` random training windows of 64 characters; each of ``--seeds`` seeds draws
 another calibration sample. Magnitude pruning needs no data, so it runs once per pattern. The table gives the
 validation perplexity (mean and min-max over seeds) beside the dense model's, and the mean per-layer relative
 reconstruction error ``||(W - W') X||^2 / ||W X||^2`` on the calibration inputs.
@@ -19,13 +19,12 @@ Writes ``results.json`` (every run, with per-layer reports) and ``results.md`` (
 
 from __future__ import annotations
 
-import argparse
 import copy
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ import torch
 from sparseapps.core.charlm import CharLMConfig, CharTransformer, load_charlm, perplexity, sample_windows
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels.tuning import cpu_model
+from sparseapps.core.options import parse_config
 from sparseapps.core.sparsegpt import LayerReport, magnitude_prune_model, prune_model
 
 DENSE = "dense"
@@ -105,20 +105,9 @@ QUICK = {
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """``--name`` per field of :class:`Args` (its help string; tuples take several values); ``--quick`` first
-    applies :data:`QUICK`, then the options given."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        option, default = f"--{f.name}", f.default
-        if isinstance(default, bool):
-            parser.add_argument(option, action="store_true", help=f.metadata["help"])
-        elif isinstance(default, tuple):
-            parser.add_argument(option, nargs="+", type=type(default[0]), help=f.metadata["help"])
-        else:
-            parser.add_argument(option, type=type(default), help=f.metadata["help"])
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
-    defaults = QUICK if given["quick"] else {}
-    return Args(**{**defaults, **{k: v for k, v in given.items() if v is not None and v is not False}})
+    """``--name`` per field of :class:`Args` (``sparseapps.core.options``); ``--quick`` first applies :data:`QUICK`,
+    then the options given."""
+    return parse_config(Args, argv, description=__doc__.splitlines()[0], quick=QUICK)
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 Per seed, four dense models are trained as ``scripts/bench_methods.py`` trains them (Adam lr 0.01, batch 100,
 60 epochs): the MLP 40-100-100-10, mnist1d's CNN (three Conv1d of 25 channels and a linear head), and the same CNN
 with a BatchNorm after each convolution ("bn-cnn"), once plainly and once with network slimming's L1 penalty on the
-BatchNorm scales ("bn-cnn-slim", once per ``--slimming_lambdas``). From each, 50% and 75% of the hidden units are removed by
+BatchNorm scales ("bn-cnn-slim", once per ``--slimming-lambdas``). From each, 50% and 75% of the hidden units are removed by
 every criterion that applies (per layer; ``bn_scale`` across layers as Liu et al. do, and per layer under the label
-``bn_scale_layer``); the model is physically shrunk, fine-tuned ``--finetune_epochs`` epochs (fresh Adam,
-``--finetune_lr``) and tested. Merging (Srinivas & Babu) runs on the models without BatchNorm. The data-driven
+``bn_scale_layer``); the model is physically shrunk, fine-tuned ``--finetune-epochs`` epochs (fresh Adam,
+``--finetune-lr``) and tested. Merging (Srinivas & Babu) runs on the models without BatchNorm. The data-driven
 criteria score ``--calibration`` training examples.
 
 Reported per (task, method, ratio): test accuracy right after pruning and after fine-tuning (mean and 95% CI over
@@ -21,12 +21,11 @@ the command) to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ from sparseapps.core.mnist1d import (
     make_mnist1d_cnn,
     make_mnist1d_mlp,
 )
+from sparseapps.core.options import parse_config
 from sparseapps.core.shrink import UNIT_CRITERIA, merge_similar_units, prune_units, slimming_penalty
 from sparseapps.core.stats import confidence_half_width
 
@@ -124,19 +124,9 @@ QUICK = {
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """``--name`` per field of :class:`Args`; ``--quick`` first applies :data:`QUICK`, then the options given."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        option, default = f"--{f.name}", f.default
-        if isinstance(default, bool):
-            parser.add_argument(option, action="store_true", help=f.metadata["help"])
-        elif isinstance(default, tuple):
-            parser.add_argument(option, nargs="+", type=type(default[0]), help=f.metadata["help"])
-        else:
-            parser.add_argument(option, type=type(default), help=f.metadata["help"])
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
-    defaults = QUICK if given["quick"] else {}
-    return Args(**{**defaults, **{k: v for k, v in given.items() if v is not None and v is not False}})
+    """``--name`` per field of :class:`Args` (``sparseapps.core.options``); ``--quick`` first applies :data:`QUICK`,
+    then the options given."""
+    return parse_config(Args, argv, description=__doc__.splitlines()[0], quick=QUICK)
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -31,7 +31,6 @@ Writes ``results.json`` (every run and the summary), ``results.md`` (with the CP
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shlex
@@ -39,7 +38,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +47,7 @@ from torch import nn
 
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_mlp
+from sparseapps.core.options import parse_config
 from sparseapps.core.stats import confidence_half_width
 from sparseapps.core.supermask import (
     WANN_WEIGHTS,
@@ -115,20 +115,9 @@ QUICK = {"seeds": 2, "epochs": 2, "densities": (0.5, 0.1), "mnist1d_samples": 60
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """``--name`` per field of :class:`Args` (its help string; tuples take several values); ``--quick`` first
-    applies :data:`QUICK`, then the options given."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        option, default = f"--{f.name}", f.default
-        if isinstance(default, bool):
-            parser.add_argument(option, action="store_true", help=f.metadata["help"])
-        elif isinstance(default, tuple):
-            parser.add_argument(option, nargs="+", type=type(default[0]), help=f.metadata["help"])
-        else:
-            parser.add_argument(option, type=type(default), help=f.metadata["help"])
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
-    defaults = QUICK if given["quick"] else {}
-    return Args(**{**defaults, **{k: v for k, v in given.items() if v is not None and v is not False}})
+    """``--name`` per field of :class:`Args` (``sparseapps.core.options``); ``--quick`` first applies :data:`QUICK`,
+    then the options given."""
+    return parse_config(Args, argv, description=__doc__.splitlines()[0], quick=QUICK)
 
 
 # ---------------------------------------------------------------------------------------------- tasks

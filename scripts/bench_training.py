@@ -28,13 +28,12 @@ Writes ``results.json``, ``results.md`` (tables and the goals of issue 15 met or
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +44,7 @@ from sparseapps.core import DynamicSparsity, SparsityConfig, to_compact
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels import CondenseConfig, condense, kernel_status
 from sparseapps.core.kernels.tuning import cpu_model
+from sparseapps.core.options import parse_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # scripts/peers: the side environment of the peer libraries
@@ -131,20 +131,9 @@ QUICK = {
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """``--name`` per field of :class:`Args` (its help string; tuples take several values); ``--quick`` first
-    applies :data:`QUICK`, then the options given."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        option, default = f"--{f.name}", f.default
-        if isinstance(default, bool):
-            parser.add_argument(option, action="store_true", help=f.metadata["help"])
-        elif isinstance(default, tuple):
-            parser.add_argument(option, nargs="+", type=type(default[0]), help=f.metadata["help"])
-        else:
-            parser.add_argument(option, type=type(default), help=f.metadata["help"])
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
-    defaults = QUICK if given["quick"] else {}
-    return Args(**{**defaults, **{k: v for k, v in given.items() if v is not None and v is not False}})
+    """``--name`` per field of :class:`Args` (``sparseapps.core.options``); ``--quick`` first applies :data:`QUICK`,
+    then the options given."""
+    return parse_config(Args, argv, description=__doc__.splitlines()[0], quick=QUICK)
 
 
 class Block(nn.Module):

@@ -36,11 +36,11 @@ import argparse
 import dataclasses
 import sys
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import UnionType
 from typing import Any, Literal
 
-__all__ = ["add_options", "collect"]
+__all__ = ["add_options", "collect", "parse_config"]
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -54,7 +54,7 @@ class _DeprecatedAlias(argparse.Action):
         option: str | None = None,
     ) -> None:
         print(f"note: {option} is deprecated; use {_flag(self.dest)}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 
 def _flag(name: str) -> str:
@@ -135,8 +135,8 @@ def add_options(
         help: help per field, in place of ``field.metadata["help"]``.
         defaults: the default shown in the help per field, in place of the field's default (an object or its text:
             the command's default, or a default that depends on other options).
-        deprecated: hidden old option names (``{"--old": "field"}``) of fields added here: they set the field and
-            print a one-line note (fields with a value, not ``bool`` ones).
+        deprecated: hidden old option names (``{"--old": "field"}``) of fields added here: they set the field (a
+            ``bool`` one to True) and print a one-line note.
 
     Returns:
         The names of the fields added (each option's ``dest``), for :func:`collect`.
@@ -168,6 +168,8 @@ def add_options(
         if name not in arguments:
             raise ValueError(f"{old} is an alias of {name!r}, which is not an option added here")
         argument = {key: value for key, value in arguments[name].items() if key != "action"}
+        if arguments[name].get("action") is argparse.BooleanOptionalAction:
+            argument = {"nargs": 0, "const": True}
         parser.add_argument(old, dest=name, action=_DeprecatedAlias, help=argparse.SUPPRESS, **argument)
     return added
 
@@ -195,3 +197,33 @@ def collect(
         if value is not None:
             values[name] = tuple(value) if isinstance(value, list) else value
     return values
+
+
+def parse_config(
+    config_class: type,
+    argv: Sequence[str] | None = None,
+    *,
+    description: str = "",
+    quick: Mapping[str, Any] | None = None,
+) -> Any:
+    """``config_class`` from the command line ``argv``: one option per field (:func:`add_options`); a field ``quick``
+    given True first applies the ``quick`` settings, then the options given. The benchmark scripts' parser.
+
+    Multi-word fields also accept their underscore spelling (``--batch_size``), with a note to use ``--batch-size``.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class Bench:
+        ...     batch_size: int = 256
+        ...     quick: bool = False
+        >>> parse_config(Bench, ["--quick"], quick={"batch_size": 8})
+        Bench(batch_size=8, quick=True)
+        >>> parse_config(Bench, ["--quick", "--batch-size", "16"], quick={"batch_size": 8})
+        Bench(batch_size=16, quick=True)
+    """
+    parser = argparse.ArgumentParser(description=description)
+    names = [item.name for item in dataclasses.fields(config_class)]
+    add_options(parser, config_class, deprecated={f"--{name}": name for name in names if "_" in name})
+    given = collect(parser.parse_args(argv), config_class)
+    return config_class(**{**((quick or {}) if given.get("quick") else {}), **given})

@@ -6,7 +6,7 @@ from typing import Literal
 
 import pytest
 
-from sparseapps.core.options import add_options, collect
+from sparseapps.core.options import add_options, collect, parse_config
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,22 @@ def test_refuses_unknown_fields_and_types_without_an_option() -> None:
     parser = argparse.ArgumentParser()
     add_options(parser, Nested, types={"pairs": lambda text: ((int(text), 1.0),)})
     assert collect(parser.parse_args(["--pairs", "3"]), Nested) == {"pairs": ((3, 1.0),)}
+
+
+def test_parse_config_applies_quick_then_the_options_and_keeps_underscore_spellings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    @dataclass(frozen=True)
+    class Bench:
+        batch_size: int = 256
+        skip_inference: bool = False
+        widths: tuple[int, ...] = (64,)
+        quick: bool = False
+
+    quick = {"batch_size": 8, "widths": (4, 4)}
+    assert parse_config(Bench, [], quick=quick) == Bench()
+    assert parse_config(Bench, ["--quick"], quick=quick) == Bench(batch_size=8, widths=(4, 4), quick=True)
+    got = parse_config(Bench, ["--quick", "--batch_size", "16", "--skip_inference"], quick=quick)
+    assert got == Bench(batch_size=16, skip_inference=True, widths=(4, 4), quick=True)
+    err = capsys.readouterr().err
+    assert "--batch_size is deprecated; use --batch-size" in err and "use --skip-inference" in err

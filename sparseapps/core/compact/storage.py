@@ -43,6 +43,7 @@ __all__ = [
     "COMPACT_MODULES",
     "CompactTensor",
     "caching_views",
+    "check_captured_finite",
     "compact_fqns",
     "set_capture",
     "take_dense_grads",
@@ -189,9 +190,13 @@ def take_dense_grads(tensors: Iterable[CompactTensor], step: int) -> dict[str, t
         grad, t.module.dense_grad = t.module.dense_grad, None
         if grad is None:
             continue
-        if not bool(torch.isfinite(grad.sum())) and not bool(
-            torch.isfinite(grad).all()
-        ):  # one reduction first
-            raise ValueError(f"non-finite gradient in {t.fqn!r} at update step {step}")
+        check_captured_finite(t.fqn, grad, step)
         grads[t.fqn] = grad
     return grads
+
+
+def check_captured_finite(fqn: str, captured: torch.Tensor, step: int) -> None:
+    """Raises ``ValueError`` naming ``fqn`` if a captured gradient (or one of its factors) holds NaN or Inf: the
+    update would rank garbage. One reduction first; the exact check only when the sum is not finite."""
+    if not bool(torch.isfinite(captured.sum())) and not bool(torch.isfinite(captured).all()):
+        raise ValueError(f"non-finite gradient in {fqn!r} at update step {step}")

@@ -21,12 +21,12 @@ MLP at 98% reads ~40 MB instead of writing and re-reading ~20 dense tensors of 6
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 
 from sparseapps.core import rules, scores, scoring
+from sparseapps.core.compact import storage
 from sparseapps.core.compact.embedding import CompactEmbedding
 from sparseapps.core.compact.layer import CompactLinear
 from sparseapps.core.kernels import library, reference, tuning
@@ -175,16 +175,9 @@ def check_captured(engine: DynamicSparsity, step: int) -> None:
     """Raises ``ValueError`` naming the layer if a captured gradient (or its factors) holds NaN or Inf."""
     for fqn, t in engine.tensors.items():
         factors = t.module.gradient_factors()
-        parts: Mapping[str, torch.Tensor] = (
-            {"dy": factors[0], "x": factors[1]} if factors is not None else {"g": t.module.dense_grad}
-        )
-        for part in parts.values():
-            if (
-                part is not None
-                and not bool(torch.isfinite(part.sum()))
-                and not bool(torch.isfinite(part).all())
-            ):
-                raise ValueError(f"non-finite gradient in {fqn!r} at update step {step}")
+        for part in factors if factors is not None else (t.module.dense_grad,):
+            if part is not None:
+                storage.check_captured_finite(fqn, part, step)
 
 
 def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,12 @@ class Args:
     seeds: int = field(
         default=5, metadata={"help": "runs per point (seeds 0 .. seeds-1); at least 2 for a CI"}
     )
+    first_seed: int = field(
+        default=0,
+        metadata={
+            "help": "seeds run are first_seed .. first_seed + seeds - 1 (to add seeds to an earlier run)"
+        },
+    )
     epochs: int = field(default=60, metadata={"help": "passes over the training split, every method alike"})
     batch_size: int = field(default=100, metadata={"help": "examples per step (mnist1d's reference: 100)"})
     optimizer: str = field(
@@ -107,6 +113,8 @@ class Args:
         for name in ("epochs", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+        if self.first_seed < 0:
+            raise ValueError(f"expected first_seed >= 0, got {self.first_seed}")
         if self.interval < 0:
             raise ValueError(f"expected interval >= 0, got {self.interval}")
         if self.optimizer not in OPTIMIZERS:
@@ -478,7 +486,10 @@ def run_grid(args: Args) -> None:
         grid = [(DENSE, 0.0)] + [(m, s) for m in args.methods for s in args.sparsities]
         for method, sparsity in grid:
             try:
-                group = [train(task, method, sparsity, seed, args) for seed in range(args.seeds)]
+                group = [
+                    train(task, method, sparsity, seed, args)
+                    for seed in range(args.first_seed, args.first_seed + args.seeds)
+                ]
             except ValueError as error:  # a method that cannot reach this sparsity here (e.g. SRigL's fan-in)
                 skipped.append(
                     {"task": task_name, "method": method, "sparsity": sparsity, "reason": str(error)}

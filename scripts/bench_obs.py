@@ -58,6 +58,13 @@ class Args:
     )
     block_size: int = field(default=64, metadata={"help": "OBS: consecutive weights per Fisher block"})
     damp: float = field(default=1e-4, metadata={"help": "OBS: dampening added to the Fisher's diagonal"})
+    obs_steps: int = field(
+        default=1,
+        metadata={
+            "help": "OBS: prune in this many steps of equal sparsity increments, the Fisher recomputed at each "
+            "(WoodFisher's multi-step one shot; 1: one step, the registered setting)"
+        },
+    )
     finetune_epochs: int = field(
         default=2, metadata={"help": "epochs of fine-tuning after pruning (0: none)"}
     )
@@ -74,7 +81,7 @@ class Args:
             raise ValueError(f"expected seeds >= 2 (a confidence interval needs two runs), got {self.seeds}")
         if not self.sparsities or not all(0.0 < s < 1.0 for s in self.sparsities):
             raise ValueError(f"expected sparsities in (0, 1), got {self.sparsities}")
-        for name in ("epochs", "batch_size", "calibration", "block_size", "threads"):
+        for name in ("epochs", "batch_size", "calibration", "block_size", "obs_steps", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
         if self.finetune_epochs < 0:
@@ -98,6 +105,8 @@ class Run:
     pruned_accuracy: float
     finetuned_accuracy: float | None
     prune_seconds: float
+    dense_calibration_loss: float = float("nan")
+    calibration_loss: float = float("nan")
 
 
 def _epochs(
@@ -137,6 +146,27 @@ def _prune_magnitude(engine: DynamicSparsity) -> None:
     engine.apply_masks()
 
 
+def _prune_obs(engine: DynamicSparsity, x: torch.Tensor, y: torch.Tensor, args: Args) -> None:
+    """OBS to the engine's budgets in ``args.obs_steps`` steps of equal sparsity increments."""
+    start = {fqn: int(t.mask.sum()) for fqn, t in engine.tensors.items()}
+    for step in range(1, args.obs_steps + 1):
+        budgets = {
+            fqn: round(start[fqn] - (start[fqn] - t.budget) * step / args.obs_steps)
+            for fqn, t in engine.tensors.items()
+        }
+        obs.prune(engine, x, y, F.cross_entropy, block_size=args.block_size, damp=args.damp, budgets=budgets)
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean cross-entropy on ``x, y`` in eval mode (the quantity OBS's quadratic model approximates)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = float(F.cross_entropy(model(x), y))
+    model.train(was_training)
+    return loss
+
+
 def run_seed(seed: int, data: tuple[torch.Tensor, ...], args: Args) -> list[Run]:
     """Trains one dense model and prunes a copy per (method, sparsity)."""
     x_train, y_train, x_test, y_test = data
@@ -154,6 +184,7 @@ def run_seed(seed: int, data: tuple[torch.Tensor, ...], args: Args) -> list[Run]
     dense_accuracy = accuracy(dense, x_test, y_test)
     calibration = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1000 + seed))
     calibration = calibration[: args.calibration]
+    dense_loss = _loss(dense, x_train[calibration], y_train[calibration])
     runs = []
     for sparsity in args.sparsities:
         for method in METHODS:
@@ -161,20 +192,14 @@ def run_seed(seed: int, data: tuple[torch.Tensor, ...], args: Args) -> list[Run]
             engine = _one_shot_engine(model, sparsity, seed, args.finetune_lr)
             start = time.perf_counter()
             if method == "obs":
-                obs.prune(
-                    engine,
-                    x_train[calibration],
-                    y_train[calibration],
-                    F.cross_entropy,
-                    block_size=args.block_size,
-                    damp=args.damp,
-                )
+                _prune_obs(engine, x_train[calibration], y_train[calibration], args)
             else:
                 _prune_magnitude(engine)
             seconds = time.perf_counter() - start
             if any(int(t.mask.sum()) != t.budget for t in engine.tensors.values()):
                 raise RuntimeError(f"{method} at {sparsity}: a tensor missed its budget")
             pruned = accuracy(model, x_test, y_test)
+            pruned_loss = _loss(model, x_train[calibration], y_train[calibration])
             finetuned = None
             if args.finetune_epochs:
                 _epochs(
@@ -188,7 +213,19 @@ def run_seed(seed: int, data: tuple[torch.Tensor, ...], args: Args) -> list[Run]
                 )
                 finetuned = accuracy(model, x_test, y_test)
             engine.remove()
-            runs.append(Run(method, sparsity, seed, dense_accuracy, pruned, finetuned, seconds))
+            runs.append(
+                Run(
+                    method,
+                    sparsity,
+                    seed,
+                    dense_accuracy,
+                    pruned,
+                    finetuned,
+                    seconds,
+                    dense_loss,
+                    pruned_loss,
+                )
+            )
             print(
                 f"seed {seed} {method:9s} {sparsity:4.0%}  dense {dense_accuracy:.3f}  pruned {pruned:.3f}"
                 + (f"  fine-tuned {finetuned:.3f}" if finetuned is not None else ""),
@@ -242,11 +279,11 @@ def markdown(runs: list[Run], args: Args, command: str) -> str:
         f"# One-shot OBS (WoodFisher) vs magnitude pruning, MNIST-1D MLP ({args.seeds} seeds)",
         "",
         f"Dense: Adam lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}. OBS: {args.calibration} calibration "
-        f"examples, blocks of {args.block_size}, damp {args.damp}. Fine-tuning: {args.finetune_epochs} epochs of Adam "
+        f"examples, blocks of {args.block_size}, damp {args.damp}, {args.obs_steps} step(s). Fine-tuning: {args.finetune_epochs} epochs of Adam "
         f"lr {args.finetune_lr}, masks kept. Test accuracy, mean ± 95% CI half-width over seeds.",
         "",
-        "| sparsity | method | dense | pruned (no fine-tuning) | fine-tuned | prune s |",
-        "|---|---|---|---|---|---|",
+        "| sparsity | method | dense | pruned (no fine-tuning) | fine-tuned | calibration loss: dense → pruned | prune s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for sparsity in args.sparsities:
         for method in METHODS:
@@ -255,6 +292,8 @@ def markdown(runs: list[Run], args: Args, command: str) -> str:
             lines.append(
                 f"| {sparsity:.0%} | {method} | {_mean_ci([r.dense_accuracy for r in group])} | "
                 f"{_mean_ci([r.pruned_accuracy for r in group])} | {_mean_ci(tuned) if tuned else '–'} | "
+                f"{statistics.fmean(r.dense_calibration_loss for r in group):.3f} → "
+                f"{statistics.fmean(r.calibration_loss for r in group):.3f} | "
                 f"{statistics.median(r.prune_seconds for r in group):.2f} |"
             )
     for title, name in (

@@ -31,7 +31,10 @@ def test_quick_run_prunes_both_ways_to_the_budget_and_writes_the_comparison(
     (row,) = result["registered"]
     by = {(r["method"], r["seed"]): r["pruned_accuracy"] for r in runs}
     assert row["mean"] == pytest.approx(sum(by[("obs", s)] - by[("magnitude", s)] for s in (0, 1)) / 2)
-    assert "Registered: obs - magnitude" in (out / "results.md").read_text()
+    assert (
+        "Exploratory (settings differ from the registered ones): obs - magnitude"
+        in (out / "results.md").read_text()
+    )
 
 
 def test_comparison_verdicts_follow_the_interval(bench: ModuleType) -> None:
@@ -51,3 +54,9 @@ def test_bad_arguments_are_named(bench: ModuleType) -> None:
         bench.Args(sparsities=(1.5,))
     with pytest.raises(ValueError, match="damp"):
         bench.Args(damp=0.0)
+
+
+def test_only_the_registered_settings_are_labelled_registered(bench: ModuleType) -> None:
+    assert bench._registered_label(bench.Args(out="/tmp/x", threads=2)) == "Registered"
+    assert bench._registered_label(bench.Args(damp=1e-2)).startswith("Exploratory")
+    assert bench._registered_label(bench.Args(quick=True, seeds=2)).startswith("Exploratory")

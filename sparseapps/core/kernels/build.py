@@ -92,8 +92,28 @@ def _self_check() -> None:
                                     f"self-check failed: {name} isa={isa} dtype={dtype} index={index_dtype} "
                                     f"batch={batch}: max error {error:.3g} vs scale {scale:.3g}"
                                 )
+        _self_check_kwta(generator)
     finally:
         ops._configure("", -1, -1)
+
+
+def _self_check_kwta(generator: torch.Generator) -> None:
+    """``kwta_csc_linear`` (k-WTA + a column-major sparse layer) against its twin; raises RuntimeError."""
+    weight = torch.randn(15, 50, generator=generator)
+    mask = torch.rand(15, 50, generator=generator) < 0.2
+    col_ptr, rows = formats.csr_structure(mask.t(), torch.int32)
+    values = weight.t()[mask.t()].contiguous()
+    boost = torch.rand(50, generator=generator) + 0.5
+    bias = torch.randn(15, generator=generator)
+    for batch, k, with_boost in ((1, 7, True), (3, 50, False), (37, 1, True)):
+        x = torch.randn(batch, 50, generator=generator)
+        args = (boost if with_boost else None, k, col_ptr, rows, values, bias, 15)
+        want = reference.kwta_csc_linear_reference(x, *args)
+        error = (torch.ops.sparseapps.kwta_csc_linear(x, *args) - want).abs().max().item()
+        if not error <= 1e-5 * (want.abs().max().item() + 1e-12):
+            raise RuntimeError(
+                f"self-check failed: kwta_csc_linear batch={batch} k={k}: max error {error:.3g}"
+            )
 
 
 def build(*, verbose: bool = False) -> Path:

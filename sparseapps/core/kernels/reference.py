@@ -358,3 +358,78 @@ def csr_transpose_reference(
     t_row_ptr[1:] = torch.cumsum(torch.bincount(indices.long(), minlength=in_features), 0)
     rows = row_of_entries(row_ptr)[order].to(t_index_dtype).contiguous()
     return t_row_ptr, rows, order.to(torch.int32 if order.numel() < 2**31 else torch.int64)
+
+
+def kwta_mask_reference(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N, n] -> [N, n]`` bool: per row, the ``min(k, n)`` largest keys, ties to the lower position (the selection
+    rule of ``kwta_csc_linear`` and of ``sparseapps.core.kwta.KWinners``). One ``topk`` for the k-th largest key,
+    then the keys above it and, of those equal to it, the first ones.
+
+    Example:
+        >>> kwta_mask_reference(torch.tensor([[0.5, 2.0, 0.5, -1.0]]), 2).tolist()
+        [[True, True, False, False]]
+    """
+    k = min(k, keys.shape[-1])
+    if k == keys.shape[-1]:
+        return torch.ones_like(keys, dtype=torch.bool)
+    threshold = keys.topk(k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
+    above = keys > threshold
+    tied = keys == threshold
+    needed = k - above.sum(dim=-1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=-1) <= needed))
+
+
+def kwta_csc_linear_reference(
+    x: torch.Tensor,
+    boost: torch.Tensor | None,
+    k: int,
+    col_ptr: torch.Tensor,
+    row_indices: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    """k-winners-take-all on ``x`` then a sparse linear layer stored column by column (``kwta_csc_linear``'s twin).
+
+    Per example, the ``k`` largest keys ``x * boost`` (``x`` without boost; ties to the lower input) keep their
+    value ``x``, the other inputs become 0, and ``y = bias + sum_j x_j W[:, j]`` over the kept inputs, where column
+    ``j`` of ``W`` holds ``values[col_ptr[j]:col_ptr[j + 1]]`` at rows ``row_indices[...]``.
+
+    Args:
+        x: ``[*, in]`` pre-activations.
+        boost: ``[in]`` boost factors, or None.
+        k: winners per example (``k >= in``: every input, zeros contribute nothing).
+        col_ptr: ``[in + 1]`` int64 offsets.
+        row_indices: ``[nnz]`` int16/int32 output positions.
+        values: ``[nnz]`` weights.
+        bias: ``[out]`` or None.
+        out_features: ``out``.
+
+    Returns:
+        ``[*, out]`` in ``x.dtype``.
+
+    Raises:
+        ValueError: ``k < 1`` or ``x`` holds NaN.
+
+    Example:
+        >>> x = torch.tensor([[3.0, -1.0, 2.0]])  # k = 2 keeps inputs 0 and 2
+        >>> col_ptr = torch.tensor([0, 1, 2, 4])  # W = [[1, 5, 0], [0, 0, 2], [0, 0, 1]]
+        >>> rows, values = torch.tensor([0, 0, 1, 2], dtype=torch.int16), torch.tensor([1.0, 5.0, 2.0, 1.0])
+        >>> kwta_csc_linear_reference(x, None, 2, col_ptr, rows, values, None, 3).tolist()
+        [[3.0, 4.0, 2.0]]
+    """
+    if k < 1:
+        raise ValueError(f"expected k >= 1, got {k}")
+    in_features = x.shape[-1]
+    x2 = x.reshape(-1, in_features).to(accumulation_dtype(x.dtype))
+    if bool(torch.isnan(x2).any()):
+        example, column = (int(v) for v in torch.isnan(x2).nonzero()[0])
+        raise ValueError(f"expected x without NaN, got NaN at example {example}, input {column}")
+    keys = x2 * boost.to(x2.dtype) if boost is not None else x2
+    kept = torch.where(kwta_mask_reference(keys, k), x2, torch.zeros((), dtype=x2.dtype))
+    weight = x2.new_zeros((out_features, in_features))
+    weight.index_put_((row_indices.long(), row_of_entries(col_ptr)), values.to(x2.dtype), accumulate=True)
+    y = kept @ weight.T
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype).reshape((*x.shape[:-1], out_features))

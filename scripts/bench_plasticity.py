@@ -1,0 +1,231 @@
+"""Benchmark: the long-drift plasticity suite (issue 19) — dense, dense + ReDo, dense + continual backprop, static,
+SET, RigL and dormant-aware RigL at 90% sparsity, each facing 8 shifts; registered comparisons with Holm's correction.
+
+The suite (environments, methods, seeds, budgets) is ``sparseapps.rl.plasticity_suite``; its registration is
+``docs/plasticity_registration.md``. Each (environment, method, seed) cell trains one agent on one thread and writes
+``--out/<env>/<method>/seed<k>.json`` (per-phase returns, steps to recover, area under the curve, end-of-phase
+dormant fraction, srank and weight norm). A cell whose JSON exists is skipped, so the suite resumes after an
+interruption and several processes may split the cells between them (``--cells``). After training (or alone, with
+``--summarize``) every cell under ``--out`` is read and ``summary.json`` / ``summary.md`` hold the per-method means
+and each registered comparison: paired mean difference over seeds, its 95% interval, a Bonferroni interval, the
+paired t-test p-value and its Holm adjustment across the family.
+
+    python scripts/bench_plasticity.py                      # the registered suite (hours; see the registration)
+    python scripts/bench_plasticity.py --cells 'cartpole-*/rigl*/*' --out runs/plasticity
+    python scripts/bench_plasticity.py --summarize --out runs/plasticity
+    python scripts/bench_plasticity.py --quick              # every mechanism on budgets of seconds: a smoke run
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparseapps.core.io import write_atomic, write_json
+from sparseapps.core.options import parse_config
+from sparseapps.core.stats import confidence_half_width
+from sparseapps.rl.plasticity_suite import (
+    ENVS,
+    METHODS,
+    QUICK_ENVS,
+    SEEDS,
+    cell_settings,
+    compare,
+    registered_comparisons,
+    run_cell,
+)
+
+SUMMARY_METRICS = (
+    "mean_final_return",
+    "mean_auc",
+    "mean_steps_to_recover",
+    "recovered_fraction",
+    "mean_dormant_fraction",
+    "final_dormant_fraction",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Args:
+    """Command-line arguments."""
+
+    out: str = field(default="runs/bench_plasticity", metadata={"help": "output folder"})
+    quick: bool = field(
+        default=False,
+        metadata={"help": "the suite's shifts on budgets of seconds, seeds 0 and 1, into a separate folder"},
+    )
+    envs: tuple[str, ...] = field(default=tuple(ENVS), metadata={"help": f"among {', '.join(ENVS)}"})
+    methods: tuple[str, ...] = field(default=tuple(METHODS), metadata={"help": f"among {', '.join(METHODS)}"})
+    seeds: tuple[int, ...] = field(default=SEEDS, metadata={"help": "seeds (the registered ones by default)"})
+    cells: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "only the cells matching one of these env/method/seed patterns (fnmatch), e.g. 'pendulum-*/*/10?'"
+        },
+    )
+    summarize: bool = field(
+        default=False, metadata={"help": "train nothing: summarize the cells under --out"}
+    )
+    threads: int = field(default=1, metadata={"help": "torch threads per cell"})
+
+    def __post_init__(self) -> None:
+        for name, chosen, known in (("envs", self.envs, ENVS), ("methods", self.methods, METHODS)):
+            unknown = sorted(set(chosen) - set(known))
+            if not chosen or unknown:
+                raise ValueError(f"expected {name} among {list(known)}, got {list(chosen)}")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"expected seeds >= 0, got {self.seeds}")
+        if self.threads < 1:
+            raise ValueError(f"expected threads >= 1, got {self.threads}")
+
+
+QUICK: dict[str, Any] = {"seeds": (0, 1), "out": "runs/bench_plasticity_quick"}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """``--name`` per field of :class:`Args`; ``--quick`` first applies :data:`QUICK`, then the options given."""
+    return parse_config(Args, argv, description=__doc__.splitlines()[0], quick=QUICK)
+
+
+def cell_path(out: Path, env: str, method: str, seed: int) -> Path:
+    return out / env / method / f"seed{seed}.json"
+
+
+def planned_cells(args: Args) -> list[tuple[str, str, int]]:
+    """The (env, method, seed) cells to run, seed by seed (a run cut short leaves whole seeds)."""
+    cells = [(env, method, seed) for seed in args.seeds for env in args.envs for method in args.methods]
+    if args.cells:
+        cells = [c for c in cells if any(fnmatch.fnmatch(f"{c[0]}/{c[1]}/{c[2]}", p) for p in args.cells)]
+        if not cells:
+            raise ValueError(f"no cell matches --cells {list(args.cells)}; cells are named env/method/seed")
+    return cells
+
+
+def read_cell(path: Path, expected_settings: dict[str, Any]) -> dict[str, Any]:
+    """A finished cell, checked against the settings it should have been run with."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{path} is not a readable cell result ({error}); remove it to rerun the cell"
+        ) from None
+    if result.get("settings") != expected_settings:
+        raise ValueError(
+            f"{path} was run with other settings than this suite's ({result.get('settings')} vs "
+            f"{expected_settings}); use another --out or remove it"
+        )
+    return result
+
+
+def run(args: Args) -> list[dict[str, Any]]:
+    """Runs the planned cells that have no result yet; returns every planned cell's result."""
+    out = Path(args.out)
+    envs = QUICK_ENVS if args.quick else ENVS
+    results = []
+    for env, method, seed in planned_cells(args):
+        path = cell_path(out, env, method, seed)
+        settings = cell_settings(envs[env], METHODS[method])
+        if path.exists():
+            results.append(read_cell(path, settings))
+            continue
+        started = time.perf_counter()
+        result = run_cell(envs[env], METHODS[method], seed, threads=args.threads)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, result)
+        summary = result["summary"]
+        print(
+            f"  {env:<18} {method:<13} seed {seed:>3}: final {summary['mean_final_return']}, dormant "
+            f"{summary['mean_dormant_fraction']}, {time.perf_counter() - started:.1f}s "
+            f"({result['steps_per_second']:.0f} steps/s)",
+            flush=True,
+        )
+        results.append(result)
+    return results
+
+
+def cells_on_disk(out: Path) -> list[dict[str, Any]]:
+    """Every cell result under ``out``."""
+    return [json.loads(path.read_text()) for path in sorted(out.glob("*/*/seed*.json"))]
+
+
+def _describe(values: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values) if values else None,
+        "ci95": confidence_half_width(values) if len(values) >= 2 else None,
+    }
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (env, method): mean and 95% half-width of each summary metric over seeds; the registered comparisons."""
+    envs = list(dict.fromkeys(r["env"] for r in results))
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for env in envs:
+        for method in METHODS:
+            rows = [r["summary"] for r in results if r["env"] == env and r["method"] == method]
+            if rows:
+                table.setdefault(env, {})[method] = {
+                    metric: _describe([row[metric] for row in rows if row.get(metric) is not None])
+                    for metric in SUMMARY_METRICS
+                }
+    comparisons = compare(results, registered_comparisons([e for e in ENVS if e in envs]))
+    return {"methods": table, "comparisons": comparisons, "n_cells": len(results)}
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = ["| env | method | seeds | mean final return | mean AUC | steps to recover | dormant fraction |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for env, methods in summary["methods"].items():
+        for method, metrics in methods.items():
+            cells = [
+                f"{_number(metrics[m]['mean'], 1)} ± {_number(metrics[m]['ci95'], 1)}"
+                for m in ("mean_final_return", "mean_auc", "mean_steps_to_recover")
+            ]
+            dormant = metrics["mean_dormant_fraction"]
+            lines.append(
+                f"| {env} | {method} | {metrics['mean_final_return']['n']} | {' | '.join(cells)} | "
+                f"{_number(dormant['mean'])} ± {_number(dormant['ci95'])} |"
+            )
+    lines += ["", "| comparison | seeds | mean difference | 95% CI | Bonferroni CI | p | Holm p | verdict |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for row in summary["comparisons"]:
+        ci = row["ci95"] and f"[{_number(row['ci95'][0])}, {_number(row['ci95'][1])}]"
+        bonferroni = (
+            row["ci_bonferroni"]
+            and f"[{_number(row['ci_bonferroni'][0])}, {_number(row['ci_bonferroni'][1])}]"
+        )
+        lines.append(
+            f"| {row['comparison']} | {len(row['seeds'])} | {_number(row['mean'])} | {ci or 'n/a'} | "
+            f"{bonferroni or 'n/a'} | {_number(row['p'], 4)} | {_number(row['p_holm'], 4)} | {row['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if not args.summarize:
+        print(f"{len(planned_cells(args))} cells into {out}", flush=True)
+        run(args)
+    results = cells_on_disk(out)
+    if not results:
+        raise SystemExit(f"no cell results under {out}")
+    summary = summarize(results)
+    write_json(out / "summary.json", summary)
+    text = markdown(summary)
+    write_atomic(out / "summary.md", text.encode())
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

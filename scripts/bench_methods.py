@@ -99,6 +99,10 @@ class Args:
         default="",
         metadata={"help": "MNIST-1D cache root ('' = $SPARSEAPPS_DATA or ~/.cache/sparseapps/data)"},
     )
+    n_m: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "N:M structure of every preset, e.g. 2 4 (needs sparsity 1 - n/m); empty: none"},
+    )
 
     def __post_init__(self) -> None:
         if not self.tasks or not set(self.tasks) <= set(TASKS):
@@ -121,6 +125,8 @@ class Args:
             raise ValueError(f"expected optimizer in {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"expected lr > 0, got {self.lr}")
+        if self.n_m and len(self.n_m) != 2:
+            raise ValueError(f"expected n_m as two integers n m (e.g. 2 4), got {self.n_m}")
 
 
 QUICK = {
@@ -200,7 +206,8 @@ def train(task: Task, method: str, sparsity: float, seed: int, args: Args) -> Ru
     engine = None
     rounds = 1
     if method != DENSE:
-        config = SparsityConfig.preset(method, sparsity=sparsity, seed=seed)
+        structure = {"n_m": args.n_m} if args.n_m else {}
+        config = SparsityConfig.preset(method, sparsity=sparsity, seed=seed, **structure)
         if config.method == "lottery":
             rounds = config.lottery_rounds + 1
         if args.interval:
@@ -225,6 +232,8 @@ def train(task: Task, method: str, sparsity: float, seed: int, args: Args) -> Ru
         if engine is not None and round_index < rounds - 1:
             engine.next_lottery_round()
     seconds = time.perf_counter() - start
+    if engine is not None:
+        engine.finalize()  # learned masks (topkast, cs, sr_ste): fixed, weights theta * mask
     report = engine.report() if engine is not None else None
     return Run(
         task=task.name,

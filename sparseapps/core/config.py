@@ -14,6 +14,7 @@ from typing import Any, Literal, Self
 
 from sparseapps.core import (
     criteria,  # noqa: F401  (imported for its side effect: it registers taylor, ... in the score registry)
+    nm,
     scores,
 )
 from sparseapps.core.validation import check_choice, check_int, check_number
@@ -23,18 +24,54 @@ Distribution = Literal["uniform", "erk", "er"]
 # criterion a user registers.
 DropSchedule = Literal["constant", "cosine", "linear"]
 Redistribution = Literal["none", "momentum", "dsr"]
-Method = Literal["dst", "static", "gmp", "one_shot", "snip", "grasp", "synflow", "lottery"]
+Method = Literal[
+    "dst",
+    "static",
+    "gmp",
+    "one_shot",
+    "obs",
+    "sparsegpt",
+    "snip",
+    "grasp",
+    "synflow",
+    "lottery",
+    "topkast",
+    "cs",
+    "sr_ste",
+    "soft_movement",
+]
 ModuleKind = Literal["linear", "conv", "embedding"]
 Storage = Literal["masked", "compact"]
 
 DISTRIBUTIONS = ("uniform", "erk", "er")
 DROP_SCHEDULES = ("constant", "cosine", "linear")
 REDISTRIBUTIONS = ("none", "momentum", "dsr")
-METHODS = ("dst", "static", "gmp", "one_shot", "snip", "grasp", "synflow", "lottery")
+METHODS = (
+    "dst",
+    "static",
+    "gmp",
+    "one_shot",
+    "obs",
+    "sparsegpt",
+    "snip",
+    "grasp",
+    "synflow",
+    "lottery",
+    "topkast",
+    "cs",
+    "sr_ste",
+    "soft_movement",
+)
 MODULE_KINDS = ("linear", "conv", "embedding")
 GROW_OPTIMIZER_STATES = ("reset", "momentum")
 EMBEDDING_ROWS = ("all", "looked_up")
 FORESIGHT_METHODS = ("snip", "grasp", "synflow")
+# One-shot pruning with a second-order reconstruction from the steps before it (sparseapps.core.calibration).
+CALIBRATED_METHODS = ("obs", "sparsegpt")
+# Methods that prune once, at start_fraction of training.
+ONE_SHOT_METHODS = ("one_shot", *CALIBRATED_METHODS)
+# Masks learned through the straight-through estimator over dense weights (sparseapps.core.learned_masks).
+LEARNED_METHODS = ("topkast", "cs", "sr_ste", "soft_movement")
 STORAGES = ("masked", "compact")
 
 
@@ -85,8 +122,11 @@ class SparsityConfig(PlainConfig):
         default="dst",
         metadata={
             "help": "dst: sparse from scratch with drop/grow updates; static: fixed random mask; gmp / one_shot: "
-            "dense-to-sparse magnitude pruning; snip / grasp / synflow: pruning at initialization; lottery: "
-            "iterative magnitude pruning with rewinding"
+            "dense-to-sparse magnitude pruning; obs / sparsegpt: one-shot pruning with Optimal Brain Surgeon's "
+            "or SparseGPT's update of the survivors, from the steps before it; snip / grasp / synflow: pruning at "
+            "initialization; lottery: "
+            "iterative magnitude pruning with rewinding; topkast / cs / sr_ste: masks learned over dense weights "
+            "through the straight-through estimator (sparseapps.core.learned_masks)"
         },
     )
     distribution: Distribution = field(
@@ -162,6 +202,15 @@ class SparsityConfig(PlainConfig):
             "help": "SRigL's gamma_sal: a neuron with fewer than gamma*k salient weights is ablated (0 = never)"
         },
     )
+    n_m: tuple[int, int] | None = field(
+        default=None,
+        metadata={
+            "help": "N:M structure (sparseapps.core.nm), e.g. (2, 4): in every group of m consecutive inputs of a "
+            "row exactly n are active, in the initial masks and after every update (methods dst and static). "
+            "sparsity must be 1 - n/m; every tensor holds n/m of its entries, so distribution is set to "
+            "'uniform'; every selected tensor's fan-in must be a multiple of m (exclude the others)"
+        },
+    )
     rescale_initialization: bool = field(
         default=False,
         metadata={
@@ -188,9 +237,59 @@ class SparsityConfig(PlainConfig):
     foresight_iterations: int = field(
         default=100, metadata={"help": "synflow: pruning rounds (exponential schedule); snip/grasp use one"}
     )
+    calibration_steps: int = field(
+        default=64,
+        metadata={
+            "help": "obs / sparsegpt: the training steps right before the one-shot step whose mini-batch gradients "
+            "(obs: the block-diagonal empirical Fisher) or layer inputs (sparsegpt: H = 2 X X^T) are collected"
+        },
+    )
     lottery_rounds: int = field(default=3, metadata={"help": "lottery: pruning rounds to reach the target"})
     rewind_step: int = field(
-        default=0, metadata={"help": "lottery: optimizer step whose weights are rewound to"}
+        default=0, metadata={"help": "lottery and cs: optimizer step whose weights are rewound to"}
+    )
+    backward_extra_density: float = field(
+        default=0.1,
+        metadata={
+            "help": "topkast: M, the extra density of the backward set: the top (density + M) entries of |theta| "
+            "get gradients, the top density are used in the forward pass"
+        },
+    )
+    exploration_penalty: float = field(
+        default=1e-4,
+        metadata={
+            "help": "topkast: L2 coefficient on the backward set, the entries outside the forward set scaled by "
+            "1 / density (the exploration loss)"
+        },
+    )
+    refine_decay: float = field(
+        default=2e-4,
+        metadata={
+            "help": "sr_ste: lambda_W, the sparse-refined term lambda_W * (1 - mask) * theta added to the gradient"
+        },
+    )
+    gate_init: float = field(
+        default=0.0, metadata={"help": "cs: s_0, the initial value of every gate score (and its reset cap)"}
+    )
+    gate_penalty: float = field(
+        default=1e-8, metadata={"help": "cs: lambda, the L1 coefficient on the soft gates sigmoid(beta * s)"}
+    )
+    gate_temperature: float = field(
+        default=200.0, metadata={"help": "cs: beta at the end of each search round (from 1, exponentially)"}
+    )
+    score_penalty: float = field(
+        default=1.0,
+        metadata={
+            "help": "soft_movement: lambda, the L1 coefficient on sigmoid(S) (per tensor, its mean over the tensor's "
+            "entries, averaged over tensors, as the movement-pruning code regularizes)"
+        },
+    )
+    gate_rounds: int = field(
+        default=2,
+        metadata={
+            "help": "cs: search rounds; total_steps is split into gate_rounds search rounds and one round that "
+            "trains the ticket (hard mask, weights rewound to rewind_step)"
+        },
     )
     seed: int | None = field(
         default=None, metadata={"help": "seed of the engine's own RNG (None: from torch)"}
@@ -213,7 +312,13 @@ class SparsityConfig(PlainConfig):
         check_choice("drop_schedule", self.drop_schedule, DROP_SCHEDULES)
         check_choice("redistribution", self.redistribution, REDISTRIBUTIONS)
         check_choice("grow_optimizer_state", self.grow_optimizer_state, GROW_OPTIMIZER_STATES)
-        for name in ("update_interval", "pruning_interval", "foresight_iterations", "lottery_rounds"):
+        for name in (
+            "update_interval",
+            "pruning_interval",
+            "foresight_iterations",
+            "lottery_rounds",
+            "calibration_steps",
+        ):
             check_int(name, getattr(self, name), low=1)
         check_int("rewind_step", self.rewind_step, low=0)
         check_number("end_fraction", self.end_fraction, low=0.0, high=1.0, high_open=False)
@@ -250,11 +355,78 @@ class SparsityConfig(PlainConfig):
             raise ValueError(
                 "ablation_threshold > 0 needs constant_fan_in=True (SRigL), got constant_fan_in=False"
             )
+        if self.n_m is not None:
+            self._check_n_m()
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         check_choice("storage", self.storage, STORAGES)
+        self._check_learned()
         if self.storage == "compact":
             self._check_compact()
+
+    def _check_n_m(self) -> None:
+        """N:M fixes every tensor's density at n/m and needs updates that keep it (``nm.nm_update``)."""
+        nm.check_n_m(self.n_m)  # type: ignore[arg-type]
+        n, m = (int(v) for v in self.n_m)  # type: ignore[union-attr]
+        object.__setattr__(self, "n_m", (n, m))
+        if abs(self.sparsity - (1.0 - n / m)) > 1e-9:
+            raise ValueError(
+                f"n_m={self.n_m} holds every tensor at sparsity 1 - n/m = {1.0 - n / m:g}, got "
+                f"sparsity={self.sparsity!r}; pass sparsity={1.0 - n / m:g}"
+            )
+        if self.method not in ("dst", "static", "sr_ste"):
+            raise ValueError(
+                f"n_m={self.n_m} is kept by the drop/grow updates of methods 'dst' and 'static' (and by sr_ste), got "
+                f"method={self.method!r}, whose pruning does not keep it"
+            )
+        if self.constant_fan_in:
+            raise ValueError(f"n_m={self.n_m} and constant_fan_in=True are two structures; choose one")
+        if self.redistribution != "none":
+            raise ValueError(
+                f"redistribution={self.redistribution!r} moves budget across tensors, which n_m={self.n_m} fixes "
+                "at n/m each; use redistribution='none'"
+            )
+        if self.random_grow_fraction > 0 and self.grow != "random":
+            raise ValueError(
+                f"random_grow_fraction={self.random_grow_fraction!r} (CTRE's exploration) is not kept N:M; use "
+                "random_grow_fraction=0 with n_m"
+            )
+        # Every tensor holds n/m of its entries whatever the distribution: 'uniform' gives exactly those budgets.
+        object.__setattr__(self, "distribution", "uniform")
+
+    def _check_learned(self) -> None:
+        """The learned-mask methods' fields, and what those methods cannot combine with."""
+        for name in ("backward_extra_density",):
+            check_number(name, getattr(self, name), low=0.0, high=1.0)
+        for name in ("exploration_penalty", "refine_decay", "gate_penalty", "score_penalty"):
+            check_number(name, getattr(self, name), low=0.0)
+        check_number("gate_init", self.gate_init)
+        check_number("gate_temperature", self.gate_temperature, low=1.0)
+        check_int("gate_rounds", self.gate_rounds, low=1)
+        if self.method not in LEARNED_METHODS:
+            return
+        if self.storage == "compact":
+            raise ValueError(
+                f"method {self.method!r} trains dense weights under a learned mask, which storage='compact' (the "
+                "active weights only) cannot hold; use storage='masked'"
+            )
+        if self.embedding_rows != "all":
+            raise ValueError(
+                f"method {self.method!r} passes every entry's gradient to the dense weights, got "
+                f"embedding_rows={self.embedding_rows!r}; use embedding_rows='all'"
+            )
+        if self.constant_fan_in or self.redistribution != "none":
+            raise ValueError(
+                f"method {self.method!r} chooses its masks itself, got constant_fan_in={self.constant_fan_in} and "
+                f"redistribution={self.redistribution!r}; use False and 'none'"
+            )
+        if self.rescale_initialization:
+            raise ValueError(
+                f"method {self.method!r} keeps the dense initial weights under its masks, got "
+                "rescale_initialization=True; use False"
+            )
+        if self.method == "sr_ste" and self.n_m is None:
+            raise ValueError("method 'sr_ste' keeps an N:M mask and needs n_m, e.g. n_m=(2, 4), got n_m=None")
 
     def _check_compact(self) -> None:
         """Compact storage drops the dense state that dense-to-sparse methods and momentum criteria read."""
@@ -287,15 +459,35 @@ class SparsityConfig(PlainConfig):
         Args:
             name: one of :data:`PRESETS` (``static``, ``set``, ``rigl``, ``snfs``, ``ctre``, ``dsr``, ``srigl``,
                 ``gmp``, ``one_shot``, ``snip``, ``grasp``, ``synflow``, ``lottery``, ``taylor``, ``movement``,
-                ``obd``, ``momentum_magnitude``).
-            **overrides: any :class:`SparsityConfig` field, e.g. ``sparsity=0.95``.
+                ``obd``, ``momentum_magnitude``, ``obs``, ``sparsegpt``, ``topkast``, ``cs``, ``sr_ste``).
+            **overrides: any :class:`SparsityConfig` field, e.g. ``sparsity=0.95``. An N:M preset (``sr_ste``,
+                2:4) given a ``sparsity`` and no ``n_m`` runs at ``1:m`` with ``1 - 1/m`` that sparsity (0.9: 1:10).
+
+        Example:
+            >>> SparsityConfig.preset("sr_ste").n_m, SparsityConfig.preset("sr_ste", sparsity=0.9).n_m
+            ((2, 4), (1, 10))
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}")
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown SparsityConfig fields in overrides: {unknown}")
-        return cls(**{**PRESETS[name], **overrides})
+        fields = {**PRESETS[name], **overrides}
+        if PRESETS[name].get("n_m") is not None and "sparsity" in overrides and "n_m" not in overrides:
+            fields["n_m"] = _n_m_at(PRESETS[name]["n_m"], overrides["sparsity"])
+        return cls(**fields)
+
+
+def _n_m_at(own: tuple[int, int], sparsity: Any) -> tuple[int, int]:
+    """An N:M preset's structure at ``sparsity``: its own where ``1 - n/m`` is it, else ``1:m`` where ``1 - 1/m``
+    is, else its own (which the config then refuses, naming both)."""
+    n, m = own
+    if not isinstance(sparsity, int | float) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
+        return own
+    if abs(1.0 - n / m - sparsity) < 1e-9:
+        return own
+    groups = round(1.0 / (1.0 - sparsity))
+    return (1, groups) if abs(1.0 - 1.0 / groups - sparsity) < 1e-9 else own
 
 
 # The literature's defaults (see ../shared/REFERENCES.md). Each is a set of field values, nothing more.
@@ -398,3 +590,63 @@ PRESETS["obd"] = {**PRESETS["gmp"], "drop": "obd", "momentum": 0.99}
 # Momentum-based pruning (the survey's "magnitudes tracked over the last epochs"): |w| averaged with decay 0.99
 # (~100 steps, a few epochs of MNIST-1D) on GMP's schedule.
 PRESETS["momentum_magnitude"] = {**PRESETS["gmp"], "drop": "momentum_magnitude", "momentum": 0.99}
+# Hassibi & Stork 1993 with WoodFisher's block-diagonal empirical Fisher (Singh & Alistarh 2020: blocks of
+# consecutive weights, damp 1e-4, mini-batch gradients), once at half of training like one_shot, then fine-tuned.
+# The Fisher comes from the last 64 training steps' mini-batch gradients (sparseapps.core.calibration).
+PRESETS["obs"] = {**PRESETS["one_shot"], "method": "obs", "calibration_steps": 64}
+# Frantar & Alistarh 2023: SparseGPT's layer-wise reconstruction (column blocks of 128, damp 1% of mean diag H),
+# H from the inputs of the last 64 training forwards, once at half of training like one_shot, then fine-tuned.
+PRESETS["sparsegpt"] = {**PRESETS["one_shot"], "method": "sparsegpt", "calibration_steps": 64}
+# Masks learned through the straight-through estimator over dense weights (sparseapps.core.learned_masks,
+# docs/learned_masks.md). Jayakumar et al. 2020 (Top-KAST): forward on the top-D of |theta| per layer, gradients on
+# the top-(D + M) (their 90% forward / 80% backward: M = 0.1), masks recomputed from |theta| every step, an L2
+# exploration penalty on the backward set with the backward-only entries scaled by 1/D (the coefficient is ours:
+# the paper gives the form, not a value).
+PRESETS["topkast"] = dict(
+    method="topkast",
+    grow="none",
+    distribution="uniform",
+    backward_extra_density=0.1,
+    exploration_penalty=1e-4,
+    update_interval=1,
+    end_fraction=1.0,
+)
+# Savarese et al. 2020 (continuous sparsification, official code's defaults): gates sigmoid(beta * s) with s_0 = 0,
+# lambda = 1e-8, beta from 1 to 200 within each round, rounds ending with s <- min(beta * s, s_0); then the ticket
+# (the top of s to the configured sparsity) retrained from the rewind point. Two search rounds here.
+PRESETS["cs"] = dict(
+    method="cs",
+    grow="none",
+    distribution="uniform",
+    gate_init=0.0,
+    gate_penalty=1e-8,
+    gate_temperature=200.0,
+    gate_rounds=2,
+    rewind_step=0,
+)
+# Zhou et al. 2021 (SR-STE): 2:4 recomputed from |theta| every step, the gradient passed straight through with the
+# sparse-refined term lambda_W (1 - mask) * theta, lambda_W = 2e-4. Its sparsity is N:M's, 1 - n/m.
+PRESETS["sr_ste"] = dict(
+    method="sr_ste",
+    grow="none",
+    n_m=(2, 4),
+    sparsity=0.5,
+    refine_decay=2e-4,
+    update_interval=1,
+    end_fraction=1.0,
+)
+# Sanh et al. 2020, soft movement pruning: scores S learned through the straight-through estimator (dL/dS = dL/dW' * W,
+# S starts at 0 and is trained by the optimizer, in a group without weight decay) with the L1 penalty
+# lambda * sigmoid(S); the mask is one global threshold on S, so each tensor's sparsity is learned. The paper sets
+# lambda to reach a sparsity; here the threshold is set, at every step, to keep the density of GMP's cubic schedule
+# (10% to 75% of training, as the movement preset), reaching the configured sparsity exactly. Masked weights are kept
+# and may come back while the threshold moves (the difference from hard movement here, whose pruned weights are zero).
+PRESETS["soft_movement"] = dict(
+    method="soft_movement",
+    grow="none",
+    distribution="uniform",
+    start_fraction=0.1,
+    end_fraction=0.75,
+    update_interval=1,
+    score_penalty=1.0,
+)

@@ -16,16 +16,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseapps.core import criteria, pruning, redistribution, rules, schedules, scores, scoring, structured
+from sparseapps.core import (
+    criteria,
+    nm,
+    pruning,
+    redistribution,
+    rules,
+    schedules,
+    scores,
+    scoring,
+    structured,
+)
 from sparseapps.core import state as state_module
 from sparseapps.core.accounting import SparsityReport, TensorReport
+from sparseapps.core.calibration import Calibration
 from sparseapps.core.compact import storage as compact_storage
 from sparseapps.core.compact import topology as compact_topology
 from sparseapps.core.compact.storage import CompactTensor
-from sparseapps.core.config import FORESIGHT_METHODS, SparsityConfig
+from sparseapps.core.config import (
+    CALIBRATED_METHODS,
+    FORESIGHT_METHODS,
+    LEARNED_METHODS,
+    ONE_SHOT_METHODS,
+    SparsityConfig,
+)
 from sparseapps.core.distributions import target_nnz
 from sparseapps.core.embedding_rows import LookedUpRows
 from sparseapps.core.finite import check_finite
+from sparseapps.core.learned_masks import LearnedMasks
 from sparseapps.core.masks import attach_mask, draw_mask
 from sparseapps.core.selection import SparseTensor, select_tensors, tensor_shape
 from sparseapps.core.state import EngineState, StateField
@@ -129,6 +147,8 @@ class DynamicSparsity:
         self.generator = torch.Generator().manual_seed(seed)
 
         shapes = {fqn: tensor_shape(module, name) for fqn, module, name, _ in selected}
+        if config.n_m is not None:  # names a tensor whose fan-in cannot hold N:M, or a non-N:M initial mask
+            nm.check_tensors(shapes, config.n_m, initial_masks)
         if initial_masks is not None:
             budgets = state_module.check_masks(initial_masks, shapes, "initial_masks")
         else:
@@ -144,11 +164,22 @@ class DynamicSparsity:
         if kept_dense and config.density < 1.0:
             logger.info("distribution %r keeps these tensors dense: %s", config.distribution, kept_dense)
 
-        starts_dense = config.method in ("gmp", "one_shot", "lottery", *FORESIGHT_METHODS)
+        # topkast / cs / sr_ste learn their masks over dense weights (learned_masks.py): the first ones from them.
+        self.learned: LearnedMasks | None = None
+        learned_masks: dict[str, torch.Tensor] = {}
+        if config.method in LEARNED_METHODS:
+            if initial_masks is not None:
+                raise ValueError(f"method {config.method!r} computes its own masks; got initial_masks")
+            weights = {fqn: getattr(module, name) for fqn, module, name, _ in selected}
+            self.learned = LearnedMasks(config, optimizer, weights, budgets, total_steps)
+            learned_masks = self.learned.initial_masks()
+        starts_dense = config.method in ("gmp", "lottery", *ONE_SHOT_METHODS, *FORESIGHT_METHODS)
         self.tensors: dict[str, SparseTensor | CompactTensor] = {}
         for index, (fqn, module, name, kind) in enumerate(selected):
             if initial_masks is not None:
                 mask = initial_masks[fqn].to(torch.bool)
+            elif fqn in learned_masks:
+                mask = learned_masks[fqn]
             elif starts_dense:
                 mask = torch.ones(shapes[fqn], dtype=torch.bool)
             else:
@@ -172,6 +203,8 @@ class DynamicSparsity:
             t.clear_optimizer_state(optimizer)
         if config.rescale_initialization and not starts_dense:
             self._rescale_initialization()
+        if self.learned is not None:
+            self.learned.bind(self._masked)
 
         # Entries active at any time so far: the ITOP rate of every dynamic run (Liu et al. 2021; of compact
         # layers only where read, being dense), and what criteria that declare "ever_active" read.
@@ -193,6 +226,12 @@ class DynamicSparsity:
             for need in scores.TRACES
             if need in self._needs
         }
+        # obs / sparsegpt: the statistics of the steps before the one-shot step, kept in the traces (checkpoints).
+        self.calibration = (
+            Calibration(config, self.tensors, total_steps) if config.method in CALIBRATED_METHODS else None
+        )
+        if self.calibration is not None:
+            self.traces.update(self.calibration.initial_traces(self.tensors))
         if self._compact and config.dynamic:
             reason = compact_topology.dense_view_reason(self)
             logger.info(
@@ -316,6 +355,14 @@ class DynamicSparsity:
                 )
             self.growth_regions[fqn] = region.to(device=self.tensors[fqn].mask.device, dtype=torch.bool)
 
+    def finalize(self) -> None:
+        """Ends training's mask learning: methods topkast / cs / sr_ste fix their masks (CS mid-search takes its
+        ticket) and every weight becomes ``theta * mask``, later steps keep them; other methods re-apply the masks.
+        Call it before ``condense`` or an export."""
+        if self.learned is not None:
+            self.learned.finalize()
+        self.apply_masks()
+
     def remove(self) -> None:
         """Detaches the hooks; masks stay in the model as buffers and weights keep their zeros."""
         for handle in self._handles:
@@ -340,6 +387,8 @@ class DynamicSparsity:
                 record.positions = max(1, output[0].numel() // channels) if record.kind != "embedding" else 1
             if self._capturing and isinstance(inputs[0], torch.Tensor):
                 self._activations[record.fqn] = (inputs[0].detach(), output.detach())
+            if self.calibration is not None and self.calibration.armed:
+                self.calibration.record_inputs(self.traces, record, inputs[0])
 
         return hook
 
@@ -356,6 +405,9 @@ class DynamicSparsity:
         upcoming = self.step + 1
         if self.check_finite:
             check_finite([(n, p.grad) for n, p in self._checked_params if p.grad is not None], upcoming)
+        if self.learned is not None:  # the gradients go straight through to the dense weights
+            self.learned.before_step(self.step)
+            return
         update = schedules.is_update_step(upcoming, self.config, self.total_steps)
         # Pruning steps (GMP, one-shot) score with the dense gradient too when their criterion reads it.
         pruning_step = schedules.is_pruning_step(upcoming, self.config, self.total_steps)
@@ -384,6 +436,8 @@ class DynamicSparsity:
             grad = t.param.grad
             if grad is None:
                 continue
+            if self.calibration is not None:
+                self.calibration.record_gradient(self.traces, fqn, upcoming, grad)
             if capture or self.momentum or self.traces:
                 full = grad.to_dense() if grad.is_sparse else grad
                 if capture:
@@ -427,6 +481,10 @@ class DynamicSparsity:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.step += 1
+        if self.learned is not None:  # the masks are recomputed from the dense weights
+            self.learned.after_step(self.step)
+            self._multiplier_cache = None
+            return
         if self.rows.stepped:
             self._apply_masks_except(self.rows.stepped)
         else:
@@ -448,6 +506,8 @@ class DynamicSparsity:
         """Arms, for the step before an update, the capture of what its criteria read beyond weights and masks."""
         update = schedules.is_update_step(self.step + 1, self.config, self.total_steps)
         self._capturing = "activations" in self._needs and update
+        if self.calibration is not None:
+            self.calibration.arm(self.step + 1)
         compact_storage.set_capture(self._compact.values(), self.needs_dense_gradient() and update)
 
     # ------------------------------------------------------------------ topology updates
@@ -514,7 +574,9 @@ class DynamicSparsity:
             self.history.append(record.to_dict())
             return
         new_masks: dict[str, torch.Tensor] = {}
-        if config.constant_fan_in:
+        if config.n_m is not None:
+            new_masks = self._nm_update(fraction)
+        elif config.constant_fan_in:
             for fqn, t in self.tensors.items():
                 assert t.active_rows is not None
                 n_drop = math.ceil(fraction * int(torch.count_nonzero(t.mask)))
@@ -551,6 +613,22 @@ class DynamicSparsity:
                 explore_fraction=explore_fraction,
             )
         self.commit(new_masks, fraction)
+
+    def _nm_update(self, fraction: float) -> dict[str, torch.Tensor]:
+        """N:M (``config.n_m``): drop tensor-wide, each group regrows what it lost (``nm.nm_update``)."""
+        if self.growth_regions:
+            raise ValueError(
+                f"n_m={self.config.n_m} regrows inside each group, which growth regions (continual isolation) may "
+                f"not allow; regions set for {sorted(self.growth_regions)}"
+            )
+        n, m = self.config.n_m  # type: ignore[misc]
+        masks = self.masks
+        n_drop = rules.drop_counts(masks, fraction)
+        drop_scores, grow_scores = self.drop_scores(), self.grow_scores()
+        return {
+            fqn: nm.nm_update(mask, drop_scores[fqn], grow_scores[fqn], n_drop[fqn], n, m)
+            for fqn, mask in masks.items()
+        }
 
     def _capacity(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
         return {
@@ -645,12 +723,21 @@ class DynamicSparsity:
     # ------------------------------------------------------------------ checkpoints (state.py)
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit for bit: masks, schedule position, RNG and method state."""
-        return state_module.state_dict(self)
+        state = state_module.state_dict(self)
+        if self.learned is not None:  # the dense weights and gate scores (the model holds theta * mask)
+            state["learned"] = self.learned.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state_dict`; refuses a checkpoint of another configuration or model, or one whose masks
         hold more entries than the budget."""
         state_module.load_state_dict(self, state)
+        if self.learned is not None:
+            if "learned" not in state:
+                raise ValueError(
+                    f"method {self.config.method!r} resumes from its dense weights; the checkpoint has none"
+                )
+            self.learned.load_state_dict(state["learned"], self.step)
         self._multiplier_cache = None
         self._prepare_next_step()
         self.apply_masks()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sparseapps.core import rules, structured
+from sparseapps.core import nm, rules, structured
 from sparseapps.core.config import SparsityConfig
 
 MASK_SUFFIX = "_mask"
@@ -67,7 +67,8 @@ def draw_mask(
     shape: Sequence[int], budget: int, config: SparsityConfig, generator: torch.Generator
 ) -> torch.Tensor:
     """The initial mask of one tensor: ``budget`` entries uniformly at random, or (SRigL's ``constant_fan_in``)
-    ``budget // rows`` per row; one ``torch.rand`` of the tensor's shape from ``generator``.
+    ``budget // rows`` per row, or (``n_m``) ``n`` of every group of ``m`` consecutive inputs, which ``budget`` must
+    equal (``numel * n / m``); one ``torch.rand`` of the tensor's shape from ``generator``.
 
     The engine and :func:`~sparseapps.core.to_compact` draw every selected tensor in selection order from a
     generator seeded with ``config.seed``, so both storages start from the same masks.
@@ -78,6 +79,15 @@ def draw_mask(
         (6, torch.bool)
     """
     shape = torch.Size(shape)
+    if config.n_m is not None:
+        n, m = config.n_m
+        nm.check_n_m(config.n_m, shape)
+        if budget * m != shape.numel() * n:
+            raise ValueError(
+                f"n_m={config.n_m} gives a tensor of shape {tuple(shape)} {shape.numel() * n // m} nonzeros, got a "
+                f"budget of {budget}"
+            )
+        return nm.random_mask(shape, n, m, generator)
     if config.constant_fan_in:
         return structured.constant_fan_in_mask(shape, budget, generator)
     initial = torch.rand(shape, generator=generator)

@@ -33,7 +33,7 @@ from sparseapps.core.selection import SparseTensor
 if TYPE_CHECKING:
     from sparseapps.core.engine import DynamicSparsity
 
-__all__ = ["block_inverse_fisher", "obs_saliency", "obs_update", "prune"]
+__all__ = ["block_inverse_fisher", "obs_saliency", "obs_update", "prune", "prune_from_gradients"]
 
 
 def block_inverse_fisher(grads: torch.Tensor, damp: float) -> torch.Tensor:
@@ -145,10 +145,37 @@ def prune(
         raise ValueError(
             f"expected as many targets as inputs (at least one), got {len(inputs)} and {len(targets)}"
         )
+    _check_masked(engine)
+    grads = _per_example_gradients(engine, loss_fn, inputs, targets, chunk_size)
+    return prune_from_gradients(engine, grads, block_size=block_size, damp=damp, budgets=budgets)
+
+
+def _check_masked(engine: DynamicSparsity) -> None:
     if any(not isinstance(t, SparseTensor) for t in engine.tensors.values()):
         raise ValueError("OBS moves the surviving weights of a dense weight tensor: use storage='masked'")
+
+
+def prune_from_gradients(
+    engine: DynamicSparsity,
+    grads: Mapping[str, torch.Tensor],
+    *,
+    block_size: int = 64,
+    damp: float = 1e-4,
+    budgets: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """:func:`prune` from given gradients ``{fqn: [N, *shape]}`` (per example, or per mini-batch as the ``obs``
+    preset collects them: the Fisher's scale does not change the choice or the update, only its ratio to ``damp``).
+
+    Returns:
+        ``{fqn: removed}`` entries removed per tensor.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    _check_masked(engine)
+    missing = sorted(set(engine.tensors) - set(grads))
+    if missing:
+        raise ValueError(f"expected gradients of every sparse tensor, missing {missing}")
     goal = {fqn: t.budget for fqn, t in engine.tensors.items()} if budgets is None else dict(budgets)
-    grads = _per_example_gradients(engine, loss_fn, inputs, targets, chunk_size)
     new_masks, removed_counts = {}, {}
     with torch.no_grad():
         for fqn, t in engine.tensors.items():
@@ -158,7 +185,11 @@ def prune(
             if n_remove < 0:
                 raise ValueError(f"{fqn!r} has {nnz} active weights, fewer than its budget {goal[fqn]}")
             weight = t.param.detach().reshape(-1).clone()
-            g = grads[fqn].reshape(len(inputs), -1)
+            g = grads[fqn].reshape(len(grads[fqn]), -1)
+            if g.shape[1] != weight.numel():
+                raise ValueError(
+                    f"gradients of {fqn!r} have {g.shape[1]} entries per row, the weight {weight.numel()}"
+                )
             starts = range(0, weight.numel(), block_size)
             inverses = [block_inverse_fisher(g[:, s : s + block_size], damp) for s in starts]
             diagonal = torch.cat([inverse.diagonal() for inverse in inverses])

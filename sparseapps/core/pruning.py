@@ -35,6 +35,9 @@ def _prune_to(
 
 
 def prune_by_schedule(engine: DynamicSparsity) -> None:
+    if engine.calibration is not None:  # obs / sparsegpt: their own one-shot step (calibration.py)
+        engine.calibration.prune(engine)
+        return
     targets = {}
     for fqn, t in engine.tensors.items():
         final_sparsity = 1.0 - t.budget / t.numel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from sparseapps.core.config import SparsityConfig
+from sparseapps.core.config import ONE_SHOT_METHODS, SparsityConfig
 
 
 def update_window(config: SparsityConfig, total_steps: int) -> tuple[int, int]:
@@ -57,9 +57,9 @@ def gmp_sparsity(step: int, final_sparsity: float, config: SparsityConfig, total
 
 
 def is_pruning_step(step: int, config: SparsityConfig, total_steps: int) -> bool:
-    """Whether a dense-to-sparse pruning step (gmp or one_shot) runs after optimizer step ``step``."""
+    """Whether a dense-to-sparse pruning step (gmp, or one_shot / obs / sparsegpt) runs after optimizer step ``step``."""
     start, end = update_window(config, total_steps)
-    if config.method == "one_shot":
+    if config.method in ONE_SHOT_METHODS:
         return step == max(start, 1)
     if config.method == "gmp":
         return start < step <= end and ((step - start) % config.pruning_interval == 0 or step == end)

@@ -43,6 +43,8 @@ def run_preset(name: str) -> dict[str, Any]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     overrides: dict[str, Any] = {"sparsity": 0.8, "seed": 0}
     fields = PRESETS[name]
+    if fields.get("n_m"):  # an N:M preset keeps its own sparsity, 1 - n/m
+        del overrides["sparsity"]
     if fields.get("method") == "dst":
         overrides["update_interval"] = INTERVAL
     if fields.get("method") == "gmp":

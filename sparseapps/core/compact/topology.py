@@ -70,6 +70,7 @@ def dense_view_reason(engine: DynamicSparsity) -> str | None:
             "a compact module other than CompactLinear / CompactEmbedding",
         ),
         (config.constant_fan_in, "constant fan-in (SRigL) keeps per-neuron budgets"),
+        (config.n_m is not None, f"n_m={config.n_m} keeps per-group budgets (N:M)"),
         (
             config.redistribution != "none",
             f"redistribution={config.redistribution!r} moves budget across tensors",

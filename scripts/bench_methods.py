@@ -302,8 +302,19 @@ def separated(points: list[Point]) -> dict[tuple[str, float], tuple[str, list[st
 
 #: The registered comparisons (docs/bench_methods_registration.md): each pruning criterion against magnitude on the
 #: same gradual schedule (gmp), paired by seed (same initialization and batch order). Movement pruning's claim
-#: (Sanh et al. 2020) is that it beats magnitude at high sparsity.
-REGISTERED_PAIRS = (("movement", "gmp"), ("taylor", "gmp"), ("obd", "gmp"))
+#: (Sanh et al. 2020) is that it beats magnitude at high sparsity. Addendum 3 adds the presets of session 9, each
+#: against the method it refines on the same schedule: soft movement against hard movement and against magnitude
+#: (gmp), OBS and SparseGPT against one-shot magnitude pruning, Top-KAST against RigL.
+REGISTERED_PAIRS = (
+    ("movement", "gmp"),
+    ("taylor", "gmp"),
+    ("obd", "gmp"),
+    ("soft_movement", "movement"),
+    ("soft_movement", "gmp"),
+    ("obs", "one_shot"),
+    ("sparsegpt", "one_shot"),
+    ("topkast", "rigl"),
+)
 
 
 def paired_differences(

@@ -39,6 +39,7 @@ Method = Literal[
     "cs",
     "sr_ste",
     "soft_movement",
+    "edge_popup",
 ]
 ModuleKind = Literal["linear", "conv", "embedding"]
 Storage = Literal["masked", "compact"]
@@ -61,6 +62,7 @@ METHODS = (
     "cs",
     "sr_ste",
     "soft_movement",
+    "edge_popup",
 )
 MODULE_KINDS = ("linear", "conv", "embedding")
 GROW_OPTIMIZER_STATES = ("reset", "momentum")
@@ -71,7 +73,7 @@ CALIBRATED_METHODS = ("obs", "sparsegpt")
 # Methods that prune once, at start_fraction of training.
 ONE_SHOT_METHODS = ("one_shot", *CALIBRATED_METHODS)
 # Masks learned through the straight-through estimator over dense weights (sparseapps.core.learned_masks).
-LEARNED_METHODS = ("topkast", "cs", "sr_ste", "soft_movement")
+LEARNED_METHODS = ("topkast", "cs", "sr_ste", "soft_movement", "edge_popup")
 STORAGES = ("masked", "compact")
 
 
@@ -459,7 +461,7 @@ class SparsityConfig(PlainConfig):
         Args:
             name: one of :data:`PRESETS` (``static``, ``set``, ``rigl``, ``snfs``, ``ctre``, ``dsr``, ``srigl``,
                 ``gmp``, ``one_shot``, ``snip``, ``grasp``, ``synflow``, ``lottery``, ``taylor``, ``movement``,
-                ``obd``, ``momentum_magnitude``, ``obs``, ``sparsegpt``, ``topkast``, ``cs``, ``sr_ste``).
+                ``obd``, ``momentum_magnitude``, ``obs``, ``sparsegpt``, ``topkast``, ``cs``, ``sr_ste``, ``soft_movement``, ``edge_popup``).
             **overrides: any :class:`SparsityConfig` field, e.g. ``sparsity=0.95``. An N:M preset (``sr_ste``,
                 2:4) given a ``sparsity`` and no ``n_m`` runs at ``1:m`` with ``1 - 1/m`` that sparsity (0.9: 1:10).
 
@@ -649,4 +651,14 @@ PRESETS["soft_movement"] = dict(
     end_fraction=0.75,
     update_interval=1,
     score_penalty=1.0,
+)
+# Ramanujan et al. 2020 (edge-popup): frozen signed-constant weights, learned scores, the top density of |scores| per
+# tensor as the mask, every step (the paper's defaults beyond this: SGD lr 0.1 with cosine decay on the scores, set
+# by the user's optimizer here; scripts/bench_supermask.py runs the paper's optimizer with sparseapps.core.supermask).
+PRESETS["edge_popup"] = dict(
+    method="edge_popup",
+    grow="none",
+    distribution="uniform",
+    update_interval=1,
+    end_fraction=1.0,
 )

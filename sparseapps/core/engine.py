@@ -171,7 +171,7 @@ class DynamicSparsity:
             if initial_masks is not None:
                 raise ValueError(f"method {config.method!r} computes its own masks; got initial_masks")
             weights = {fqn: getattr(module, name) for fqn, module, name, _ in selected}
-            self.learned = LearnedMasks(config, optimizer, weights, budgets, total_steps)
+            self.learned = LearnedMasks(config, optimizer, weights, budgets, total_steps, self.generator)
             learned_masks = self.learned.initial_masks()
         starts_dense = config.method in ("gmp", "lottery", *ONE_SHOT_METHODS, *FORESIGHT_METHODS)
         self.tensors: dict[str, SparseTensor | CompactTensor] = {}

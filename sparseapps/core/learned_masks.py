@@ -30,6 +30,12 @@ same training loop as every other method; the engine hands its optimizer hooks t
   ``end_fraction`` (the paper tunes the penalty to reach a sparsity; here the configured one is reached exactly).
   Masked weights keep their values and come back when their scores rise above the threshold again.
 
+- **Edge-popup** (Ramanujan et al., CVPR 2020): the weights are drawn once as signed constants ``±sqrt(2 / fan_in)``
+  and never trained; a score per weight (Kaiming-uniform initialization, as the official code) is trained by the
+  optimizer with the straight-through gradient ``dL/dW * theta * sign(s)``, and the mask is the top ``density`` of ``|scores|``
+  per tensor, every ``update_interval`` steps. Other parameters (biases, norms) train as usual; the standalone
+  :mod:`sparseapps.core.supermask` freezes the whole model and adds WANN's shared-weight evaluation.
+
 How it runs: between optimizer steps a sparse weight holds what the forward pass uses (``theta * mask``; the soft
 gates during CS's search) and :class:`LearnedMasks` holds ``theta``. Before each ``optimizer.step()`` the weight's
 gradient (the loss's gradient at the weight the forward pass used) is turned into ``theta``'s (the functions below)
@@ -76,6 +82,7 @@ __all__ = [
     "gate_gradients",
     "gate_loss",
     "global_top",
+    "signed_constant",
     "soft_movement_gradients",
     "sr_ste_gradient",
     "temperature",
@@ -201,6 +208,19 @@ def soft_movement_gradients(
     return grad * mask, grad * theta + penalty * sigma * (1.0 - sigma)
 
 
+def signed_constant(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Edge-popup's frozen weights: ``±sqrt(2 / fan_in)`` with random signs (Ramanujan et al.'s best init).
+
+    Example:
+        >>> w = signed_constant(torch.empty(3, 8), torch.Generator().manual_seed(0))
+        >>> sorted(set(w.abs().reshape(-1).tolist())) == [0.5]
+        True
+    """
+    fan_in = weight[0].numel()
+    signs = torch.randint(0, 2, weight.shape, generator=generator).to(weight.dtype) * 2 - 1
+    return (signs * math.sqrt(2.0 / fan_in)).to(weight.device)
+
+
 def global_top(scores: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """Bool masks of the ``n`` highest scores over all tensors together (one threshold; ties to the earlier tensor
     and lower position).
@@ -266,6 +286,7 @@ class LearnedMasks:
         weights: Mapping[str, nn.Parameter],
         budgets: Mapping[str, int],
         total_steps: int,
+        generator: torch.Generator | None = None,
     ) -> None:
         if config.method not in LEARNED_METHODS:
             raise ValueError(f"expected a method among {LEARNED_METHODS}, got {config.method!r}")
@@ -284,9 +305,15 @@ class LearnedMasks:
         for fqn, p in weights.items():
             if p.grad is not None and p.grad.is_sparse:
                 raise ValueError(f"method {self.method!r} needs dense gradients; {fqn!r} has a sparse one")
-        if self.method in ("cs", "soft_movement"):  # scores trained by the user's optimizer
+        if self.method == "edge_popup":
+            generator = generator if generator is not None else torch.Generator().manual_seed(0)
+            self.theta = {fqn: signed_constant(p.detach(), generator) for fqn, p in weights.items()}
+        if self.method in ("cs", "soft_movement", "edge_popup"):  # scores trained by the user's optimizer
             init = config.gate_init if self.method == "cs" else 0.0
             self.scores = {fqn: nn.Parameter(torch.full_like(p.detach(), init)) for fqn, p in weights.items()}
+            if self.method == "edge_popup":  # the official code's score initialization
+                for score in self.scores.values():
+                    nn.init.kaiming_uniform_(score, a=math.sqrt(5), generator=generator)
             group: dict[str, Any] = {"params": list(self.scores.values())}
             if "weight_decay" in optimizer.defaults:
                 group["weight_decay"] = 0.0
@@ -330,6 +357,8 @@ class LearnedMasks:
 
     def _masks_of(self, fqn: str, theta: torch.Tensor) -> torch.Tensor:
         """The forward mask of ``theta`` (and, Top-KAST, its backward set into :attr:`backward`)."""
+        if self.method == "edge_popup":  # the top of |scores|; theta is frozen
+            return top_magnitude(self.scores[fqn].detach(), self.budgets[fqn])
         if self.method == "sr_ste":
             n, m = self.config.n_m  # type: ignore[misc]
             return nm.top_n_of_m(theta.abs(), n, m)
@@ -378,6 +407,11 @@ class LearnedMasks:
                         )
                     elif self.method == "sr_ste":
                         new = sr_ste_gradient(grad, theta, t.mask, config.refine_decay)
+                    elif self.method == "edge_popup":
+                        scores = self.scores[fqn]
+                        # straight through the top-k of |scores| (the official code ranks scores.abs())
+                        scores.grad = grad * theta * torch.sign(scores.detach())
+                        new = torch.zeros_like(grad)  # the weights stay as drawn
                     elif self.method == "soft_movement":
                         scores = self.scores[fqn]
                         new, scores.grad = soft_movement_gradients(
@@ -404,6 +438,8 @@ class LearnedMasks:
                     theta.copy_(param)
                 elif self.method == "topkast":  # entries outside the backward set are not updated
                     theta.copy_(torch.where(self.backward[fqn], param, theta))
+                elif self.method == "edge_popup":  # frozen: no optimizer or weight decay moves them
+                    pass
                 elif self.method == "soft_movement":  # masked weights are kept as they are
                     theta.copy_(torch.where(t.mask, param, theta))
                 else:

@@ -25,6 +25,7 @@ Writes ``results.json`` (every run and the summary), ``results.md`` and ``accura
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -99,6 +100,13 @@ class Args:
         default="",
         metadata={"help": "MNIST-1D cache root ('' = $SPARSEAPPS_DATA or ~/.cache/sparseapps/data)"},
     )
+    overrides: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "SparsityConfig fields set on every preset, as field=value (e.g. distribution=uniform "
+            "drop_fraction=0.1): controls of a method without a new preset"
+        },
+    )
     n_m: tuple[int, ...] = field(
         default=(),
         metadata={"help": "N:M structure of every preset, e.g. 2 4 (needs sparsity 1 - n/m); empty: none"},
@@ -125,8 +133,30 @@ class Args:
             raise ValueError(f"expected optimizer in {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"expected lr > 0, got {self.lr}")
+        config_overrides(self.overrides)  # names a malformed or unknown field now, not after hours of runs
         if self.n_m and len(self.n_m) != 2:
             raise ValueError(f"expected n_m as two integers n m (e.g. 2 4), got {self.n_m}")
+
+
+def config_overrides(items: tuple[str, ...]) -> dict[str, object]:
+    """``("drop_fraction=0.1", "distribution=uniform")`` as SparsityConfig fields, each value parsed as JSON when it
+    is JSON (numbers, true/false) and kept as a string otherwise.
+
+    Example:
+        >>> config_overrides(("drop_fraction=0.1", "distribution=uniform", "end_fraction=0.9"))
+        {'drop_fraction': 0.1, 'distribution': 'uniform', 'end_fraction': 0.9}
+    """
+    fields = {f.name for f in dataclasses.fields(SparsityConfig)}
+    result: dict[str, object] = {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        if not equals or name not in fields:
+            raise ValueError(f"expected overrides as field=value with a SparsityConfig field, got {item!r}")
+        try:
+            result[name] = json.loads(text)
+        except json.JSONDecodeError:
+            result[name] = text
+    return result
 
 
 QUICK = {
@@ -207,7 +237,9 @@ def train(task: Task, method: str, sparsity: float, seed: int, args: Args) -> Ru
     rounds = 1
     if method != DENSE:
         structure = {"n_m": args.n_m} if args.n_m else {}
-        config = SparsityConfig.preset(method, sparsity=sparsity, seed=seed, **structure)
+        config = SparsityConfig.preset(
+            method, sparsity=sparsity, seed=seed, **structure, **config_overrides(args.overrides)
+        )
         if config.method == "lottery":
             rounds = config.lottery_rounds + 1
         if args.interval:

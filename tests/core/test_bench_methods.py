@@ -82,3 +82,14 @@ def test_arguments_come_from_the_dataclass(bench: ModuleType) -> None:
         bench.parse_args(["--methods", "nope"])
     with pytest.raises(ValueError, match="seeds >= 2"):
         bench.parse_args(["--seeds", "1"])
+
+
+def test_overrides_set_config_fields_and_name_a_bad_one(bench: ModuleType) -> None:
+    assert bench.config_overrides(("drop_fraction=0.1", "distribution=uniform")) == {
+        "drop_fraction": 0.1,
+        "distribution": "uniform",
+    }
+    with pytest.raises(ValueError, match="'drop_rate=0.1'"):
+        bench.Args(overrides=("drop_rate=0.1",))
+    with pytest.raises(ValueError, match="'distribution'"):
+        bench.Args(overrides=("distribution",))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 import torch
 from torch import nn
 
 from sparseapps.core import DynamicSparsity, SparsityConfig
 from sparseapps.core.compact import CompactEmbedding, compact_lookup
-from sparseapps.core.compact import embedding as embedding_module
 from sparseapps.core.compact.embedding import _DenseView
 from sparseapps.core.compact.storage import CompactTensor
 from sparseapps.core.distributions import target_nnz
@@ -223,8 +220,3 @@ def test_engine_refuses_compact_tables_that_the_config_cannot_drive() -> None:
     momentum = SparsityConfig.preset("rigl", **base, grow="momentum", storage="compact")
     with pytest.raises(ValueError, match="grow='momentum' read a gradient momentum tracked every step"):
         DynamicSparsity(model, optimizer, momentum, total_steps=10)
-
-
-def test_docstring_examples_run() -> None:
-    result = doctest.testmod(embedding_module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -222,14 +222,6 @@ def test_hutchinson_estimates_the_exact_hessian_diagonal() -> None:
         hutchinson_diagonal(loss, [first], probes=0, generator=torch.Generator())
 
 
-def test_docstring_examples_run() -> None:
-    import doctest
-
-    from sparseapps.core import criteria
-
-    assert doctest.testmod(criteria).failed == 0
-
-
 # ---------------------------------------------------------------------------------------------- engine traces
 def _traced_run(
     preset: str, steps: int

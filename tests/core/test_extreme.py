@@ -4,7 +4,6 @@ entry-path SRigL updates (against the engine's dense-view SRigL), training, and 
 from __future__ import annotations
 
 import copy
-import doctest
 import json
 import math
 from pathlib import Path
@@ -27,11 +26,6 @@ from sparseapps.core.extreme import (
 from tests.scripts import script_module
 
 SMALL = ExtremeTask(n_classes=60, n_train=3000, n_test=600, cluster_size=10, noise=0.05, seed=3)
-
-
-def test_docstring_examples() -> None:
-    result = doctest.testmod(extreme, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # ------------------------------------------------------------------------------------------------ the task

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import doctest
 import itertools
 import math
 import re
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseapps.core import DynamicSparsity, SparsityConfig, learned_masks, nm
+from sparseapps.core import DynamicSparsity, SparsityConfig, nm
 from sparseapps.core.learned_masks import (
     exploration_loss,
     gate,
@@ -25,11 +24,6 @@ from sparseapps.core.learned_masks import (
 )
 
 PRESETS = ("topkast", "cs", "sr_ste")
-
-
-def test_docstring_examples_run() -> None:
-    result = doctest.testmod(learned_masks)
-    assert result.attempted > 10 and result.failed == 0
 
 
 def mlp() -> nn.Sequential:

@@ -42,7 +42,7 @@ from sparseapps.rl.minatar import (
     estimate_core_hours,
     run_cell,
 )
-from sparseapps.rl.plasticity_suite import Comparison, compare
+from sparseapps.rl.plasticity_suite import Comparison, compare, comparison_table, format_number
 
 #: DQN overrides of the quick run: learning starts at once, a small replay buffer.
 QUICK_DQN: dict[str, Any] = {"learning_starts": 100, "buffer_size": 1_000}
@@ -221,10 +221,6 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"cells": table, "comparisons": comparisons, "n_cells": len(results)}
 
 
-def _number(value: Any, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def markdown(summary: dict[str, Any]) -> str:
     lines = [
         "| cell | seeds | mean final return ± 95% CI | nonzero weights | training FLOPs vs dense | train s |"
@@ -232,22 +228,13 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append("|---|---|---|---|---|---|")
     for name, row in summary["cells"].items():
         lines.append(
-            f"| {name} | {row['n']} | {_number(row['mean_final_return'], 2)} ± {_number(row['ci95'], 2)} | "
+            f"| {name} | {row['n']} | {format_number(row['mean_final_return'], 2)} ± {format_number(row['ci95'], 2)} | "
             f"{row['nonzero_weights']:.0f} | {row['flops_ratio']:.3f} | {row['train_seconds']:.0f} |"
         )
-    lines += ["", "| comparison | seeds | mean difference | 95% CI | Bonferroni CI | p | Holm p | verdict |"]
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for row in summary["comparisons"]:
-        ci = row["ci95"] and f"[{_number(row['ci95'][0])}, {_number(row['ci95'][1])}]"
-        bonferroni = (
-            row["ci_bonferroni"]
-            and f"[{_number(row['ci_bonferroni'][0])}, {_number(row['ci_bonferroni'][1])}]"
-        )
-        lines.append(
-            f"| {row['method']} vs {row['baseline']} | {len(row['seeds'])} | {_number(row['mean'])} | "
-            f"{ci or 'n/a'} | {bonferroni or 'n/a'} | {_number(row['p'], 4)} | {_number(row['p_holm'], 4)} | "
-            f"{row['verdict']} |"
-        )
+    lines += [
+        "",
+        *comparison_table(summary["comparisons"], lambda row: f"{row['method']} vs {row['baseline']}"),
+    ]
     return "\n".join(lines) + "\n"
 
 

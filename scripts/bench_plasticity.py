@@ -36,6 +36,8 @@ from sparseapps.rl.plasticity_suite import (
     SEEDS,
     cell_settings,
     compare,
+    comparison_table,
+    format_number,
     registered_comparisons,
     run_cell,
 )
@@ -177,36 +179,21 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"methods": table, "comparisons": comparisons, "n_cells": len(results)}
 
 
-def _number(value: Any, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def markdown(summary: dict[str, Any]) -> str:
     lines = ["| env | method | seeds | mean final return | mean AUC | steps to recover | dormant fraction |"]
     lines.append("|---|---|---|---|---|---|---|")
     for env, methods in summary["methods"].items():
         for method, metrics in methods.items():
             cells = [
-                f"{_number(metrics[m]['mean'], 1)} ± {_number(metrics[m]['ci95'], 1)}"
+                f"{format_number(metrics[m]['mean'], 1)} ± {format_number(metrics[m]['ci95'], 1)}"
                 for m in ("mean_final_return", "mean_auc", "mean_steps_to_recover")
             ]
             dormant = metrics["mean_dormant_fraction"]
             lines.append(
                 f"| {env} | {method} | {metrics['mean_final_return']['n']} | {' | '.join(cells)} | "
-                f"{_number(dormant['mean'])} ± {_number(dormant['ci95'])} |"
+                f"{format_number(dormant['mean'])} ± {format_number(dormant['ci95'])} |"
             )
-    lines += ["", "| comparison | seeds | mean difference | 95% CI | Bonferroni CI | p | Holm p | verdict |"]
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for row in summary["comparisons"]:
-        ci = row["ci95"] and f"[{_number(row['ci95'][0])}, {_number(row['ci95'][1])}]"
-        bonferroni = (
-            row["ci_bonferroni"]
-            and f"[{_number(row['ci_bonferroni'][0])}, {_number(row['ci_bonferroni'][1])}]"
-        )
-        lines.append(
-            f"| {row['comparison']} | {len(row['seeds'])} | {_number(row['mean'])} | {ci or 'n/a'} | "
-            f"{bonferroni or 'n/a'} | {_number(row['p'], 4)} | {_number(row['p_holm'], 4)} | {row['verdict']} |"
-        )
+    lines += ["", *comparison_table(summary["comparisons"], lambda row: row["comparison"])]
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -25,3 +26,28 @@ def script_module(name: str) -> Iterator[ModuleType]:
         yield module
     finally:
         sys.modules.pop(name, None)
+
+
+def assert_runs_resumes_and_summarizes(
+    bench: ModuleType, argv: list[str], out: Path, files: list[str], comparison: str, monkeypatch: Any
+) -> None:
+    """The contract of the cell-by-cell benchmark scripts (``bench_plasticity``, ``bench_minatar``): ``argv`` writes
+    exactly ``files`` (one JSON per cell) under ``out`` and a summary whose ``comparison`` row pairs seeds 0 and 1;
+    run again, it trains nothing and reads every cell back; ``--summarize`` reads them alone; the same folder
+    refuses a run with other settings."""
+    import pytest
+
+    summary = bench.main(argv)
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/*.json")) == files
+    assert summary["n_cells"] == len(files) and (out / "summary.md").exists()
+    rows = {row["comparison"]: row for row in summary["comparisons"]}
+    assert rows[comparison]["seeds"] == [0, 1]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(bench, "run_cell", refuse)
+    assert bench.main(argv)["n_cells"] == len(files)  # resumed: every cell read back
+    assert bench.main(["--summarize", "--out", str(out)])["n_cells"] == len(files)
+    with pytest.raises(ValueError, match="other settings"):
+        bench.main([a for a in argv if a != "--quick"] + ["--seeds", "0"])

@@ -39,7 +39,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -482,6 +482,38 @@ class Comparison:
     def name(self) -> str:
         """``env: method vs baseline (metric)``."""
         return f"{self.env}: {self.method} vs {self.baseline} ({self.metric})"
+
+
+def format_number(value: float | None, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals, or ``n/a`` for ``None`` (a comparison with too few seeds).
+
+    Example:
+        >>> format_number(0.12345), format_number(None)
+        ('0.123', 'n/a')
+    """
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def comparison_table(
+    rows: Sequence[Mapping[str, Any]], label: Callable[[Mapping[str, Any]], str]
+) -> list[str]:
+    """Markdown lines of the registered comparisons (``compare``'s dicts): seeds, mean difference, its 95% and
+    Bonferroni intervals, p and Holm's p, the verdict; ``label(row)`` names each row. The benchmark scripts'
+    summary tables (``bench_plasticity``, ``bench_minatar``)."""
+    lines = [
+        "| comparison | seeds | mean difference | 95% CI | Bonferroni CI | p | Holm p | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        intervals = [
+            f"[{format_number(row[key][0])}, {format_number(row[key][1])}]" if row[key] else "n/a"
+            for key in ("ci95", "ci_bonferroni")
+        ]
+        lines.append(
+            f"| {label(row)} | {len(row['seeds'])} | {format_number(row['mean'])} | {' | '.join(intervals)} | "
+            f"{format_number(row['p'], 4)} | {format_number(row['p_holm'], 4)} | {row['verdict']} |"
+        )
+    return lines
 
 
 def registered_comparisons(envs: Sequence[str] = tuple(ENVS)) -> list[Comparison]:

@@ -27,7 +27,7 @@ from sparseapps.rl.minatar import (
     run_cell,
     sparsity_callback,
 )
-from tests.scripts import script_module
+from tests.scripts import assert_runs_resumes_and_summarizes, script_module
 
 pytest.importorskip("minatar")
 
@@ -206,22 +206,9 @@ def test_quick_script_runs_resumes_and_summarizes(
 ) -> None:
     argv = ["--quick", "--out", str(tmp_path), "--games", "breakout", "--methods", "static", "rigl"]
     argv += ["--sparsities", "0.9", "--budget", "200"]
-    summary = bench.main(argv)
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*/*.json")) == [
-        f"breakout/{m}-90/seed{s}.json" for m in ("rigl", "static") for s in (0, 1)
-    ]
-    assert summary["n_cells"] == 4 and (tmp_path / "summary.md").exists()
-    rows = {row["comparison"]: row for row in summary["comparisons"]}
-    assert rows["breakout: breakout/rigl-90 vs breakout/static-90 (final_return)"]["seeds"] == [0, 1]
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a finished cell was trained again")
-
-    monkeypatch.setattr(bench, "run_cell", refuse)
-    assert bench.main(argv)["n_cells"] == 4  # resumed: every cell read back
-    assert bench.main(["--summarize", "--out", str(tmp_path)])["n_cells"] == 4
-    with pytest.raises(ValueError, match="other settings"):
-        bench.main([a for a in argv if a != "--quick"] + ["--seeds", "0"])
+    files = [f"breakout/{m}-90/seed{s}.json" for m in ("rigl", "static") for s in (0, 1)]
+    comparison = "breakout: breakout/rigl-90 vs breakout/static-90 (final_return)"
+    assert_runs_resumes_and_summarizes(bench, argv, tmp_path, files, comparison, monkeypatch)
 
 
 def test_cell_selection(bench: ModuleType) -> None:

@@ -42,7 +42,7 @@ from sparseapps.rl.plasticity_suite import (
     registered_comparisons,
     run_cell,
 )
-from tests.scripts import script_module
+from tests.scripts import assert_runs_resumes_and_summarizes, script_module
 
 
 # ---------------------------------------------------------------------------------------------- ReDo
@@ -326,22 +326,9 @@ def test_quick_script_runs_resumes_and_summarizes(
         "static",
         "rigl-dormant",
     ]
-    summary = bench.main(argv)
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*/*.json")) == [
-        f"cartpole-length/{m}/seed{s}.json" for m in ("rigl-dormant", "static") for s in (0, 1)
-    ]
-    assert summary["n_cells"] == 4 and (tmp_path / "summary.md").exists()
-    rows = {row["comparison"]: row for row in summary["comparisons"]}
-    assert rows["cartpole-length: rigl-dormant vs static (mean_final_return)"]["seeds"] == [0, 1]
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a finished cell was trained again")
-
-    monkeypatch.setattr(bench, "run_cell", refuse)
-    assert bench.main(argv)["n_cells"] == 4  # resumed: every cell read back
-    assert bench.main(["--summarize", "--out", str(tmp_path)])["n_cells"] == 4
-    with pytest.raises(ValueError, match="other settings"):
-        bench.main([a for a in argv if a != "--quick"] + ["--seeds", "0"])
+    files = [f"cartpole-length/{m}/seed{s}.json" for m in ("rigl-dormant", "static") for s in (0, 1)]
+    comparison = "cartpole-length: rigl-dormant vs static (mean_final_return)"
+    assert_runs_resumes_and_summarizes(bench, argv, tmp_path, files, comparison, monkeypatch)
     args = bench.parse_args(["--cells", "pendulum-*/dense*/10?", "cartpole-length/rigl/100"])
     assert bench.planned_cells(args) == [  # seed by seed, environments and methods in the suite's order
         ("cartpole-length", "rigl", 100),

@@ -107,6 +107,13 @@ class Args:
             "drop_fraction=0.1): controls of a method without a new preset"
         },
     )
+    label: str = field(
+        default="",
+        metadata={
+            "help": "appended to each preset's name in the results (e.g. '+fisher' with --overrides grow=fisher), "
+            "so a variant's rows merge beside the preset's with --combine"
+        },
+    )
     n_m: tuple[int, ...] = field(
         default=(),
         metadata={"help": "N:M structure of every preset, e.g. 2 4 (needs sparsity 1 - n/m); empty: none"},
@@ -115,7 +122,9 @@ class Args:
     def __post_init__(self) -> None:
         if not self.tasks or not set(self.tasks) <= set(TASKS):
             raise ValueError(f"expected tasks among {TASKS}, got {self.tasks}")
-        unknown = sorted(set(self.methods) - set(PRESETS))
+        # (merged folders name what they ran; a labelled variant is its preset's name + label)
+        presets = {m.removesuffix(self.label) if self.label else m for m in self.methods}
+        unknown = [] if self.combine else sorted(presets - set(PRESETS))
         if unknown:
             raise ValueError(f"expected methods among the presets {sorted(PRESETS)}, got unknown {unknown}")
         if not self.sparsities or not all(0.0 < s < 1.0 for s in self.sparsities):
@@ -269,7 +278,7 @@ def train(task: Task, method: str, sparsity: float, seed: int, args: Args) -> Ru
     report = engine.report() if engine is not None else None
     return Run(
         task=task.name,
-        method=method,
+        method=method + args.label if engine is not None else method,
         target_sparsity=sparsity if engine is not None else 0.0,
         seed=seed,
         test_accuracy=accuracy(model, task.x_test, task.y_test),
@@ -336,7 +345,8 @@ def separated(points: list[Point]) -> dict[tuple[str, float], tuple[str, list[st
 #: same gradual schedule (gmp), paired by seed (same initialization and batch order). Movement pruning's claim
 #: (Sanh et al. 2020) is that it beats magnitude at high sparsity. Addendum 3 adds the presets of session 9, each
 #: against the method it refines on the same schedule: soft movement against hard movement and against magnitude
-#: (gmp), OBS and SparseGPT against one-shot magnitude pruning, Top-KAST against RigL.
+#: (gmp), OBS and SparseGPT against one-shot magnitude pruning, Top-KAST against RigL. Addendum 5: RigL with the
+#: growth criteria of issues 18 and 19 (``--overrides grow=... --label +...``) against RigL.
 REGISTERED_PAIRS = (
     ("movement", "gmp"),
     ("taylor", "gmp"),
@@ -346,6 +356,9 @@ REGISTERED_PAIRS = (
     ("obs", "one_shot"),
     ("sparsegpt", "one_shot"),
     ("topkast", "rigl"),
+    ("rigl+fisher", "rigl"),
+    ("rigl+last_magnitude", "rigl"),
+    ("rigl+dormant_gradient", "rigl"),
 )
 
 
@@ -555,6 +568,8 @@ def run_grid(args: Args) -> None:
                 f"flops {point.flops_fraction:.2f}  {point.seconds:.2f} s/run",
                 flush=True,
             )
+    if args.label:  # the tables name the labelled variants
+        args = replace(args, methods=tuple(m + args.label for m in args.methods))
     points = summarize(runs)
     paired = paired_differences(runs)
     out = Path(args.out)

@@ -93,3 +93,14 @@ def test_overrides_set_config_fields_and_name_a_bad_one(bench: ModuleType) -> No
         bench.Args(overrides=("drop_rate=0.1",))
     with pytest.raises(ValueError, match="'distribution'"):
         bench.Args(overrides=("distribution",))
+
+
+def test_a_labelled_variant_is_named_in_runs_and_tables(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["--quick", "--tasks", "mnist1d-mlp", "--methods", "rigl", "--seeds", "2", "--out", str(out)]
+    bench.main(
+        [*argv, "--data-root", str(tmp_path / "data"), "--overrides", "grow=fisher", "--label", "+fisher"]
+    )
+    result = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in result["runs"]} == {"dense", "rigl+fisher"}
+    assert "| rigl+fisher |" in (out / "results.md").read_text()

@@ -29,6 +29,13 @@ from sparseapps.rl.diagnostics import (
     shift_recovery,
 )
 from sparseapps.rl.drift import DriftSchedule, DriftWrapper, make_drifting_env
+from sparseapps.rl.plasticity import (
+    ContinualBackpropCallback,
+    PermutedObservations,
+    ReDoCallback,
+    effective_rank,
+    phase_metrics,
+)
 from sparseapps.rl.policies import (
     SparseActorCriticCnnPolicy,
     SparseActorCriticPolicy,
@@ -48,13 +55,16 @@ from sparseapps.rl.train import summarize, train_many, train_run
 __all__ = [
     "RL_PRESETS",
     "SUPPORTED_ALGORITHMS",
+    "ContinualBackpropCallback",
     "DormantNeurons",
     "DriftSchedule",
     "DriftWrapper",
     "DynamicSparsityCallback",
     "MaskTurnover",
+    "PermutedObservations",
     "RLPreset",
     "RLRun",
+    "ReDoCallback",
     "ShiftRecovery",
     "SparseActorCriticCnnPolicy",
     "SparseActorCriticPolicy",
@@ -67,11 +77,13 @@ __all__ = [
     "accept_masks",
     "condense_policy",
     "count_optimizer_steps",
+    "effective_rank",
     "find_dormant_neurons",
     "find_networks",
     "make_drifting_env",
     "make_sparsity_config",
     "mask_turnover",
+    "phase_metrics",
     "rl_preset",
     "shift_recovery",
     "sparse_policy_class",

@@ -439,7 +439,8 @@ def markdown(
             lines.append(
                 f"| {DENSE} | " + " | ".join(cell for _ in sparsities) + f" | 1.00 | {dense.seconds:.2f} |"
             )
-        for method in args.methods:
+        attempted = {m for m, _ in here} | {k["method"] for k in skipped if k["task"] == task}
+        for method in (m for m in args.methods if m in attempted):  # a merged run may skip a task entirely
             cells = [
                 f"{p.mean:.3f} ± {p.ci95:.3f}" if (p := here.get((method, s))) else "n/a" for s in sparsities
             ]

@@ -58,6 +58,7 @@ METHODS = ("dst", "static")
 _UNSUPPORTED = {
     "redistribution": "it moves a task's budget across layers, which the capacity plan fixes per layer",
     "constant_fan_in": "SRigL's updates do not respect the free capacity",
+    "n_m": "N:M groups regrow inside themselves, where the free capacity may have no room",
     "ablation_threshold": "SRigL's updates do not respect the free capacity",
     "rescale_initialization": "a new task's weights are initialized by init_scale",
     "dense_last_layer": "every isolated layer is shared among the tasks",

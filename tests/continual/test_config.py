@@ -61,6 +61,11 @@ def test_engine_config_leaves_the_first_layer_to_the_capacity_plan():
             r"sparsity.constant_fan_in must be False .* got True",
         ),
         (
+            {"sparsity": SparsityConfig.preset("rigl", sparsity=0.5, n_m=(2, 4))},
+            ValueError,
+            r"sparsity.n_m must be None in continual isolation .* got \(2, 4\)",
+        ),
+        (
             {"sparsity": SparsityConfig(include=("backbone.*",))},
             ValueError,
             r"sparsity.include must be \(\) in continual isolation",

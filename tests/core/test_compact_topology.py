@@ -135,6 +135,8 @@ def _runs(preset: str, monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> tup
         ("rigl", {"grow_init_range": 0.01, "tie_noise": 0.0}),
         ("set", {}),
         ("rigl", {"drop": "random", "grow": "random"}),
+        ("srigl", {"ablation_threshold": 0.0}),
+        ("srigl", {"ablation_threshold": 0.0, "tie_noise": 0.0}),
     ],
 )
 def test_updates_on_active_entries_equal_the_dense_view_update_bit_for_bit(
@@ -176,7 +178,8 @@ def test_updates_fall_back_to_dense_views_where_a_criterion_has_no_entry_form() 
     try:
         for changes in (
             {"drop": "test_magnitude_copy"},
-            {"constant_fan_in": True},
+            {"constant_fan_in": True, "ablation_threshold": 0.3},  # SRigL without ablation runs on entries
+            {"constant_fan_in": True, "grow": "random"},
             {"redistribution": "dsr"},
         ):
             try:

@@ -170,7 +170,7 @@ def test_entry_updates_match_the_engines_dense_view_srigl(seed: int, batch: int)
     holder = _Holder(twin)
     opt_engine = torch.optim.Adam(holder.parameters(), lr=0.05)
     engine = DynamicSparsity(holder, opt_engine, config, total_steps=20)
-    assert extreme.dense_view_reason(engine) == "constant fan-in (SRigL) keeps per-neuron budgets"
+    assert extreme.dense_view_reason(engine).startswith("SRigL's neuron ablation")
     generator = torch.Generator().manual_seed(100 + seed)
     for _ in range(12):
         x, target = (

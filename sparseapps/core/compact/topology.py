@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sparseapps.core import rules, scores, scoring
+from sparseapps.core import rules, scores, scoring, structured
 from sparseapps.core.compact import storage
 from sparseapps.core.compact.embedding import CompactEmbedding
 from sparseapps.core.compact.layer import CompactLinear
@@ -57,7 +57,7 @@ def dense_view_reason(engine: DynamicSparsity) -> str | None:
         >>> srigl = SparsityConfig.preset("srigl", sparsity=0.9, storage="compact")
         >>> model = to_compact(nn.Sequential(nn.Linear(64, 64)), srigl)
         >>> dense_view_reason(DynamicSparsity(model, torch.optim.SGD(model.parameters(), lr=0.1), srigl, 100))
-        'constant fan-in (SRigL) keeps per-neuron budgets'
+        "SRigL's neuron ablation (ablation_threshold > 0) reads every row's salient weights"
     """
     config = engine.config
     checks = (
@@ -69,7 +69,15 @@ def dense_view_reason(engine: DynamicSparsity) -> str | None:
             ),
             "a compact module other than CompactLinear / CompactEmbedding",
         ),
-        (config.constant_fan_in, "constant fan-in (SRigL) keeps per-neuron budgets"),
+        (
+            config.constant_fan_in and config.ablation_threshold > 0,
+            "SRigL's neuron ablation (ablation_threshold > 0) reads every row's salient weights",
+        ),
+        (
+            config.constant_fan_in and scores.get("grow", config.grow).fused != "gradient",
+            f"constant fan-in (SRigL) refills rows on active entries by gradient growth only, got "
+            f"grow={config.grow!r}",
+        ),
         (config.n_m is not None, f"n_m={config.n_m} keeps per-group budgets (N:M)"),
         (
             config.redistribution != "none",
@@ -96,9 +104,119 @@ def update(engine: DynamicSparsity, fraction: float) -> rules.UpdateRecord:
     config = engine.config
     drop_criterion = scores.get("drop", config.drop)
     grow_criterion = scores.get("grow", config.grow)
+    old_nnz = {fqn: t.module.nnz for fqn, t in engine.tensors.items()}
+    if config.constant_fan_in:
+        kept, grown = _constant_fan_in(engine, fraction, drop_criterion, grow_criterion)
+    else:
+        kept, grown = _unstructured(engine, fraction, drop_criterion, grow_criterion)
+    return _write(engine, fraction, kept, grown, old_nnz)
+
+
+def _constant_fan_in(
+    engine: DynamicSparsity,
+    fraction: float,
+    drop_criterion: scores.Criterion,
+    grow_criterion: scores.Criterion,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SRigL without ablation (``structured.constant_fan_in_update`` with every row active), tensor by tensor in
+    the dense path's order of draws: the top ``nnz - n_drop`` entries by drop score stay; each row regrows to its
+    fan-in ``k`` by the best ``|g| + noise`` among its other inputs (the dropped ones included), ``g`` formed a
+    block of rows at a time from the captured factors."""
+    config = engine.config
+    kept: dict[str, torch.Tensor] = {}
+    grown: dict[str, torch.Tensor] = {}
+    for fqn, t in engine.tensors.items():
+        module = t.module
+        positions = module.positions()
+        nnz = positions.numel()
+        rows, cols = module.weight_shape
+        n_drop = min(math.ceil(fraction * nnz), nnz)
+        context = scores.EntryContext(
+            values=module.values.detach(), positions=positions, numel=t.numel, generator=engine.generator
+        )
+        entry_scores = scores.compute_on_entries(drop_criterion, context, config.tie_noise)
+        stay = rules.select_top(entry_scores, torch.ones(nnz, dtype=torch.bool), nnz - n_drop, available=nnz)
+        kept[fqn] = rules.flat_nonzero(stay)
+        k = structured.fan_in_for(t.budget, rows, cols)
+        counts = k - torch.bincount(positions[kept[fqn]] // cols, minlength=rows)
+        grown[fqn] = _refill_rows(engine, module, positions[kept[fqn]], counts, grow_criterion)
+    return kept, grown
+
+
+def _gradient_rows(
+    module: CompactLinear,
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The captured step's gradient: dense ``[out, in]`` or its factors ``(dy [B, out], x [B, in])``."""
+    factors = module.gradient_factors()
+    if factors is not None and factors[0].dtype == factors[1].dtype == torch.float32:
+        return None, (factors[0].float().contiguous(), factors[1].float().contiguous())
+    dense = module.dense_grad
+    return (torch.zeros(module.weight_shape) if dense is None else dense.float()), None
+
+
+def _refill_rows(
+    engine: DynamicSparsity,
+    module: CompactLinear,
+    retained: torch.Tensor,
+    counts: torch.Tensor,
+    grow_criterion: scores.Criterion,
+    block_rows: int = 1024,
+) -> torch.Tensor:
+    """Ascending flat positions: per row ``r``, the ``counts[r]`` best ``|g| + noise`` outside ``retained``
+    (ties to the lower position), with the dense path's noise (one seed drawn, ``max|g| * tie_noise`` wide)."""
+    rows, cols = module.weight_shape
+    dense, factors = _gradient_rows(module)
+
+    def block(start: int, end: int) -> torch.Tensor:
+        if dense is not None:
+            return dense[start:end].abs()
+        dy, x = factors  # type: ignore[misc]
+        return (dy[:, start:end].T @ x).abs()
+
+    noise = engine.config.tie_noise if grow_criterion.tie_noise else 0.0
+    factor, seed = 0.0, 0
+    if noise > 0:
+        high = max(
+            (float(block(s, min(s + block_rows, rows)).max()) for s in range(0, rows, block_rows)),
+            default=0.0,
+        )
+        factor = scoring.noise_factor(torch.zeros(()), torch.tensor(high, dtype=torch.float32), noise)
+        seed = scoring.draw_seed(engine.generator)
+    taken = torch.zeros(rows * cols, dtype=torch.bool)
+    taken[retained] = True
+    chosen = []
+    for start in range(0, rows, block_rows):
+        end = min(start + block_rows, rows)
+        need = counts[start:end]
+        if int(need.max()) <= 0:
+            continue
+        score = block(start, end).float().contiguous()
+        if factor > 0:
+            flat = torch.arange(start * cols, end * cols)
+            if library.ensure_loaded().compiled:
+                u = torch.ops.sparseapps.hashed_uniform_at(seed, flat)
+            else:
+                u = reference.hashed_uniform_at_reference(seed, flat)
+            score += (u * torch.tensor(factor, dtype=torch.float32)).view(end - start, cols)
+        score.masked_fill_(taken[start * cols : end * cols].view(end - start, cols), -math.inf)
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, : int(need.max())]
+        pick = torch.arange(order.shape[1]) < need.unsqueeze(1)
+        chosen.append((torch.arange(start, end).unsqueeze(1) * cols + order)[pick])
+    if not chosen:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.sort(torch.cat(chosen)).values
+
+
+def _unstructured(
+    engine: DynamicSparsity,
+    fraction: float,
+    drop_criterion: scores.Criterion,
+    grow_criterion: scores.Criterion,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The unstructured update's kept entries and grown positions (the module docstring's steps 1 and 2)."""
+    config = engine.config
     kept: dict[str, torch.Tensor] = {}
     n_drop: dict[str, int] = {}
-    old_nnz = {fqn: t.module.nnz for fqn, t in engine.tensors.items()}
     for fqn, t in engine.tensors.items():
         module = t.module
         positions = module.positions()
@@ -137,6 +255,18 @@ def update(engine: DynamicSparsity, fraction: float) -> rules.UpdateRecord:
             grown[fqn] = torch.ops.sparseapps.grow_select(*args, tuning.grow_block_entries())
         else:
             grown[fqn] = reference.grow_select_reference(*args)
+    return kept, grown
+
+
+def _write(
+    engine: DynamicSparsity,
+    fraction: float,
+    kept: dict[str, torch.Tensor],
+    grown: dict[str, torch.Tensor],
+    old_nnz: dict[str, int],
+) -> rules.UpdateRecord:
+    """Writes kept and grown entries to the layers and the optimizer state (step 3); returns the record."""
+    config = engine.config
     # An entry dropped and grown again in the same update stays, with its value and state (as in the dense path).
     for fqn, t in engine.tensors.items():
         positions = t.module.positions()

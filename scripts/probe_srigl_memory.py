@@ -36,7 +36,7 @@ print("entries path:", topology.applies(engine), topology.dense_view_reason(engi
 g = torch.Generator().manual_seed(0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 times = []
-for step in range(30):
+for _ in range(30):
     x, y = torch.randn(128, 128, generator=g), torch.randint(C, (128,), generator=g)
     t = time.perf_counter()
     opt.zero_grad()

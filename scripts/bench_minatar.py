@@ -20,7 +20,7 @@ Bonferroni interval, paired t-test p-value and its Holm adjustment across the fa
 from __future__ import annotations
 
 import fnmatch
-import json
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -30,6 +30,7 @@ from typing import Any
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.options import parse_config
 from sparseapps.core.stats import confidence_half_width
+from sparseapps.rl.cells import cells_on_disk, run_or_read
 from sparseapps.rl.minatar import (
     BUDGET,
     GAMES,
@@ -128,22 +129,6 @@ def planned_cells(args: Args) -> list[Cell]:
     return cells
 
 
-def read_cell(path: Path, expected_settings: dict[str, Any]) -> dict[str, Any]:
-    """A finished cell, checked against the settings it should have been run with."""
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"{path} is not a readable cell result ({error}); remove it to rerun the cell"
-        ) from None
-    if result.get("settings") != expected_settings:
-        raise ValueError(
-            f"{path} was run with other settings than this suite's ({result.get('settings')} vs "
-            f"{expected_settings}); use another --out or remove it"
-        )
-    return result
-
-
 def run(args: Args) -> list[dict[str, Any]]:
     """Runs the planned cells that have no result yet; returns every planned cell's result."""
     out = Path(args.out)
@@ -151,26 +136,24 @@ def run(args: Args) -> list[dict[str, Any]]:
     results = []
     for game, method, sparsity, seed in planned_cells(args):
         path = cell_path(out, game, method, sparsity, seed)
-        settings = json.loads(json.dumps(cell_settings(game, method, sparsity, args.budget, **overrides)))
-        if path.exists():
-            results.append(read_cell(path, settings))
-            continue
+        settings = cell_settings(game, method, sparsity, args.budget, **overrides)
         started = time.perf_counter()
-        result = run_cell(game, method, sparsity, seed, args.budget, threads=args.threads, **overrides)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, result)
-        print(
-            f"  {cell_name(game, method, sparsity):<26} seed {seed:>3}: final return {result['final_return']:.2f}, "
-            f"{time.perf_counter() - started:.1f}s ({result['steps_per_second']:.0f} steps/s)",
-            flush=True,
+        result, trained = run_or_read(
+            path,
+            settings,
+            functools.partial(
+                run_cell, game, method, sparsity, seed, args.budget, threads=args.threads, **overrides
+            ),
         )
+        if trained:
+            print(
+                f"  {cell_name(game, method, sparsity):<26} seed {seed:>3}: final return "
+                f"{result['final_return']:.2f}, {time.perf_counter() - started:.1f}s "
+                f"({result['steps_per_second']:.0f} steps/s)",
+                flush=True,
+            )
         results.append(result)
     return results
-
-
-def cells_on_disk(out: Path) -> list[dict[str, Any]]:
-    """Every cell result under ``out``."""
-    return [json.loads(path.read_text()) for path in sorted(out.glob("*/*/seed*.json"))]
 
 
 def registered_comparisons(games: tuple[str, ...], sparsities: tuple[float, ...]) -> list[Comparison]:

@@ -19,7 +19,7 @@ paired t-test p-value and its Holm adjustment across the family.
 from __future__ import annotations
 
 import fnmatch
-import json
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ from typing import Any
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.options import parse_config
 from sparseapps.core.stats import confidence_half_width
+from sparseapps.rl.cells import cells_on_disk, run_or_read
 from sparseapps.rl.plasticity_suite import (
     ENVS,
     METHODS,
@@ -108,22 +109,6 @@ def planned_cells(args: Args) -> list[tuple[str, str, int]]:
     return cells
 
 
-def read_cell(path: Path, expected_settings: dict[str, Any]) -> dict[str, Any]:
-    """A finished cell, checked against the settings it should have been run with."""
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"{path} is not a readable cell result ({error}); remove it to rerun the cell"
-        ) from None
-    if result.get("settings") != expected_settings:
-        raise ValueError(
-            f"{path} was run with other settings than this suite's ({result.get('settings')} vs "
-            f"{expected_settings}); use another --out or remove it"
-        )
-    return result
-
-
 def run(args: Args) -> list[dict[str, Any]]:
     """Runs the planned cells that have no result yet; returns every planned cell's result."""
     out = Path(args.out)
@@ -132,27 +117,22 @@ def run(args: Args) -> list[dict[str, Any]]:
     for env, method, seed in planned_cells(args):
         path = cell_path(out, env, method, seed)
         settings = cell_settings(envs[env], METHODS[method])
-        if path.exists():
-            results.append(read_cell(path, settings))
-            continue
         started = time.perf_counter()
-        result = run_cell(envs[env], METHODS[method], seed, threads=args.threads)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, result)
-        summary = result["summary"]
-        print(
-            f"  {env:<18} {method:<13} seed {seed:>3}: final {summary['mean_final_return']}, dormant "
-            f"{summary['mean_dormant_fraction']}, {time.perf_counter() - started:.1f}s "
-            f"({result['steps_per_second']:.0f} steps/s)",
-            flush=True,
+        result, trained = run_or_read(
+            path,
+            settings,
+            functools.partial(run_cell, envs[env], METHODS[method], seed, threads=args.threads),
         )
+        if trained:
+            summary = result["summary"]
+            print(
+                f"  {env:<18} {method:<13} seed {seed:>3}: final {summary['mean_final_return']}, dormant "
+                f"{summary['mean_dormant_fraction']}, {time.perf_counter() - started:.1f}s "
+                f"({result['steps_per_second']:.0f} steps/s)",
+                flush=True,
+            )
         results.append(result)
     return results
-
-
-def cells_on_disk(out: Path) -> list[dict[str, Any]]:
-    """Every cell result under ``out``."""
-    return [json.loads(path.read_text()) for path in sorted(out.glob("*/*/seed*.json"))]
 
 
 def _describe(values: list[float]) -> dict[str, Any]:

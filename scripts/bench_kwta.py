@@ -44,7 +44,7 @@ from sparseapps.core.kernels import CondenseConfig, condense, kernel_status
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.kwta import condense_kwta, make_mnist1d_kwta_mlp, update_boost_strength
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_mlp
-from sparseapps.core.options import parse_config
+from sparseapps.core.options import parse_config, torch_threads
 from sparseapps.core.stats import confidence_half_width
 
 METHODS = ("static", "rigl")
@@ -319,12 +319,8 @@ def markdown(args: Args, points: list[Point], timing: dict[str, dict[str, float]
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: Args) -> None:

@@ -42,7 +42,7 @@ from sparseapps.core.config import FORESIGHT_METHODS
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_cnn, make_mnist1d_mlp
-from sparseapps.core.options import parse_config
+from sparseapps.core.options import parse_config, torch_threads
 from sparseapps.core.stats import confidence_half_width
 from sparseapps.demo import load_digits_tensors, make_mlp
 
@@ -515,12 +515,8 @@ def plot(args: Args, points: list[Point], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         run_grid(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_grid(args: Args) -> None:

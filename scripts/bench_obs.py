@@ -35,7 +35,7 @@ from sparseapps.core import DynamicSparsity, SparsityConfig, obs, rules, scoring
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_mlp
-from sparseapps.core.options import parse_config
+from sparseapps.core.options import parse_config, torch_threads
 from sparseapps.core.stats import confidence_half_width, paired_interval
 from sparseapps.demo import accuracy
 
@@ -334,9 +334,7 @@ def markdown(runs: list[Run], args: Args, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_config(Args, argv, description=__doc__.splitlines()[0], quick=QUICK)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         start = time.perf_counter()
         data = load_mnist1d(args.data_root or None, num_samples=args.mnist1d_samples)
         runs = [run for seed in range(args.seeds) for run in run_seed(seed, data, args)]
@@ -356,8 +354,6 @@ def main(argv: list[str] | None = None) -> None:
         write_atomic(out / "results.md", text.encode())
         print(text)
         print(f"wrote {out}/results.json and results.md in {time.perf_counter() - start:.0f} s")
-    finally:
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

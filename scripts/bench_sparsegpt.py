@@ -32,7 +32,7 @@ import torch
 from sparseapps.core.charlm import CharLMConfig, CharTransformer, load_charlm, perplexity, sample_windows
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels.tuning import cpu_model
-from sparseapps.core.options import parse_config
+from sparseapps.core.options import parse_config, torch_threads
 from sparseapps.core.sparsegpt import LayerReport, magnitude_prune_model, prune_model
 
 DENSE = "dense"
@@ -226,12 +226,8 @@ def markdown(args: Args, dense: float, points: dict[str, dict[str, dict[str, flo
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         run(args, " ".join(["scripts/bench_sparsegpt.py", *argv]))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: Args, command: str) -> None:

@@ -42,7 +42,7 @@ from sparseapps.core.mnist1d import (
     make_mnist1d_cnn,
     make_mnist1d_mlp,
 )
-from sparseapps.core.options import parse_config
+from sparseapps.core.options import parse_config, torch_threads
 from sparseapps.core.shrink import UNIT_CRITERIA, merge_similar_units, prune_units, slimming_penalty
 from sparseapps.core.stats import confidence_half_width
 
@@ -416,18 +416,14 @@ def markdown(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    try:
+    with torch_threads(args.threads):
         data = load_mnist1d(args.data_root or None, num_samples=args.mnist1d_samples)
         records = []
         for label, task, penalty in variants(args):
             for seed in range(args.seeds):
                 records += run_task(label, task, penalty, seed, data, args)
                 print(f"{label:28s} seed {seed} done at {time.perf_counter() - start:.0f} s", flush=True)
-    finally:
-        torch.set_num_threads(threads)
     points = summarize(records)
     machine = {
         "command": " ".join(

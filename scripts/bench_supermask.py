@@ -47,7 +47,7 @@ from torch import nn
 
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_mlp
-from sparseapps.core.options import parse_config
+from sparseapps.core.options import parse_config, torch_threads
 from sparseapps.core.stats import confidence_half_width
 from sparseapps.core.supermask import (
     WANN_WEIGHTS,
@@ -365,12 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
     if "OMP_NUM_THREADS" in os.environ:
         command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {command}"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         run_grid(args, command)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_grid(args: Args, command: str) -> None:

@@ -33,14 +33,15 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import UnionType
 from typing import Any, Literal
 
-__all__ = ["add_options", "collect", "parse_config"]
+__all__ = ["add_options", "collect", "parse_config", "torch_threads"]
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -227,3 +228,28 @@ def parse_config(
     add_options(parser, config_class, deprecated={f"--{name}": name for name in names if "_" in name})
     given = collect(parser.parse_args(argv), config_class)
     return config_class(**{**((quick or {}) if given.get("quick") else {}), **given})
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` inside the block and restored after it, however it ends (``None``:
+    left as they are). The ``--threads`` option of the benchmark scripts and of training entry points.
+
+    Example:
+        >>> import torch
+        >>> before = torch.get_num_threads()
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparseapps.core.io import save_torch, write_json
+from sparseapps.core.options import torch_threads
 from sparseapps.core.validation import check_int
 from sparseapps.recsys.compact import CompactScorer, export_compact
 from sparseapps.recsys.config import ENGINE_FIELDS, METHODS, MODEL_DEFAULTS, Method, TrainConfig
@@ -174,10 +175,7 @@ def train(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if threads is not None:
         check_int("threads", threads, low=1)
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _train(
             config,
             out,
@@ -187,8 +185,6 @@ def train(
             split=split,
             stop_after=stop_after,
         )
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(

@@ -137,16 +137,18 @@ def _constant_fan_in(
         entry_scores = scores.compute_on_entries(drop_criterion, context, config.tie_noise)
         stay = rules.select_top(entry_scores, torch.ones(nnz, dtype=torch.bool), nnz - n_drop, available=nnz)
         kept[fqn] = rules.flat_nonzero(stay)
+        retained = positions[kept[fqn]]
         k = structured.fan_in_for(t.budget, rows, cols)
-        counts = k - torch.bincount(positions[kept[fqn]] // cols, minlength=rows)
-        grown[fqn] = _refill_rows(engine, module, positions[kept[fqn]], counts, grow_criterion)
+        counts = k - torch.bincount(retained // cols, minlength=rows)
+        grown[fqn] = _refill_rows(engine, module, retained, counts, grow_criterion)
     return kept, grown
 
 
 def _gradient_rows(
     module: CompactLinear,
 ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The captured step's gradient: dense ``[out, in]`` or its factors ``(dy [B, out], x [B, in])``."""
+    """The captured step's gradient: dense ``[out, in]`` float32 or its float32 factors ``(dy [B, out], x [B, in])``
+    (zeros when the layer did not run in the update step: every gradient is zero)."""
     factors = module.gradient_factors()
     if factors is not None and factors[0].dtype == factors[1].dtype == torch.float32:
         return None, (factors[0].float().contiguous(), factors[1].float().contiguous())
@@ -240,14 +242,8 @@ def _unstructured(
         seed = scoring.draw_seed(engine.generator) if random or noise > 0 else 0
         dense = dy = x = None
         if not random:
-            factors = module.gradient_factors()
-            if factors is not None and factors[0].dtype == factors[1].dtype == torch.float32:
-                dy, x = (f.float().contiguous() for f in factors)
-            else:
-                dense = module.dense_grad
-                if dense is None:  # the layer did not run in the update step: every gradient is zero
-                    dense = torch.zeros(module.weight_shape)
-                dense = dense.float()
+            dense, factors = _gradient_rows(module)
+            dy, x = factors if factors is not None else (None, None)
         excluded = module.positions().index_select(0, kept[fqn])
         rows, cols = module.weight_shape
         args = (dense, dy, x, rows, cols, excluded, count, seed, noise, random)

@@ -38,7 +38,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparseapps.core import obs, schedules, sparsegpt
@@ -48,49 +47,9 @@ if TYPE_CHECKING:
     from sparseapps.core.engine import DynamicSparsity
     from sparseapps.core.selection import SparseTensor
 
-__all__ = ["Calibration", "layer_inputs"]
+__all__ = ["Calibration"]
 
 GRADIENTS, HESSIAN, COUNT = "obs_gradients", "input_hessian", "input_count"
-
-
-def layer_inputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The rows ``[N, fan_in]`` that ``module``'s weight, viewed ``[out, fan_in]``, multiplies: a Linear's inputs, a
-    convolution's unfolded patches (channel-major, as ``weight.reshape(out, -1)`` orders them).
-
-    Example:
-        >>> conv = nn.Conv1d(2, 3, kernel_size=3, padding=1)
-        >>> x = torch.randn(4, 2, 5)
-        >>> rows = layer_inputs(conv, x)
-        >>> rows.shape
-        torch.Size([20, 6])
-        >>> out = (rows @ conv.weight.reshape(3, -1).T + conv.bias).reshape(4, 5, 3).transpose(1, 2)
-        >>> torch.allclose(out, conv(x), atol=1e-6)
-        True
-    """
-    if isinstance(module, nn.Linear):
-        return inputs.reshape(-1, module.in_features)
-    if isinstance(module, nn.Conv1d | nn.Conv2d):
-        if module.groups != 1 or not isinstance(module.padding, tuple):
-            raise ValueError(
-                f"{type(module).__name__} with groups={module.groups}, padding={module.padding!r}: SparseGPT "
-                "unfolds convolutions with groups=1 and numeric padding only; exclude the layer"
-            )
-        if isinstance(module, nn.Conv1d):
-            inputs = inputs.unsqueeze(-2)
-            kernel, dilation, stride = (
-                (1, *getattr(module, name)) for name in ("kernel_size", "dilation", "stride")
-            )
-            padding = (0, *module.padding)
-        else:
-            kernel, dilation, padding, stride = (
-                module.kernel_size,
-                module.dilation,
-                module.padding,
-                module.stride,
-            )
-        patches = F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C*k, L]
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    raise ValueError(f"SparseGPT reconstructs Linear and Conv1d/Conv2d layers, got {type(module).__name__}")
 
 
 class Calibration:
@@ -158,7 +117,7 @@ class Calibration:
         """``sparsegpt``: adds a training forward's ``X^T X`` to the layer's sum."""
         if not (self.armed and record.module.training):
             return
-        rows = layer_inputs(record.module, inputs.detach()).double()
+        rows = sparsegpt.layer_inputs(record.module, inputs.detach()).double()
         if not bool(torch.isfinite(rows).all()):
             raise ValueError(f"non-finite inputs to {record.fqn!r}, collected for SparseGPT's Hessian")
         traces[HESSIAN][record.fqn].addmm_(rows.T, rows)
@@ -201,7 +160,7 @@ class Calibration:
 
 
 def _check_layer(fqn: str, module: nn.Module) -> None:
-    """Raises ``ValueError`` naming ``fqn`` unless :func:`layer_inputs` can unfold ``module``'s inputs."""
+    """Raises ``ValueError`` naming ``fqn`` unless :func:`sparsegpt.layer_inputs` can unfold ``module``'s inputs."""
     if isinstance(module, nn.Linear):
         return
     if isinstance(module, nn.Conv1d | nn.Conv2d):

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparseapps.core import rules
@@ -43,6 +44,7 @@ from sparseapps.core.validation import check_int, check_number
 
 __all__ = [
     "LayerReport",
+    "layer_inputs",
     "magnitude_prune_layer",
     "magnitude_prune_model",
     "prune_layer",
@@ -305,6 +307,46 @@ def _call_order(model: nn.Module, modules: dict[str, nn.Linear], batch: torch.Te
     return order
 
 
+def layer_inputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The rows ``[N, fan_in]`` that ``module``'s weight, viewed ``[out, fan_in]``, multiplies: a Linear's inputs, a
+    convolution's unfolded patches (channel-major, as ``weight.reshape(out, -1)`` orders them).
+
+    Example:
+        >>> conv = nn.Conv1d(2, 3, kernel_size=3, padding=1)
+        >>> x = torch.randn(4, 2, 5)
+        >>> rows = layer_inputs(conv, x)
+        >>> rows.shape
+        torch.Size([20, 6])
+        >>> out = (rows @ conv.weight.reshape(3, -1).T + conv.bias).reshape(4, 5, 3).transpose(1, 2)
+        >>> torch.allclose(out, conv(x), atol=1e-6)
+        True
+    """
+    if isinstance(module, nn.Linear):
+        return inputs.reshape(-1, module.in_features)
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        if module.groups != 1 or not isinstance(module.padding, tuple):
+            raise ValueError(
+                f"{type(module).__name__} with groups={module.groups}, padding={module.padding!r}: SparseGPT "
+                "unfolds convolutions with groups=1 and numeric padding only; exclude the layer"
+            )
+        if isinstance(module, nn.Conv1d):
+            inputs = inputs.unsqueeze(-2)
+            kernel, dilation, stride = (
+                (1, *getattr(module, name)) for name in ("kernel_size", "dilation", "stride")
+            )
+            padding = (0, *module.padding)
+        else:
+            kernel, dilation, padding, stride = (
+                module.kernel_size,
+                module.dilation,
+                module.padding,
+                module.stride,
+            )
+        patches = F.unfold(inputs, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C*k, L]
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    raise ValueError(f"SparseGPT reconstructs Linear and Conv1d/Conv2d layers, got {type(module).__name__}")
+
+
 def _input_hessian(model: nn.Module, module: nn.Linear, batches: list[torch.Tensor]) -> torch.Tensor:
     """``H = 2 X X^T / N [in, in]`` (float64) over every input row ``module`` sees in ``model(batch)``."""
     total = torch.zeros(
@@ -314,7 +356,7 @@ def _input_hessian(model: nn.Module, module: nn.Linear, batches: list[torch.Tens
 
     def accumulate(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         nonlocal rows
-        x = inputs[0].detach().reshape(-1, module.in_features).to(torch.float64)
+        x = layer_inputs(module, inputs[0].detach()).to(torch.float64)
         total.add_(x.T @ x)
         rows += x.shape[0]
 

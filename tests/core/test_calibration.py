@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseapps.core import DynamicSparsity, SparsityConfig, obs, sparsegpt
-from sparseapps.core.calibration import layer_inputs
 
 TOTAL, WINDOW = 20, 4  # the one-shot step is 10 (start_fraction 0.5); steps 7-10 are collected
 
@@ -55,7 +54,7 @@ def _engine(method: str, model: nn.Module, **overrides: object) -> DynamicSparsi
 )
 def test_layer_inputs_are_the_rows_the_weight_multiplies(module: nn.Module, shape: tuple[int, ...]) -> None:
     x = torch.randn(shape)
-    rows = layer_inputs(module, x)
+    rows = sparsegpt.layer_inputs(module, x)
     out = module(x)
     weight = module.weight.reshape(module.weight.shape[0], -1)
     products = rows @ weight.T + module.bias

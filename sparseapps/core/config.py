@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, get_args
 
 from sparseapps.core import (
     criteria,  # noqa: F401  (imported for its side effect: it registers taylor, ... in the score registry)
@@ -44,27 +44,12 @@ Method = Literal[
 ModuleKind = Literal["linear", "conv", "embedding"]
 Storage = Literal["masked", "compact"]
 
-DISTRIBUTIONS = ("uniform", "erk", "er")
-DROP_SCHEDULES = ("constant", "cosine", "linear")
-REDISTRIBUTIONS = ("none", "momentum", "dsr")
-METHODS = (
-    "dst",
-    "static",
-    "gmp",
-    "one_shot",
-    "obs",
-    "sparsegpt",
-    "snip",
-    "grasp",
-    "synflow",
-    "lottery",
-    "topkast",
-    "cs",
-    "sr_ste",
-    "soft_movement",
-    "edge_popup",
-)
-MODULE_KINDS = ("linear", "conv", "embedding")
+# The tuples of accepted values, from the Literal types above (one list of names each).
+DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
+DROP_SCHEDULES: tuple[str, ...] = get_args(DropSchedule)
+REDISTRIBUTIONS: tuple[str, ...] = get_args(Redistribution)
+METHODS: tuple[str, ...] = get_args(Method)
+MODULE_KINDS: tuple[str, ...] = get_args(ModuleKind)
 GROW_OPTIMIZER_STATES = ("reset", "momentum")
 EMBEDDING_ROWS = ("all", "looked_up")
 FORESIGHT_METHODS = ("snip", "grasp", "synflow")
@@ -74,7 +59,7 @@ CALIBRATED_METHODS = ("obs", "sparsegpt")
 ONE_SHOT_METHODS = ("one_shot", *CALIBRATED_METHODS)
 # Masks learned through the straight-through estimator over dense weights (sparseapps.core.learned_masks).
 LEARNED_METHODS = ("topkast", "cs", "sr_ste", "soft_movement", "edge_popup")
-STORAGES = ("masked", "compact")
+STORAGES: tuple[str, ...] = get_args(Storage)
 
 
 class ConfigMismatchError(ValueError):

@@ -38,6 +38,7 @@ from sparseapps.core.extreme import ExtremeConfig, ExtremeTask, make_extreme_dat
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.options import parse_config
+from sparseapps.core.plotting import pyplot, save_figure
 from sparseapps.core.stats import confidence_half_width
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -290,11 +291,7 @@ def format_markdown(args: Args, rows: list[dict[str, Any]], command: str) -> str
 
 def plot(args: Args, rows: list[dict[str, Any]], path: Path) -> None:
     """Peak RSS of the runs at ``classes`` against the cap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     chosen = [row for row in rows if row["n_classes"] == args.classes]
     fig, axis = plt.subplots(figsize=(6, 3.5))
     labels = [f"{row['method']}\n({'compact' if row['method'] != 'dense' else 'dense'})" for row in chosen]
@@ -305,9 +302,7 @@ def plot(args: Args, rows: list[dict[str, Any]], path: Path) -> None:
     axis.set_ylabel("peak RSS of the process (MB)")
     axis.set_title(f"C = {args.classes:,} classes, hidden {args.hidden}")
     axis.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseapps.core.kernels import CondenseConfig, condense, kernel_status
+from sparseapps.core.plotting import pyplot, save_figure
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -315,11 +316,7 @@ def markdown(
 
 
 def plot(records: list[dict[str, object]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     batches = sorted({r["batch"] for r in records})
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for axis, batch in zip(axes[0], batches, strict=True):
@@ -343,12 +340,7 @@ def plot(records: list[dict[str, object]], path: Path) -> None:
         axis.set_ylabel("speedup over dense F.linear")
         axis.set_title(f"batch {batch}")
         axis.legend(fontsize=7)
-    fig.tight_layout()
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(handle)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_atomic(path: Path, text: str) -> None:

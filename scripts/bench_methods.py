@@ -43,6 +43,7 @@ from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_cnn, make_mnist1d_mlp
 from sparseapps.core.options import parse_config, torch_threads
+from sparseapps.core.plotting import pyplot, save_figure
 from sparseapps.core.stats import confidence_half_width
 from sparseapps.demo import load_digits_tensors, make_mlp
 
@@ -477,11 +478,7 @@ def markdown(
 def plot(args: Args, points: list[Point], path: Path) -> None:
     """Accuracy vs sparsity, one panel per task, one line per method (error bars: 95% CI), dense dashed (its CI
     shaded)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(5 * len(args.tasks), 4), squeeze=False)
     for axis, task in zip(axes[0], args.tasks, strict=True):
         for index, method in enumerate(args.methods):
@@ -508,9 +505,7 @@ def plot(args: Args, points: list[Point], path: Path) -> None:
         axis.set_xlabel("sparsity")
         axis.set_ylabel("test accuracy")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

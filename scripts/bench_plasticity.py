@@ -12,7 +12,7 @@ paired t-test p-value and its Holm adjustment across the family.
 
     python scripts/bench_plasticity.py                      # the registered suite (hours; see the registration)
     python scripts/bench_plasticity.py --cells 'cartpole-*/rigl*/*' --out runs/plasticity
-    python scripts/bench_plasticity.py --summarize --out runs/plasticity
+    python scripts/bench_plasticity.py --summarize --out runs/plasticity   # + summary.png: per-phase curves
     python scripts/bench_plasticity.py --quick              # every mechanism on budgets of seconds: a smoke run
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.options import parse_config
+from sparseapps.core.plotting import pyplot, save_figure
 from sparseapps.core.stats import confidence_half_width
 from sparseapps.rl.cells import cells_on_disk, run_or_read
 from sparseapps.rl.plasticity_suite import (
@@ -177,6 +178,48 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PLOT_PANELS = (
+    ("final_return", "final return of the phase"),
+    ("dormant_fraction", "dormant fraction after the shift"),
+)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> Path:
+    """Per environment (rows): each method's final return per phase and dormant fraction at each snapshot (the
+    shift's first rollout end; the last one is the end of the run), mean over seeds with one standard error shaded
+    (the registered intervals are in the tables). Dense baselines dashed, sparse methods solid."""
+    plt = pyplot()
+    envs = list(dict.fromkeys(r["env"] for r in results))
+    fig, axes = plt.subplots(
+        len(envs), len(PLOT_PANELS), figsize=(6 * len(PLOT_PANELS), 3.4 * len(envs)), squeeze=False
+    )
+    for row, env in zip(axes, envs, strict=True):
+        for axis, (key, label) in zip(row, PLOT_PANELS, strict=True):
+            for method in METHODS:
+                runs = [r for r in results if r["env"] == env and r["method"] == method]
+                if not runs:
+                    continue
+                n_phases = min(len(r["phases"]) for r in runs)
+                values = [[r["phases"][k][key] for r in runs] for k in range(n_phases)]
+                mean = [statistics.fmean(v) for v in values]
+                half = [statistics.stdev(v) / len(v) ** 0.5 if len(v) >= 2 else 0.0 for v in values]
+                style = "--" if method.startswith("dense") else "-"
+                (line,) = axis.plot(range(n_phases), mean, style, marker=".", label=f"{method} ({len(runs)})")
+                axis.fill_between(
+                    range(n_phases),
+                    [m - h for m, h in zip(mean, half, strict=True)],
+                    [m + h for m, h in zip(mean, half, strict=True)],
+                    alpha=0.12,
+                    color=line.get_color(),
+                )
+            axis.set_xlabel("phase (a shift starts each phase after 0)")
+            axis.set_ylabel(label)
+            axis.set_title(env)
+            axis.grid(alpha=0.3)
+        row[0].legend(fontsize=7, title="method (seeds); shaded: ±1 s.e.", title_fontsize=7)
+    return save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out = Path(args.out)
@@ -190,7 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(out / "summary.json", summary)
     text = markdown(summary)
     write_atomic(out / "summary.md", text.encode())
+    plot(results, out / "summary.png")
     print(text)
+    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {out / 'summary.png'}")
     return summary
 
 

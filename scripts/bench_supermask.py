@@ -48,6 +48,7 @@ from torch import nn
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_mlp
 from sparseapps.core.options import parse_config, torch_threads
+from sparseapps.core.plotting import pyplot, save_figure
 from sparseapps.core.stats import confidence_half_width
 from sparseapps.core.supermask import (
     WANN_WEIGHTS,
@@ -313,11 +314,7 @@ def markdown(args: Args, points: list[Point], command: str, seconds: float) -> s
 def plot(args: Args, points: list[Point], path: Path) -> None:
     """Top row: test accuracy vs density per task (error bars: 95% CI; dense dashed, its CI shaded). Bottom row:
     shared-weight accuracy vs w per edge-popup density."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(args.tasks), figsize=(5.5 * len(args.tasks), 8), squeeze=False)
     for column, task in enumerate(args.tasks):
         axis = axes[0][column]
@@ -355,9 +352,7 @@ def plot(args: Args, points: list[Point], path: Path) -> None:
         axis.set_ylabel("test accuracy")
         axis.set_title(f"{task}: all active weights = w")
         axis.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

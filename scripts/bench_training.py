@@ -45,6 +45,7 @@ from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels import CondenseConfig, condense, kernel_status
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.options import parse_config
+from sparseapps.core.plotting import pyplot, save_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # scripts/peers: the side environment of the peer libraries
@@ -563,11 +564,7 @@ def markdown(
 def plot(rows: list[Row], path: Path) -> None:
     """Speedup over dense (amortized) against sparsity, one panel per model and batch, one line per variant and
     thread count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in rows if r.dtype == "float32"]
     panels = sorted({(r.model, r.batch) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
@@ -591,9 +588,7 @@ def plot(rows: list[Row], path: Path) -> None:
         axis.set_ylabel("speedup over dense (amortized step)")
         axis.set_yscale("log")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def start_peer(args: Args) -> tuple[peers.PeerProcess | None, str]:

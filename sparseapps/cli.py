@@ -19,6 +19,7 @@ import torch
 from sparseapps import __version__
 from sparseapps.core import ConfigMismatchError, NonFiniteGradientError
 from sparseapps.core.io import CorruptFileError, OutputConflictError, write_atomic, write_json
+from sparseapps.core.plotting import pyplot, save_figure
 
 # Domain subpackages add their own subcommands: module path -> function(subparsers) registering them.
 DOMAIN_COMMANDS = ("sparseapps.recsys.cli", "sparseapps.rl.cli", "sparseapps.continual.cli")
@@ -147,11 +148,8 @@ def run_demo(
 
 def plot_curves(rows: list[dict[str, object]], path: Path) -> None:
     """Test accuracy per epoch, one line per method."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -162,16 +160,14 @@ def plot_curves(rows: list[dict[str, object]], path: Path) -> None:
             label=str(r["method"]),
             linewidth=2.2 if r["method"] == "dense" else 1.4,
         )
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0.5, 1.0)
     ax.set_title("digits MLP at 90% sparsity vs dense")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

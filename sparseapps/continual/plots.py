@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from sparseapps.continual.checkpoint import RESULTS
-from sparseapps.core.io import write_atomic, write_json
+from sparseapps.core.io import write_json
+from sparseapps.core.plotting import pyplot, save_figure
 
 
 def plot_accuracy_matrix(matrix: Sequence[Sequence[float | None]], path: str | Path, title: str = "") -> Path:
     """Heat map of ``R[i][j]`` (row: after training task i; column: task j evaluated), values printed."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(matrix)
     values = torch.full((n, n), float("nan"))
     for i, row in enumerate(matrix):
@@ -41,12 +42,12 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float | None]], path: str | P
     ax.set_yticks(range(n))
     ax.set_title(title or "accuracy matrix R[i][j]", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_capacity(capacity: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Stacked bars per isolated layer: the share each task owns, and what is free."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = list(capacity["free_per_layer"])
     totals = {
         fqn: capacity["free_per_layer"][fqn] + sum(t["per_layer"][fqn] for t in capacity["tasks"])
@@ -66,28 +67,7 @@ def plot_capacity(capacity: Mapping[str, Any], path: str | Path, title: str = ""
     ax.invert_yaxis()
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(title or "capacity per task and layer", fontsize=9)
-    return _save(fig, path)
-
-
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (imported on first use: plots are the last step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    """Writes ``fig`` as a PNG at ``path`` atomically and closes it."""
-    path = Path(path)
-    fig.tight_layout()
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        _pyplot().close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_results(result: Mapping[str, Any], out: str | Path) -> dict[str, Path]:

@@ -8,28 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from sparseapps.core.io import write_atomic
+from sparseapps.core.plotting import pyplot, save_figure
 from sparseapps.recsys.config import TrainConfig
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    write_atomic(path, lambda temporary: fig.savefig(temporary, format="png", dpi=110))
 
 
 def plot_recall_curve(
     runs: Iterable[dict[str, Any]], path: Path, *, metric: str = "recall@20", title: str | None = None
 ) -> None:
     """Validation ``metric`` against epoch, one line per run (dashed line: where the topology settles)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         points = [(h["epoch"], h["valid"][metric]) for h in run["history"] if "valid" in h]
@@ -45,9 +32,7 @@ def plot_recall_curve(
     ax.set_title(title or f"validation {metric} per epoch (dotted: topology frozen)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_row_sizes(
@@ -60,7 +45,7 @@ def plot_row_sizes(
     title: str = "",
 ) -> None:
     """Per-row embedding size (active entries) against train popularity, users and items, with binned means."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for ax, sizes, popularity, name in (
         (axes[0], user_sizes, user_popularity, "users"),
@@ -86,6 +71,4 @@ def plot_row_sizes(
         ax.legend(fontsize=8)
     axes[0].set_ylabel("embedding size (active entries in the row)")
     fig.suptitle(title or "embedding size vs popularity")
-    fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from sparseapps.core.io import CorruptFileError, write_atomic
+from sparseapps.core.io import CorruptFileError
+from sparseapps.core.plotting import pyplot, save_figure
 from sparseapps.rl.checkpoints import OtherRunError, differences, read_result, remove_run
 from sparseapps.rl.presets import RL_PRESETS
 from sparseapps.rl.run_config import METHODS, RLRun
@@ -145,12 +146,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def plot_curves(results: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     """Learning curves: evaluation return (or training episode return for drifting runs) per method, mean over
     seeds with the range of seeds shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(r["label"] for r in results):
         runs = [r for r in results if r["label"] == label]
         if all(r["curve"] for r in runs):
@@ -170,9 +166,7 @@ def plot_curves(results: Sequence[Mapping[str, Any]], path: Path, title: str) ->
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    write_atomic(path, lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _binned(episodes: Sequence[Sequence[float]], edges: np.ndarray) -> np.ndarray:

@@ -51,6 +51,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
 
 from sparseapps.core import SparsityConfig
+from sparseapps.core.options import torch_threads
 from sparseapps.core.validation import check_choice, check_int, check_number
 from sparseapps.rl.callback import DynamicSparsityCallback
 from sparseapps.rl.presets import rl_preset
@@ -336,7 +337,22 @@ def run_cell(
     check_int("seed", seed, low=0)
     callback = sparsity_callback(method, sparsity)
     settings = cell_settings(game, method, sparsity, budget, **overrides)
-    torch.set_num_threads(threads)
+    with torch_threads(check_int("threads", threads, low=1)):  # restored after the cell
+        return _train_cell(game, method, sparsity, budget, seed, threads, callback, settings, overrides)
+
+
+def _train_cell(
+    game: str,
+    method: str,
+    sparsity: float,
+    budget: int,
+    seed: int,
+    threads: int,
+    callback: DynamicSparsityCallback | None,
+    settings: dict[str, Any],
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """:func:`run_cell`'s training, final evaluation and result, with torch's threads already set."""
     set_random_seed(seed)
     env = DummyVecEnv([lambda: Monitor(make_minatar_env(game, seed))])
     eval_env = DummyVecEnv([lambda: Monitor(make_minatar_env(game, seed + EVAL_SEED_OFFSET))])

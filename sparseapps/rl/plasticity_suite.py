@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
@@ -53,6 +52,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from sparseapps.core import SparsityConfig
+from sparseapps.core.options import torch_threads
 from sparseapps.core.stats import paired_interval
 from sparseapps.core.validation import check_choice, check_int
 from sparseapps.rl.diagnostics import DORMANT_TAU
@@ -381,7 +381,12 @@ def run_cell(env: PlasticityEnv, method: PlasticityMethod, seed: int, *, threads
     (over the 9 end-of-phase snapshots, neurons of all networks pooled) and ``final_dormant_fraction``.
     """
     check_int("seed", seed, low=0)
-    torch.set_num_threads(check_int("threads", threads, low=1))
+    with torch_threads(check_int("threads", threads, low=1)):  # restored after the cell
+        return _train_cell(env, method, seed, threads)
+
+
+def _train_cell(env: PlasticityEnv, method: PlasticityMethod, seed: int, threads: int) -> dict[str, Any]:
+    """:func:`run_cell`'s training and metrics, with torch's threads already set."""
     set_random_seed(seed)
     config = method.sparsity_config(env)
     run = RLRun(

@@ -145,8 +145,10 @@ TINY: dict[str, Any] = {"learning_starts": 50, "buffer_size": 400}
 
 
 def test_tiny_dense_run() -> None:
-    result = run_cell("breakout", "dense", 0.0, 0, 300, **TINY)
+    threads = torch.get_num_threads()
+    result = run_cell("breakout", "dense", 0.0, 0, 300, threads=threads + 1, **TINY)
     assert result["timesteps"] == 300 and result["sparsity"] == 0.0
+    assert result["threads"] == threads + 1 and torch.get_num_threads() == threads  # restored after the cell
     assert result["parameters"] == {"weights": 16 * 4 * 9 + 1024 * 128 + 128 * 3,
                                     "nonzero_weights": 16 * 4 * 9 + 1024 * 128 + 128 * 3,
                                     "biases": 16 + 128 + 3}  # fmt: skip

@@ -293,7 +293,9 @@ def test_comparisons_pair_seeds_and_favour_lower_dormant_fractions() -> None:
 # ---------------------------------------------------------------------------------------------- end to end
 def test_one_tiny_cell_produces_the_metrics() -> None:
     env = QUICK_ENVS["cartpole-permuted"]
-    result = run_cell(env, METHODS["dense-redo"], 0)
+    threads = torch.get_num_threads()
+    result = run_cell(env, METHODS["dense-redo"], 0, threads=threads + 1)
+    assert torch.get_num_threads() == threads  # the cell's thread count is restored after it
     json.dumps(result)
     assert result["total_steps"] == env.total_steps == 9 * 128
     assert [row["phase"] for row in result["phases"]] == list(range(9))

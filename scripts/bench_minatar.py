@@ -13,7 +13,7 @@ Bonferroni interval, paired t-test p-value and its Holm adjustment across the fa
 
     python scripts/bench_minatar.py                                   # the registered suite (see the registration)
     python scripts/bench_minatar.py --cells 'breakout/rigl-*/30?' --out runs/minatar
-    python scripts/bench_minatar.py --summarize --out runs/minatar
+    python scripts/bench_minatar.py --summarize --out runs/minatar     # + summary.png: returns and curves
     python scripts/bench_minatar.py --quick                           # every mechanism in seconds: a smoke run
 """
 
@@ -29,6 +29,7 @@ from typing import Any
 
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.options import parse_config
+from sparseapps.core.plotting import pyplot, save_figure
 from sparseapps.core.stats import confidence_half_width
 from sparseapps.rl.cells import cells_on_disk, run_or_read
 from sparseapps.rl.minatar import (
@@ -221,6 +222,67 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: list[dict[str, Any]], path: Path) -> Path:
+    """Per game (rows): the final greedy return against sparsity for each method, dense as a horizontal line (mean
+    over seeds, one standard error shaded or as error bars), and the learning curves of every cell (mean over seeds;
+    colour: method, line style: sparsity)."""
+    plt = pyplot()
+    games = list(dict.fromkeys(r["game"] for r in results))
+    fig, axes = plt.subplots(len(games), 2, figsize=(12, 3.6 * len(games)), squeeze=False)
+    colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
+    sparse = sorted({r["sparsity"] for r in results if r["method"] != "dense"})
+    styles = {sparsity: ("-", "--", ":", "-.")[k % 4] for k, sparsity in enumerate(sparse)}
+
+    def mean_and_error(values: list[float]) -> tuple[float, float]:
+        error = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+        return statistics.fmean(values), error
+
+    for (final_axis, curve_axis), game in zip(axes, games, strict=True):
+        for method in METHODS:
+            rows = [r for r in results if r["game"] == game and r["method"] == method]
+            if not rows:
+                continue
+            sparsities = sorted({r["sparsity"] for r in rows})
+            points = [
+                mean_and_error([r["final_return"] for r in rows if r["sparsity"] == s]) for s in sparsities
+            ]
+            if method == "dense":
+                mean, error = points[0]
+                final_axis.axhline(mean, color=colors[method], linestyle="--", label="dense")
+                final_axis.axhspan(mean - error, mean + error, color=colors[method], alpha=0.12)
+            else:
+                final_axis.errorbar(
+                    sparsities,
+                    *zip(*points, strict=True),
+                    color=colors[method],
+                    marker="o",
+                    capsize=3,
+                    label=method,
+                )
+            for sparsity in sparsities:
+                runs = [r for r in rows if r["sparsity"] == sparsity]
+                length = min(len(r["curve"]) for r in runs)
+                steps = [point[0] for point in runs[0]["curve"][:length]]
+                mean_curve = [statistics.fmean(r["curve"][k][1] for r in runs) for k in range(length)]
+                curve_axis.plot(
+                    steps,
+                    mean_curve,
+                    color=colors[method],
+                    linestyle=styles.get(sparsity, "--"),
+                    label=method if method == "dense" else f"{method} {sparsity:.0%}",
+                )
+        final_axis.set_xlabel("sparsity")
+        final_axis.set_ylabel("final greedy return")
+        final_axis.set_title(f"{game}: final return (±1 s.e.)")
+        curve_axis.set_xlabel("environment steps")
+        curve_axis.set_ylabel("greedy return")
+        curve_axis.set_title(f"{game}: learning curves (mean over seeds)")
+        for axis in (final_axis, curve_axis):
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out = Path(args.out)
@@ -236,7 +298,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(out / "summary.json", summary)
     text = markdown(summary)
     write_atomic(out / "summary.md", text.encode())
+    plot(results, out / "summary.png")
     print(text)
+    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {out / 'summary.png'}")
     return summary
 
 

@@ -32,7 +32,7 @@ def assert_runs_resumes_and_summarizes(
     bench: ModuleType, argv: list[str], out: Path, files: list[str], comparison: str, monkeypatch: Any
 ) -> None:
     """The contract of the cell-by-cell benchmark scripts (``bench_plasticity``, ``bench_minatar``): ``argv`` writes
-    exactly ``files`` (one JSON per cell) under ``out`` and a summary whose ``comparison`` row pairs seeds 0 and 1;
+    exactly ``files`` (one JSON per cell) under ``out``, a plot, and a summary whose ``comparison`` row pairs seeds 0 and 1;
     run again, it trains nothing and reads every cell back; ``--summarize`` reads them alone; the same folder
     refuses a run with other settings."""
     import pytest
@@ -40,6 +40,7 @@ def assert_runs_resumes_and_summarizes(
     summary = bench.main(argv)
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/*.json")) == files
     assert summary["n_cells"] == len(files) and (out / "summary.md").exists()
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
     rows = {row["comparison"]: row for row in summary["comparisons"]}
     assert rows[comparison]["seeds"] == [0, 1]
 

@@ -331,7 +331,6 @@ def test_quick_script_runs_resumes_and_summarizes(
     files = [f"cartpole-length/{m}/seed{s}.json" for m in ("rigl-dormant", "static") for s in (0, 1)]
     comparison = "cartpole-length: rigl-dormant vs static (mean_final_return)"
     assert_runs_resumes_and_summarizes(bench, argv, tmp_path, files, comparison, monkeypatch)
-    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"  # the per-phase curves
     args = bench.parse_args(["--cells", "pendulum-*/dense*/10?", "cartpole-length/rigl/100"])
     assert bench.planned_cells(args) == [  # seed by seed, environments and methods in the suite's order
         ("cartpole-length", "rigl", 100),

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from sparseapps.core.validation import check_int
-from sparseapps.recsys.data.splits import InteractionSplit
+from sparseapps.recsys.data.splits import InteractionSplit, index_dtype
 
 
 class BPRSampler:
@@ -95,7 +95,10 @@ class BPRSampler:
         check_int("epoch", epoch, low=0)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
         train = self.split.train
-        order = rng.permutation(len(train))
+        # ``rng.permutation(n)`` shuffles an int64 ``arange``; the same shuffle of an int32 one is the same order in
+        # half the bytes (the epoch's largest array: 20M pairs at ML-25M scale).
+        order = np.arange(len(train), dtype=index_dtype(len(train)))
+        rng.shuffle(order)
         for batch in range(len(self)):
             index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             users, positives = train[index, 0], train[index, 1]

@@ -82,13 +82,24 @@ def k_core(rows: Interactions, *, user_k: int = 0, item_k: int = 0) -> Interacti
 # Splits
 
 
+def index_dtype(n: int) -> type[np.integer]:
+    """The narrower of int32 / int64 that holds the indices ``[0, n)`` (lists of item ids, permutations of pairs).
+
+    Example:
+        >>> index_dtype(59_047), index_dtype(2**31 + 1)
+        (<class 'numpy.int32'>, <class 'numpy.int64'>)
+    """
+    return np.int32 if n <= np.iinfo(np.int32).max + 1 else np.int64
+
+
 @dataclass(frozen=True, eq=False)
 class UserItemLists:
     """Each user's items in CSR form: user ``u``'s items are ``indices[indptr[u]:indptr[u + 1]]``, ascending.
 
     Attributes:
         indptr: ``[U + 1]`` int64 offsets.
-        indices: ``[nnz]`` int64 item ids.
+        indices: ``[nnz]`` item ids, int32 (int64 beyond 2**31 - 1 items): half the bytes of the largest array a
+            sampler keeps (20M train pairs at ML-25M scale).
         n_items: number of items ``I`` (ids are in ``[0, I)``).
 
     Example:
@@ -110,7 +121,7 @@ class UserItemLists:
         order = _pair_order(pairs[:, 0], pairs[:, 1], n_items)
         indptr = np.zeros(n_users + 1, dtype=np.int64)
         np.cumsum(np.bincount(pairs[:, 0], minlength=n_users), out=indptr[1:])
-        return cls(indptr, pairs[order, 1].copy(), n_items)
+        return cls(indptr, pairs[order, 1].astype(index_dtype(n_items)), n_items)
 
     @property
     def n_users(self) -> int:
@@ -131,7 +142,7 @@ class UserItemLists:
         starts, counts = self.indptr[users], self.indptr[users + 1] - self.indptr[users]
         positions = np.repeat(np.arange(len(users), dtype=np.int64), counts)
         offsets = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        return positions, self.indices[np.repeat(starts, counts) + offsets]
+        return positions, self.indices[np.repeat(starts, counts) + offsets].astype(np.int64)
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """``[B]`` bool: whether each ``items[b]`` is among the items of ``users[b]``.

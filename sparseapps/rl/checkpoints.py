@@ -3,9 +3,11 @@ run's result, each checked against the ``MANIFEST.json`` written with it before 
 
 A checkpoint (``checkpoint/``) is written at a rollout boundary into a fresh directory and swapped in: ``model.zip``
 (networks with their masks, optimizers, SB3's counters and last observation), the replay buffer, the sparsity
-engines' state (``sparsity.pt``), the random generators (``random_state.pt``), the environments mid-episode
-(``environments.pkl``), the run's settings (``run.json``) and progress. A run of other settings is refused with
-the differing fields, a damaged file with its name and how to start afresh.
+engines' state (``sparsity.pt``), a dense run's neuron recycler's state (``recycler.pt``: ReDo's counters, history
+and generators, continual backprop's utilities and generator), the random generators (``random_state.pt``), the
+environments mid-episode (``environments.pkl``), the run's settings (``run.json``) and progress. A run of other
+settings is refused with the differing fields (its settings are compared before the files they require are looked
+for), a damaged file with its name and how to start afresh.
 
 Example:
     >>> differences({"steps": 64, "sparsity": {"sparsity": 0.8}}, {"steps": 64, "sparsity": {"sparsity": 0.5}},
@@ -40,6 +42,7 @@ from sparseapps.core.io import (
     write_manifest,
 )
 from sparseapps.rl.callback import DynamicSparsityCallback
+from sparseapps.rl.plasticity import ContinualBackpropCallback, ReDoCallback
 from sparseapps.rl.resume import pickle_environments, random_state, restore_environments
 from sparseapps.rl.run_config import ALGORITHM_CLASSES, RLRun, upgrade_run_settings
 
@@ -191,6 +194,7 @@ def write_checkpoint(
     progress: Mapping[str, Any],
     *,
     warn: bool,
+    recycler: ReDoCallback | ContinualBackpropCallback | None = None,
 ) -> bool:
     """Writes a checkpoint into a fresh directory beside ``directory``, then swaps it in (never a half-written one).
 
@@ -201,6 +205,7 @@ def write_checkpoint(
         progress: the run's progress (``curve``, ``episodes``, ``next_eval``, ``next_checkpoint``,
             ``train_seconds``).
         warn: warn when the environments cannot be pickled.
+        recycler: the run's neuron recycler (its state is written to ``recycler.pt``), or None.
 
     Returns:
         whether the environments' state was saved (the resumed run is then bit for bit an uninterrupted one).
@@ -214,6 +219,8 @@ def write_checkpoint(
         model.save_replay_buffer(fresh / "replay_buffer.pkl")
     if sparsity is not None:
         save_torch(fresh / "sparsity.pt", sparsity.state_dict())
+    if recycler is not None:
+        save_torch(fresh / "recycler.pt", recycler.state_dict())
     save_torch(fresh / "random_state.pt", random_state(model))
     saved_environments = True
     try:
@@ -245,8 +252,9 @@ def resume_model(
     envs: Mapping[str, VecEnv | None],
     sparsity: DynamicSparsityCallback | None,
     tensorboard_log: str,
+    recycler: ReDoCallback | ContinualBackpropCallback | None = None,
 ) -> tuple[BaseAlgorithm, dict[str, Any], Mapping[str, Any] | None]:
-    """The model of ``checkpoint`` with the environments and the engines' state restored.
+    """The model of ``checkpoint`` with the environments, the engines' and the recycler's state restored.
 
     Returns:
         ``(model, progress, random states)``: the random states are restored where they were saved, at the start
@@ -262,10 +270,14 @@ def resume_model(
     required = {"model.zip", "run.json", "progress.json"}
     required |= {"replay_buffer.pkl"} if off_policy else set()
     required |= {"sparsity.pt"} if sparsity is not None else set()
+    required |= {"recycler.pt"} if recycler is not None else set()
     present = {path.name for path in checkpoint.iterdir() if path.name != MANIFEST}
+    # The settings first: a run of another configuration (say another recycler) is refused as such, before the
+    # files its configuration requires are looked for.
+    verify_manifest(checkpoint, ["run.json"])
+    _refuse_other(checkpoint / "run.json", load_json(checkpoint / "run.json", "the run's settings"), run)
     # model.zip, the replay buffer and the environments are pickles: read only what this run wrote.
     verify_manifest(checkpoint, sorted(present | required | set(_listed(checkpoint))))
-    _refuse_other(checkpoint / "run.json", load_json(checkpoint / "run.json", "the run's settings"), run)
     progress = load_json(checkpoint / "progress.json", "the run's progress")
     if not isinstance(progress, dict) or not {"curve", "episodes", "next_eval", "next_checkpoint"} <= set(
         progress
@@ -305,4 +317,10 @@ def resume_model(
             sparsity.load_state_dict(state)
         except ValueError as error:
             raise CorruptFileError(f"{checkpoint / 'sparsity.pt'} cannot be resumed: {error}") from error
+    if recycler is not None:
+        state = load_torch(checkpoint / "recycler.pt", "the neuron recycler's state")
+        try:
+            recycler.load_state_dict(state, model=model)
+        except (ValueError, TypeError) as error:
+            raise CorruptFileError(f"{checkpoint / 'recycler.pt'} cannot be resumed: {error}") from error
     return model, progress, states

@@ -11,6 +11,13 @@ Running the same command again resumes unfinished runs from their checkpoints (b
 ones. Another method into the same ``--out`` (same environment, algorithm, budget, evaluation, drift and
 hyperparameters) adds its rows to the summary; other settings are refused unless ``--overwrite``. ``--no-progress``
 hides the progress bar (as for ``recsys train`` and ``continual run``).
+
+``--recycler redo`` / ``--recycler cbp`` (repeatable) also trains dense runs that recycle neurons, ReDo or continual
+backprop (:mod:`sparseapps.rl.plasticity`), under ``dense-redo/`` / ``dense-cbp/``, at the papers' defaults unless
+``--recycler-arg KEY=VALUE`` sets a keyword of the recycler (``interval=500``; every recycler given gets it).
+``--method dense`` trains no sparse run, so ``--method dense --recycler redo`` trains dense and dense + ReDo:
+
+    sparseapps rl train --env CartPole-v1 --algo ppo --method dense --recycler redo --recycler cbp --out runs/y
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from sparseapps.core.io import OutputConflictError
 from sparseapps.core.options import add_options, collect
 from sparseapps.core.validation import check_int
 from sparseapps.rl.presets import RL_PRESETS
-from sparseapps.rl.run_config import ALGORITHM_CLASSES, METHODS, RLRun, make_sparsity_config
+from sparseapps.rl.run_config import ALGORITHM_CLASSES, METHODS, RECYCLERS, RLRun, make_sparsity_config
 from sparseapps.rl.summary import format_table
 from sparseapps.rl.train import train_many
 
@@ -110,7 +117,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="an SB3 constructor kwarg (repeatable)",
     )
-    group = train.add_argument_group("the sparse runs")
+    group.add_argument(
+        "--recycler",
+        action="append",
+        default=[],
+        choices=RECYCLERS[1:],
+        help="also train dense runs with this neuron recycler (repeatable): redo (ReDo, Sokar et al. 2023) or cbp "
+        "(continual backprop, Dohare et al. 2024), at the papers' defaults",
+    )
+    group.add_argument(
+        "--recycler-arg",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recycler's keyword over the papers' defaults, e.g. interval=500 (repeatable; given to every "
+        "--recycler)",
+    )
+    group = train.add_argument_group("the sparse runs (none with --method dense)")
     group.add_argument("--sparsity", type=float, help="sparsity (default: the preset's, or 0.9)")
     group.add_argument("--update-interval", type=int, help="gradient steps between topology updates")
     add_options(group, SparsityConfig, names=SPARSITY_OPTIONS)
@@ -154,18 +178,52 @@ def run_train(args: argparse.Namespace) -> int:
             for name, value in (("sparsity", args.sparsity), ("update_interval", args.update_interval))
             if value is not None
         } | collect(args, SparsityConfig, SPARSITY_OPTIONS)
-        sparse: dict[str, Any] = dict(
-            method=method,
-            preset=preset,
-            sparsity=make_sparsity_config(method, preset, **overrides),
-            critic_density_ratio=critic_density_ratio,
-            dense_output_layers=False if args.sparse_output_layers else None,
-        )
+        if args.recycler_arg and not args.recycler:
+            raise ValueError(f"--recycler-arg {dict(args.recycler_arg)} needs a --recycler")
+        recycler_kwargs = dict(args.recycler_arg)
+        sparse: dict[str, Any] | None = None
+        if method == "dense":
+            given_sparse = [
+                option
+                for option, value in (
+                    ("--sparsity", args.sparsity),
+                    ("--update-interval", args.update_interval),
+                    ("--critic-density-ratio", critic_density_ratio),
+                    *((f"--{name.replace('_', '-')}", value) for name, value in overrides.items()),
+                    ("--sparse-output-layers", args.sparse_output_layers or None),
+                )
+                if value is not None
+            ]
+            if given_sparse:
+                raise ValueError(
+                    f"{', '.join(dict.fromkeys(given_sparse))}: options of the sparse runs, but --method dense "
+                    "trains none; drop them or pick a sparse --method"
+                )
+        else:
+            sparse = dict(
+                method=method,
+                preset=preset,
+                sparsity=make_sparsity_config(method, preset, **overrides),
+                critic_density_ratio=critic_density_ratio,
+                dense_output_layers=False if args.sparse_output_layers else None,
+            )
         runs = []
         for seed in range(args.seeds):
             if not args.no_dense:
                 runs.append(RLRun(method="dense", preset=preset, seed=seed, **common))
-            runs.append(RLRun(seed=seed, **common, **sparse))
+            for recycler in dict.fromkeys(args.recycler):
+                runs.append(
+                    RLRun(
+                        method="dense",
+                        preset=preset,
+                        seed=seed,
+                        recycler=recycler,
+                        recycler_kwargs=recycler_kwargs,
+                        **common,
+                    )
+                )
+            if sparse is not None:
+                runs.append(RLRun(seed=seed, **common, **sparse))
         summary = train_many(
             runs,
             args.out,

@@ -48,9 +48,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, SupportsFloat
 
@@ -431,11 +432,17 @@ def network_inputs(
     return (observations,)
 
 
-def _example_inputs(model: BaseAlgorithm, network: SparseNetwork) -> tuple[torch.Tensor, ...]:
-    observations = _space_batch(model.observation_space, 2).to(model.device)
+def _example_inputs(
+    model: BaseAlgorithm, network: SparseNetwork, *, draw: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """Two inputs of ``network`` sampled from ``model``'s spaces; ``draw=False`` samples copies of the spaces, so
+    their generators (SAC's and DQN's random actions draw from the action space's) are left where they are."""
+    observation_space = model.observation_space if draw else copy.deepcopy(model.observation_space)
+    observations = _space_batch(observation_space, 2).to(model.device)
     if observations.is_floating_point():
         observations = observations.float()
-    actions = _space_batch(model.action_space, 2).to(model.device) if network.name == "critic" else None
+    action_space = model.action_space if draw else copy.deepcopy(model.action_space)
+    actions = _space_batch(action_space, 2).to(model.device) if network.name == "critic" else None
     return network_inputs(network, observations, actions)
 
 
@@ -464,6 +471,124 @@ def network_snapshot(
     }
 
 
+# ---------------------------------------------------------------------------------------------- recycler states
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if value is None or isinstance(value, bool | int | float | str):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def _as_mapping(value: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{key} must be a dict with string keys, got {_describe(value)}")
+    return value
+
+
+def _check_keys(value: Mapping[str, Any], expected: Iterable[str], key: str) -> None:
+    expected = list(expected)
+    missing, unknown = sorted(set(expected) - set(value)), sorted(set(value) - set(expected))
+    if missing or unknown:
+        raise ValueError(f"{key} must have the keys {expected}; missing {missing}, unknown {unknown}")
+
+
+def _checked_state(
+    state: Any, owner: str, keys: Sequence[str], settings: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """``state`` as a mapping of ``keys`` made by an ``owner`` of these ``settings`` (else a ValueError)."""
+    state = _as_mapping(state, "state")
+    if state.get("callback") != owner:
+        raise ValueError(
+            f"state['callback'] must be {owner!r} (a state of {owner}.state_dict()), got {state.get('callback')!r}"
+        )
+    _check_keys(state, keys, "state")
+    saved = _as_mapping(state["settings"], "state['settings']")
+    _check_keys(saved, settings, "state['settings']")
+    differ = {name: (saved[name], value) for name, value in settings.items() if saved[name] != value}
+    if differ:
+        raise ValueError(
+            f"the state was made by a {owner} of other settings; (saved, current) differ in {differ}"
+        )
+    return state
+
+
+def _generator_state(generator: torch.Generator | None) -> torch.Tensor | None:
+    return None if generator is None else generator.get_state()
+
+
+def _generator_from(value: Any, key: str) -> torch.Generator | None:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise ValueError(
+            f"{key} must be a torch generator's state (a 1-D uint8 tensor) or None, got {_describe(value)}"
+        )
+    generator = torch.Generator()
+    try:
+        generator.set_state(value.clone())
+    except RuntimeError as error:
+        raise ValueError(
+            f"{key} is not a CPU torch generator's state ({_describe(value)}): {error}"
+        ) from None
+    return generator
+
+
+def _rng_state(rng: np.random.Generator | None) -> dict[str, Any] | None:
+    """A PCG64 generator's state as plain ints and strings (``weights_only``-safe), or None."""
+    if rng is None:
+        return None
+    state = rng.bit_generator.state
+    return {
+        "bit_generator": str(state["bit_generator"]),
+        "state": {"state": int(state["state"]["state"]), "inc": int(state["state"]["inc"])},
+        "has_uint32": int(state["has_uint32"]),
+        "uinteger": int(state["uinteger"]),
+    }
+
+
+def _rng_from(value: Any, key: str) -> np.random.Generator | None:
+    if value is None:
+        return None
+    value = _as_mapping(value, key)
+    _check_keys(value, ("bit_generator", "state", "has_uint32", "uinteger"), key)
+    if value["bit_generator"] != "PCG64":
+        raise ValueError(
+            f"{key}['bit_generator'] must be 'PCG64' (numpy's default_rng), got {value['bit_generator']!r}"
+        )
+    inner = _as_mapping(value["state"], f"{key}['state']")
+    _check_keys(inner, ("state", "inc"), f"{key}['state']")
+    bit_generator = np.random.PCG64()
+    bit_generator.state = {
+        "bit_generator": "PCG64",
+        "state": {
+            "state": check_int(f"{key}['state']['state']", inner["state"], low=0, high=2**128 - 1),
+            "inc": check_int(f"{key}['state']['inc']", inner["inc"], low=0, high=2**128 - 1),
+        },
+        "has_uint32": check_int(f"{key}['has_uint32']", value["has_uint32"], low=0, high=1),
+        "uinteger": check_int(f"{key}['uinteger']", value["uinteger"], low=0, high=2**32 - 1),
+    }
+    return np.random.Generator(bit_generator)
+
+
+def _check_tensor(value: Any, key: str, dtype: torch.dtype, width: int | None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.dim() != 1:
+        raise ValueError(f"{key} must be a 1-D {dtype} tensor, got {_describe(value)}")
+    if width is not None and value.numel() != width:
+        raise ValueError(f"{key} must have {width} entries (the layer's width), got {value.numel()}")
+    return value
+
+
+def _check_network_names(names: Iterable[str], model: BaseAlgorithm, key: str) -> list[SparseNetwork]:
+    networks = find_networks(model)
+    if sorted(names) != sorted(n.name for n in networks):
+        raise ValueError(
+            f"{key} names the networks {sorted(names)}, but this {type(model).__name__} has "
+            f"{sorted(n.name for n in networks)}: a state of another algorithm?"
+        )
+    return networks
+
+
 # ---------------------------------------------------------------------------------------------- ReDo
 class ReDoCallback(BaseCallback):
     """Recycles dormant neurons of every online network of an SB3 agent (ReDo; see the module docstring).
@@ -479,6 +604,10 @@ class ReDoCallback(BaseCallback):
     Attributes:
         history: one entry per recycling round: ``{"network", "step", "recycled": {layer: count},
             "dormant_fraction"}``.
+
+    The generators are seeded at the first training start only: a later ``learn`` call (``reset_num_timesteps=False``)
+    continues their streams and the step counters. :meth:`state_dict` and :meth:`load_state_dict` carry counters,
+    history and generators across processes, so a resumed run continues bit for bit.
     """
 
     def __init__(
@@ -503,17 +632,123 @@ class ReDoCallback(BaseCallback):
         self._steps: dict[str, int] = {}
         self._next: dict[str, int] = {}
         self._handles: list[RemovableHandle] = []
+        self._generator: torch.Generator | None = None
+        self._rng: np.random.Generator | None = None
+        self._loaded_networks: list[str] | None = (
+            None  # of a loaded state, checked at the next training start
+        )
 
     @property
     def n_recycles(self) -> int:
         """Neurons recycled so far, over all networks and rounds."""
         return sum(sum(entry["recycled"].values()) for entry in self.history)
 
+    def _settings(self) -> dict[str, Any]:
+        return {"interval": self.interval, "tau": self.tau, "batch_size": self.batch_size, "init": self.init}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counters, history and generators, as tensors, numbers, strings, lists and dicts (``torch.save`` it
+        and read it back with ``weights_only=True``), with the settings it must be loaded under.
+
+        Example:
+            >>> from stable_baselines3 import DQN
+            >>> model = DQN("MlpPolicy", "CartPole-v1", learning_starts=50, train_freq=4, seed=0)
+            >>> redo = ReDoCallback(interval=10)
+            >>> _ = model.learn(100, callback=redo)
+            >>> again = ReDoCallback(interval=10)
+            >>> again.load_state_dict(redo.state_dict())
+            >>> again.history == redo.history, again.state_dict()["steps"]
+            (True, {'q_net': 13})
+        """
+        return {
+            "callback": "ReDoCallback",
+            "settings": self._settings(),
+            "steps": dict(self._steps),
+            "next": dict(self._next),
+            "history": copy.deepcopy(self.history),
+            "generator": _generator_state(self._generator),
+            "rng": _rng_state(self._rng),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, model: BaseAlgorithm | None = None) -> None:
+        """Continues from :meth:`state_dict` (counters, history and generators replaced; seeded no more).
+
+        Args:
+            state: a state of a ReDoCallback of the same interval, tau, batch size and init.
+            model: when given, the state's networks are checked against this model's now; they are checked against
+                the trained model at the next training start in any case.
+
+        Raises:
+            ValueError: a key, value or type the state should not have (the message names it), other settings, or
+                networks the model does not have.
+        """
+        keys = ("callback", "settings", "steps", "next", "history", "generator", "rng")
+        state = _checked_state(state, "ReDoCallback", keys, self._settings())
+        steps = {
+            name: check_int(f"state['steps'][{name!r}]", value, low=0)
+            for name, value in _as_mapping(state["steps"], "state['steps']").items()
+        }
+        next_steps = {
+            name: check_int(f"state['next'][{name!r}]", value, low=self.interval)
+            for name, value in _as_mapping(state["next"], "state['next']").items()
+        }
+        if sorted(steps) != sorted(next_steps):
+            raise ValueError(
+                f"state['steps'] and state['next'] must name the same networks, got {sorted(steps)} and "
+                f"{sorted(next_steps)}"
+            )
+        for name, value in next_steps.items():
+            if value % self.interval:
+                raise ValueError(
+                    f"state['next'][{name!r}] must be a multiple of interval {self.interval}, got {value}"
+                )
+        if not isinstance(state["history"], list):
+            raise ValueError(f"state['history'] must be a list, got {_describe(state['history'])}")
+        history = [
+            self._checked_entry(entry, f"state['history'][{i}]", steps)
+            for i, entry in enumerate(state["history"])
+        ]
+        generator = _generator_from(state["generator"], "state['generator']")
+        rng = _rng_from(state["rng"], "state['rng']")
+        if (generator is None) != (rng is None):
+            raise ValueError(
+                "state['generator'] and state['rng'] must both be set (training started) or both None, got "
+                f"{_describe(state['generator'])} and {_describe(state['rng'])}"
+            )
+        if model is not None and steps:
+            _check_network_names(steps, model, "state['steps']")
+        self._steps, self._next, self.history = steps, next_steps, history
+        self._generator, self._rng = generator, rng
+        self._loaded_networks = list(steps) if steps else None
+
+    @staticmethod
+    def _checked_entry(entry: Any, key: str, steps: Mapping[str, int]) -> dict[str, Any]:
+        entry = _as_mapping(entry, key)
+        _check_keys(entry, ("network", "step", "recycled", "dormant_fraction"), key)
+        if entry["network"] not in steps:
+            raise ValueError(f"{key}['network'] must be one of {sorted(steps)}, got {entry['network']!r}")
+        recycled = {
+            layer: check_int(f"{key}['recycled'][{layer!r}]", count, low=0)
+            for layer, count in _as_mapping(entry["recycled"], f"{key}['recycled']").items()
+        }
+        return {
+            "network": entry["network"],
+            "step": check_int(f"{key}['step']", entry["step"], low=0),
+            "recycled": recycled,
+            "dormant_fraction": check_number(
+                f"{key}['dormant_fraction']", entry["dormant_fraction"], low=0.0, high=1.0
+            ),
+        }
+
     def _on_training_start(self) -> None:
         self._remove_hooks()
-        seed = self.seed if self.seed is not None else (self.model.seed or 0)
-        self._generator = torch.Generator().manual_seed(int(seed))
-        self._rng = np.random.default_rng(int(seed))
+        if self._generator is None or self._rng is None:  # the first start: later ones continue the streams
+            seed = self.seed if self.seed is not None else (self.model.seed or 0)
+            self._generator = torch.Generator().manual_seed(int(seed))
+            self._rng = np.random.default_rng(int(seed))
+        if self._loaded_networks is not None:
+            _check_network_names(self._loaded_networks, self.model, "the loaded state")
+            self._loaded_networks = None
         self.networks = {network.name: network for network in find_networks(self.model)}
         for name, network in self.networks.items():
             _check_dense(network.network, "ReDo")
@@ -534,6 +769,7 @@ class ReDoCallback(BaseCallback):
         due = [name for name in self.networks if self._steps[name] >= self._next[name]]
         if not due:
             return
+        assert self._generator is not None and self._rng is not None  # seeded at the training start
         batch = buffer_batch(self.model, self.batch_size, self._rng)
         if batch is None:
             return
@@ -665,6 +901,10 @@ class ContinualBackpropCallback(BaseCallback):
     Attributes:
         states: ``{network name: {layer name: UnitUtility}}``.
         n_replaced: units replaced so far, per network.
+
+    The generator is seeded at the first training start only: a later ``learn`` call continues its stream and the
+    books. :meth:`state_dict` and :meth:`load_state_dict` carry books, counts and generator across processes, so a
+    resumed run continues bit for bit.
     """
 
     def __init__(
@@ -689,18 +929,157 @@ class ContinualBackpropCallback(BaseCallback):
         self.layers: dict[str, list[HiddenLayer]] = {}
         self._captured: dict[int, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
+        self._generator: torch.Generator | None = None
+        self._loaded = False  # a loaded state's layers are checked at the next training start
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "replacement_rate": self.replacement_rate,
+            "maturity_threshold": self.maturity_threshold,
+            "decay_rate": self.decay_rate,
+            "init": self.init,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The books of every layer (``{"utility", "mean_activation", "age"}`` tensors and ``pending``), the
+        replacement counts and the generator, as tensors, numbers, strings and dicts (``torch.save`` it and read
+        it back with ``weights_only=True``), with the settings it must be loaded under.
+
+        Example:
+            >>> from stable_baselines3 import PPO
+            >>> model = PPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, n_epochs=2, seed=0)
+            >>> cbp = ContinualBackpropCallback(replacement_rate=0.05, maturity_threshold=4)
+            >>> _ = model.learn(128, callback=cbp)
+            >>> again = ContinualBackpropCallback(replacement_rate=0.05, maturity_threshold=4)
+            >>> again.load_state_dict(cbp.state_dict())
+            >>> again.n_replaced == cbp.n_replaced, sorted(again.states["policy"])[0]
+            (True, 'mlp_extractor.policy_net.1')
+        """
+        return {
+            "callback": "ContinualBackpropCallback",
+            "settings": self._settings(),
+            "states": {
+                network: {
+                    layer: {
+                        "utility": book.utility.detach().cpu().clone(),
+                        "mean_activation": book.mean_activation.detach().cpu().clone(),
+                        "age": book.age.detach().cpu().clone(),
+                        "pending": float(book.pending),
+                    }
+                    for layer, book in books.items()
+                }
+                for network, books in self.states.items()
+            },
+            "n_replaced": dict(self.n_replaced),
+            "generator": _generator_state(self._generator),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, model: BaseAlgorithm | None = None) -> None:
+        """Continues from :meth:`state_dict` (books, counts and generator replaced; seeded no more).
+
+        Args:
+            state: a state of a ContinualBackpropCallback of the same replacement rate, maturity threshold, decay
+                rate and init.
+            model: when given, the state's networks, layers and widths are checked against this model's now; they
+                are checked against the trained model at the next training start in any case.
+
+        Raises:
+            ValueError: a key, value or type the state should not have (the message names it), other settings, or
+                networks, layers or widths the model does not have.
+        """
+        keys = ("callback", "settings", "states", "n_replaced", "generator")
+        state = _checked_state(state, "ContinualBackpropCallback", keys, self._settings())
+        states: dict[str, dict[str, UnitUtility]] = {}
+        for network, books in _as_mapping(state["states"], "state['states']").items():
+            states[network] = {}
+            for layer, book in _as_mapping(books, f"state['states'][{network!r}]").items():
+                key = f"state['states'][{network!r}][{layer!r}]"
+                book = _as_mapping(book, key)
+                _check_keys(book, ("utility", "mean_activation", "age", "pending"), key)
+                utility = _check_tensor(book["utility"], f"{key}['utility']", torch.float64, None)
+                width = utility.numel()
+                mean = _check_tensor(
+                    book["mean_activation"], f"{key}['mean_activation']", torch.float64, width
+                )
+                age = _check_tensor(book["age"], f"{key}['age']", torch.long, width)
+                if bool((age < 0).any()):
+                    raise ValueError(f"{key}['age'] must be >= 0, got {age.tolist()}")
+                pending = check_number(
+                    f"{key}['pending']", book["pending"], low=0.0, high=1.0, high_open=True
+                )
+                states[network][layer] = UnitUtility(
+                    utility.clone(), mean.clone(), age.clone(), float(pending)
+                )
+        n_replaced = {
+            name: check_int(f"state['n_replaced'][{name!r}]", value, low=0)
+            for name, value in _as_mapping(state["n_replaced"], "state['n_replaced']").items()
+        }
+        if sorted(n_replaced) != sorted(states):
+            raise ValueError(
+                f"state['n_replaced'] and state['states'] must name the same networks, got {sorted(n_replaced)} and "
+                f"{sorted(states)}"
+            )
+        generator = _generator_from(state["generator"], "state['generator']")
+        if model is not None and states:
+            found = {
+                network.name: find_hidden_layers(network.network, _example_inputs(model, network, draw=False))
+                for network in _check_network_names(states, model, "state['states']")
+            }
+            self._check_layers(states, found)
+        self.states, self.n_replaced, self._generator = states, n_replaced, generator
+        self._loaded = bool(states)
+
+    @staticmethod
+    def _check_layers(
+        states: Mapping[str, Mapping[str, UnitUtility]], found: Mapping[str, list[HiddenLayer]]
+    ) -> None:
+        for network, layers in found.items():
+            books = states[network]
+            names = [layer.name for layer in layers]
+            if sorted(books) != sorted(names):
+                raise ValueError(
+                    f"state['states'][{network!r}] names the layers {sorted(books)}, but the network's hidden layers "
+                    f"are {sorted(names)}"
+                )
+            for layer in layers:
+                if books[layer.name].utility.numel() != layer.width:
+                    raise ValueError(
+                        f"state['states'][{network!r}][{layer.name!r}] has {books[layer.name].utility.numel()} "
+                        f"units, but the layer has {layer.width} neurons"
+                    )
 
     def _on_training_start(self) -> None:
         self._remove_hooks()
-        seed = self.seed if self.seed is not None else (self.model.seed or 0)
-        self._generator = torch.Generator().manual_seed(int(seed))
-        for network in find_networks(self.model):
+        first = self._generator is None
+        if first:  # the first start: later ones continue the stream (and leave the spaces' generators alone)
+            seed = self.seed if self.seed is not None else (self.model.seed or 0)
+            self._generator = torch.Generator().manual_seed(int(seed))
+        networks = find_networks(self.model)
+        if self._loaded:
+            _check_network_names(self.states, self.model, "the loaded state")
+        found: dict[str, list[HiddenLayer]] = {}
+        for network in networks:
             _check_dense(network.network, "continual backprop")
-            layers = find_hidden_layers(network.network, _example_inputs(self.model, network))
+            found[network.name] = find_hidden_layers(
+                network.network, _example_inputs(self.model, network, draw=first)
+            )
+        if self._loaded:
+            self._check_layers(self.states, found)
+            self._loaded = False
+        for network in networks:
+            layers = found[network.name]
             self.layers[network.name] = layers
             books = self.states.setdefault(network.name, {})
             for layer in layers:
-                books.setdefault(layer.name, UnitUtility.zeros(layer.width, layer.incoming.weight.device))
+                device = layer.incoming.weight.device
+                book = books.setdefault(layer.name, UnitUtility.zeros(layer.width, device))
+                if book.utility.device != device:  # a state loaded on the CPU
+                    books[layer.name] = UnitUtility(
+                        book.utility.to(device),
+                        book.mean_activation.to(device),
+                        book.age.to(device),
+                        book.pending,
+                    )
                 self._handles.append(layer.activation.register_forward_hook(self._capture))
             self.n_replaced.setdefault(network.name, 0)
             self._handles.append(network.optimizer.register_step_post_hook(self._after_step(network)))
@@ -711,6 +1090,8 @@ class ContinualBackpropCallback(BaseCallback):
 
     def _after_step(self, network: SparseNetwork) -> Callable[..., None]:
         def step(*_: Any) -> None:
+            generator = self._generator
+            assert generator is not None  # seeded at the training start
             books = self.states[network.name]
             for layer in self.layers[network.name]:
                 activations = self._captured.pop(id(layer.activation), None)
@@ -734,7 +1115,7 @@ class ContinualBackpropCallback(BaseCallback):
                     layer,
                     chosen,
                     network.optimizer,
-                    self._generator,
+                    generator,
                     init=self.init,
                     outgoing_bias_shift=corrected_mean,
                 )

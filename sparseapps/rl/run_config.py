@@ -36,6 +36,7 @@ from sparseapps.core import PRESETS, SparsityConfig
 from sparseapps.core.validation import check_choice, check_int, check_number
 from sparseapps.rl.callback import CALLBACK_METHODS, DynamicSparsityCallback
 from sparseapps.rl.drift import DriftSchedule, make_drifting_env
+from sparseapps.rl.plasticity import ContinualBackpropCallback, ReDoCallback
 from sparseapps.rl.presets import RL_PRESETS, rl_preset
 
 ALGORITHM_CLASSES: dict[str, type[BaseAlgorithm]] = {
@@ -57,6 +58,8 @@ ACTION_SPACES: dict[str, tuple[type[spaces.Space], ...]] = {
 }
 # Core presets the callback can run (sparse from scratch or pruning a dense start).
 METHODS = ("dense", *sorted(name for name, values in PRESETS.items() if values["method"] in CALLBACK_METHODS))
+# Neuron recyclers a dense run can train with (sparseapps.rl.plasticity): none, ReDo, continual backprop.
+RECYCLERS = ("none", "redo", "cbp")
 # Sparsity when neither the run nor an RL preset sets one.
 DEFAULT_SPARSITY = 0.9
 
@@ -212,6 +215,21 @@ class RLRun:
     )
     threads: int = field(default=1, metadata={"help": "torch threads"})
     device: str = field(default="cpu", metadata={"help": "torch device of the agent"})
+    recycler: str = field(
+        default="none",
+        metadata={
+            "help": "neuron recycler of a dense run: 'none', 'redo' (ReDo, Sokar et al. 2023) or 'cbp' (continual "
+            "backprop, Dohare et al. 2024), at the papers' defaults"
+        },
+    )
+    recycler_kwargs: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "ReDoCallback / ContinualBackpropCallback kwargs over the papers' defaults (ReDo: interval, "
+            "tau, batch_size, init; cbp: replacement_rate, maturity_threshold, decay_rate, init); the seed is "
+            "the run's"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("algo", self.algo, ALGORITHM_CLASSES)
@@ -240,6 +258,48 @@ class RLRun:
         object.__setattr__(self, "sparsity", self._checked_sparsity())
         if self.sparse:
             self.callback()  # the callback refuses the methods and settings it cannot run
+        self._check_recycler()
+
+    def _check_recycler(self) -> None:
+        check_choice("recycler", self.recycler, RECYCLERS)
+        if not isinstance(self.recycler_kwargs, Mapping):
+            raise TypeError(f"recycler_kwargs must be a mapping, got {self.recycler_kwargs!r}")
+        object.__setattr__(self, "recycler_kwargs", dict(self.recycler_kwargs))
+        if self.recycler == "none":
+            if self.recycler_kwargs:
+                raise ValueError(
+                    f"recycler_kwargs {self.recycler_kwargs!r} need a recycler, got recycler='none'"
+                )
+            return
+        if self.sparse:
+            raise ValueError(
+                f"recycler {self.recycler!r} recycles neurons of dense networks, but method {self.method!r} trains "
+                "sparse ones: use method='dense' with a recycler, or recycler='none' with a sparse method"
+            )
+        for key in ("seed", "verbose"):
+            if key in self.recycler_kwargs:
+                raise ValueError(
+                    f"recycler_kwargs may not set {key!r} (the run's seed and verbosity are used)"
+                )
+        self.recycler_callback()  # the callback checks its kwargs
+
+    def recycler_callback(self) -> ReDoCallback | ContinualBackpropCallback | None:
+        """The neuron recycler of this run (None when :attr:`recycler` is ``"none"``), seeded with :attr:`seed`.
+
+        Example:
+            >>> run = RLRun(env="CartPole-v1", algo="ppo", method="dense", recycler="redo")
+            >>> run.label, run.recycler_callback().interval
+            ('dense-redo', 1000)
+        """
+        if self.recycler == "none":
+            return None
+        kind = ReDoCallback if self.recycler == "redo" else ContinualBackpropCallback
+        try:
+            return kind(seed=self.seed, **self.recycler_kwargs)
+        except TypeError as error:
+            raise ValueError(
+                f"recycler_kwargs {self.recycler_kwargs!r} do not fit {kind.__name__}: {error}"
+            ) from None
 
     def _checked_sparsity(self) -> SparsityConfig | None:
         config = self.sparsity
@@ -262,8 +322,10 @@ class RLRun:
 
     @property
     def label(self) -> str:
-        """The method's name in tables and plots: ``dense``, else the preset, else the method."""
-        return self.preset if self.preset is not None and self.sparse else self.method
+        """The method's name in tables and plots: ``dense`` (``dense-redo``, ``dense-cbp`` with a recycler), else
+        the preset, else the method."""
+        label = self.preset if self.preset is not None and self.sparse else self.method
+        return label if self.recycler == "none" else f"{label}-{self.recycler}"
 
     def sparsity_config(self) -> SparsityConfig | None:
         """The engine configuration (None when dense), seeded with :attr:`seed`."""

@@ -22,7 +22,7 @@ from sparseapps.core.io import CorruptFileError
 from sparseapps.core.plotting import pyplot, save_figure
 from sparseapps.rl.checkpoints import OtherRunError, differences, read_result, remove_run
 from sparseapps.rl.presets import RL_PRESETS
-from sparseapps.rl.run_config import METHODS, RLRun
+from sparseapps.rl.run_config import METHODS, RECYCLERS, RLRun
 
 __all__ = [
     "SHARED_FIELDS",
@@ -48,7 +48,7 @@ SHARED_FIELDS = (
     "hyperparameters",
 )
 # What train_many writes into its directory: the summary and one folder per method label.
-_LABELS = (*METHODS, *RL_PRESETS)
+_LABELS = (*METHODS, *RL_PRESETS, *(f"dense-{r}" for r in RECYCLERS if r != "none"))  # run folders' names
 SUMMARY_OUTPUTS = ("results.json", "curves.png", *_LABELS)
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.

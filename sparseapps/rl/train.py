@@ -3,7 +3,8 @@
 One :class:`~sparseapps.rl.run_config.RLRun` is one (environment, algorithm, sparsity configuration, seed).
 :func:`train_run` trains it into a directory:
 
-* ``tb/`` TensorBoard logs (SB3's, plus ``sparsity/*`` density and mask turnover at each topology update),
+* ``tb/`` TensorBoard logs (SB3's, plus ``sparsity/*`` density and mask turnover at each topology update, and
+  ``redo/*`` with ReDo),
 * ``checkpoint/`` while running, every ``checkpoint_every`` steps (:mod:`sparseapps.rl.checkpoints`). Running the
   same run again resumes from it **bit for bit**: the resumed run's networks, optimizers, masks, replay buffer and
   every metric of ``result.json`` but its wall-clock fields equal those of a run never interrupted (on CPU with the
@@ -16,6 +17,11 @@ One :class:`~sparseapps.rl.run_config.RLRun` is one (environment, algorithm, spa
 ``results.json`` (:mod:`sparseapps.rl.summary`) and ``curves.png``. It claims its output directory
 (:func:`sparseapps.core.io.claim_output`) for the settings all its runs share, so other methods can be added to it
 later: the summary covers every finished run in the directory, never only the last call's.
+
+A dense run may recycle neurons (``RLRun(method="dense", recycler="redo" | "cbp")``: ReDo or continual backprop
+of :mod:`sparseapps.rl.plasticity`, at the papers' defaults unless ``recycler_kwargs`` says otherwise); the
+recycler's state is checkpointed with the run and resumed bit for bit, and ``result.json`` counts the neurons it
+recycled (``recycling``).
 
 The public names of the modules this one was split into are importable from here too.
 
@@ -70,6 +76,7 @@ from sparseapps.rl.checkpoints import (
 )
 from sparseapps.rl.diagnostics import find_dormant_neurons, shift_recovery
 from sparseapps.rl.drift import INFO_ENV_STEP, INFO_PHASE
+from sparseapps.rl.plasticity import ContinualBackpropCallback, ReDoCallback
 from sparseapps.rl.resume import set_random_state
 from sparseapps.rl.run_config import (
     ACTION_NOISE_STD,
@@ -132,9 +139,11 @@ class _RunTracker(BaseCallback):
         checkpoint_dir: Path,
         sparsity: DynamicSparsityCallback | None,
         progress: Any | None,
+        recycler: ReDoCallback | ContinualBackpropCallback | None = None,
     ) -> None:
         super().__init__()
         self.run = run
+        self.recycler = recycler
         self.envs = dict(envs)
         self.eval_env = envs["eval"]
         self.checkpoint_dir = checkpoint_dir
@@ -213,6 +222,7 @@ class _RunTracker(BaseCallback):
                 self.sparsity,
                 progress,
                 warn=self.environments_saved,
+                recycler=self.recycler,
             )
             self.checkpoint_seconds += time.perf_counter() - started
 
@@ -276,6 +286,17 @@ def _sparsity_results(sparsity: DynamicSparsityCallback) -> dict[str, Any]:
     if all(engine.config.dynamic for engine in engines.values()):
         results["itop_rate"] = {name: report.itop_rate for name, report in reports.items()}
     return results
+
+
+def _recycling_results(run: RLRun, recycler: ReDoCallback | ContinualBackpropCallback) -> dict[str, Any]:
+    """Neurons the recycler recycled per network, and ReDo's rounds (network, gradient step, dormant fraction)."""
+    if isinstance(recycler, ReDoCallback):
+        neurons = {name: 0 for name in recycler.networks}
+        for entry in recycler.history:
+            neurons[entry["network"]] = neurons.get(entry["network"], 0) + sum(entry["recycled"].values())
+        rounds = [[entry["network"], entry["step"], entry["dormant_fraction"]] for entry in recycler.history]
+        return {"recycler": run.recycler, "neurons": neurons, "rounds": rounds}
+    return {"recycler": run.recycler, "neurons": dict(recycler.n_replaced)}
 
 
 def _recovery(run: RLRun, episodes: Sequence[Sequence[float]]) -> list[dict[str, Any]] | None:
@@ -346,19 +367,20 @@ def train_run(
     )
     envs = {"train": env, "eval": eval_env}
     sparsity = run.callback()
-    tracker = _RunTracker(run, envs, out / "checkpoint", sparsity, progress)
+    recycler = run.recycler_callback()
+    tracker = _RunTracker(run, envs, out / "checkpoint", sparsity, progress, recycler)
     checkpoint = find_checkpoint(out)
     try:
         if checkpoint is None:
             model = build_model(run, env, str(out / "tb"))
         else:
             model, saved, tracker.resumed_random_state = resume_model(
-                run, checkpoint, envs, sparsity, str(out / "tb")
+                run, checkpoint, envs, sparsity, str(out / "tb"), recycler
             )
             tracker.restore(saved)
             if progress is not None:
                 progress.update(model.num_timesteps)
-        callbacks: list[BaseCallback] = [tracker] if sparsity is None else [sparsity, tracker]
+        callbacks: list[BaseCallback] = [c for c in (sparsity, recycler) if c is not None] + [tracker]
         tracker.start_clock()
         model.learn(
             max(run.steps - model.num_timesteps, 0),
@@ -401,6 +423,8 @@ def train_run(
     }
     if sparsity is not None and sparsity.engines:
         result |= _sparsity_results(sparsity)
+    if recycler is not None:
+        result["recycling"] = _recycling_results(run, recycler)
     recovery = _recovery(run, tracker.episodes)
     if recovery is not None:
         result["recovery"] = recovery

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import doctest
 import importlib
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -66,13 +65,7 @@ def rigl(**overrides: Any) -> SparsityConfig:
     return SparsityConfig.preset("rigl", **{"sparsity": 0.8, "update_interval": 5, "seed": 0, **overrides})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """SB3's tiny networks run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread
 
 
 def assert_sparse_invariants(callback: DynamicSparsityCallback) -> None:

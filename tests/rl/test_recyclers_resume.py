@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,7 @@ REDO_KWARGS = {"interval": 4, "tau": 0.5, "batch_size": 32}
 CBP_KWARGS = {"replacement_rate": 0.05, "maturity_threshold": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread
 
 
 def tiny_ppo() -> PPO:

@@ -29,6 +29,7 @@ from sparseapps.core import (
 )
 from sparseapps.core import state as state_module
 from sparseapps.core.accounting import SparsityReport, TensorReport
+from sparseapps.core.allocator import release_free_memory
 from sparseapps.core.calibration import Calibration
 from sparseapps.core.compact import storage as compact_storage
 from sparseapps.core.compact import topology as compact_topology
@@ -275,6 +276,8 @@ class DynamicSparsity:
                 self._handles.append(
                     record.module.register_forward_pre_hook(self.rows.lookup_hook(record), with_kwargs=True)
                 )
+        if self._compact:  # the checks' dense views of compact tensors are freed: hand their pages back
+            release_free_memory()
 
     # ------------------------------------------------------------------ public views
     @property
@@ -496,6 +499,8 @@ class DynamicSparsity:
         if schedules.is_update_step(self.step, config, self.total_steps):
             with compact_storage.caching_views(self._compact.values()):
                 self._update_topology()
+            if self._compact:  # the update's nnz-sized index arrays are freed: hand their pages back
+                release_free_memory()
         elif schedules.is_pruning_step(self.step, config, self.total_steps):
             pruning.prune_by_schedule(self)
         if config.method == "lottery" and self.lottery_round == 0 and self.step == config.rewind_step:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from sparseapps.core.allocator import release_free_memory
 from sparseapps.core.compact import CompactEmbedding
 from sparseapps.core.validation import check_choice, check_int
 
@@ -155,6 +156,7 @@ class UserItemTables(nn.Module):
             compact = CompactEmbedding.from_embedding(module, masks[name])
             modules[name] = compact
             self._modules_by_table[name] = compact
+        release_free_memory()  # the dense tables and the conversion's temporaries (sparseapps.core.allocator)
 
     def table_fqns(self, prefix: str = "") -> dict[str, str]:
         """``{table name: fqn of its weight}`` as the core engine names it, under a module ``prefix``."""

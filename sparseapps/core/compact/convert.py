@@ -7,6 +7,7 @@ from torch import nn
 
 # Modules, not names: selection imports this package's layer, so either may be imported first.
 from sparseapps.core import distributions, masks, selection
+from sparseapps.core.allocator import release_free_memory
 from sparseapps.core.compact.layer import CompactLinear
 from sparseapps.core.config import SparsityConfig
 
@@ -69,6 +70,8 @@ def to_compact(model: nn.Module, config: SparsityConfig) -> nn.Module:
         compact = CompactLinear.from_linear(module, mask)
         name = fqn.removesuffix("weight").removesuffix(".")
         if not name:
+            release_free_memory()
             return compact
         model.set_submodule(name, compact)
+    release_free_memory()  # the dense weights and the masks (sparseapps.core.allocator)
     return model

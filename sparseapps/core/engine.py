@@ -499,8 +499,6 @@ class DynamicSparsity:
         if schedules.is_update_step(self.step, config, self.total_steps):
             with compact_storage.caching_views(self._compact.values()):
                 self._update_topology()
-            if self._compact:  # the update's nnz-sized index arrays are freed: hand their pages back
-                release_free_memory()
         elif schedules.is_pruning_step(self.step, config, self.total_steps):
             pruning.prune_by_schedule(self)
         if config.method == "lottery" and self.lottery_round == 0 and self.step == config.rewind_step:

@@ -144,6 +144,44 @@ def _describe(values: list[float]) -> dict[str, Any]:
     }
 
 
+def _snapshot_numbers(snapshot: dict[str, Any]) -> tuple[float, float]:
+    """``(srank fraction, L2 norm)`` of one snapshot: each hidden layer's srank over its width, averaged over the
+    layers of every network, and the norm of all the networks' parameters together."""
+    fractions = [
+        rank / network["width"][layer]
+        for network in snapshot.values()
+        for layer, rank in network["effective_rank"].items()
+    ]
+    norm = sum(network["weight_norm"] ** 2 for network in snapshot.values()) ** 0.5
+    return statistics.fmean(fractions), norm
+
+
+def diagnostics(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per (env, method), means over seeds of what the registration reports beside the comparisons: the dormant
+    fraction, srank fraction and weight norm at the first snapshot (phase 0) and the last (end of the run), the
+    topology updates of all networks and the neurons recycled."""
+    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    for env in dict.fromkeys(r["env"] for r in results):
+        for method in METHODS:
+            runs = [r for r in results if r["env"] == env and r["method"] == method]
+            if not runs:
+                continue
+            row: dict[str, float | None] = {"seeds": len(runs)}
+            for when, index in (("first", 0), ("last", -1)):
+                numbers = [_snapshot_numbers(r["phases"][index]["snapshot"]) for r in runs]
+                row[f"dormant_{when}"] = statistics.fmean(
+                    r["phases"][index]["dormant_fraction"] for r in runs
+                )
+                row[f"srank_{when}"] = statistics.fmean(n[0] for n in numbers)
+                row[f"norm_{when}"] = statistics.fmean(n[1] for n in numbers)
+            updates = [sum(r["topology_updates"].values()) for r in runs if r.get("topology_updates")]
+            recycled = [r["recycled"] for r in runs if r.get("recycled") is not None]
+            row["topology_updates"] = statistics.fmean(updates) if updates else None
+            row["recycled"] = statistics.fmean(recycled) if recycled else None
+            table.setdefault(env, {})[method] = row
+    return table
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (env, method): mean and 95% half-width of each summary metric over seeds; the registered comparisons."""
     envs = list(dict.fromkeys(r["env"] for r in results))
@@ -157,7 +195,12 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                     for metric in SUMMARY_METRICS
                 }
     comparisons = compare(results, registered_comparisons([e for e in ENVS if e in envs]))
-    return {"methods": table, "comparisons": comparisons, "n_cells": len(results)}
+    return {
+        "methods": table,
+        "comparisons": comparisons,
+        "diagnostics": diagnostics(results),
+        "n_cells": len(results),
+    }
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -175,6 +218,23 @@ def markdown(summary: dict[str, Any]) -> str:
                 f"{format_number(dormant['mean'])} ± {format_number(dormant['ci95'])} |"
             )
     lines += ["", *comparison_table(summary["comparisons"], lambda row: row["comparison"])]
+    lines += [
+        "",
+        "Diagnostics (means over seeds; first = after phase 0's first rollout, last = end of the run; srank as a "
+        "fraction of the layer's width, averaged over hidden layers; norm of all parameters):",
+        "",
+        "| env | method | dormant first → last | srank first → last | weight norm first → last | topology updates "
+        "| neurons recycled |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for env, methods in summary["diagnostics"].items():
+        for method, row in methods.items():
+            lines.append(
+                f"| {env} | {method} | {format_number(row['dormant_first'])} → {format_number(row['dormant_last'])} "
+                f"| {format_number(row['srank_first'])} → {format_number(row['srank_last'])} "
+                f"| {format_number(row['norm_first'], 1)} → {format_number(row['norm_last'], 1)} "
+                f"| {format_number(row['topology_updates'], 0)} | {format_number(row['recycled'], 0)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -331,6 +331,11 @@ def test_quick_script_runs_resumes_and_summarizes(
     files = [f"cartpole-length/{m}/seed{s}.json" for m in ("rigl-dormant", "static") for s in (0, 1)]
     comparison = "cartpole-length: rigl-dormant vs static (mean_final_return)"
     assert_runs_resumes_and_summarizes(bench, argv, tmp_path, files, comparison, monkeypatch)
+    diagnostics = bench.summarize(bench.cells_on_disk(tmp_path))["diagnostics"]["cartpole-length"]
+    assert set(diagnostics) == {"static", "rigl-dormant"} and diagnostics["static"]["seeds"] == 2
+    assert diagnostics["static"]["topology_updates"] == 0 < diagnostics["rigl-dormant"]["topology_updates"]
+    assert all(0 < diagnostics[m][f"srank_{w}"] <= 1 for m in diagnostics for w in ("first", "last"))
+    assert "dormant first → last" in (tmp_path / "summary.md").read_text()
     args = bench.parse_args(["--cells", "pendulum-*/dense*/10?", "cartpole-length/rigl/100"])
     assert bench.planned_cells(args) == [  # seed by seed, environments and methods in the suite's order
         ("cartpole-length", "rigl", 100),

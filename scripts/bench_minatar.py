@@ -30,7 +30,7 @@ from typing import Any
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.options import parse_config
 from sparseapps.core.plotting import pyplot, save_figure
-from sparseapps.core.stats import confidence_half_width
+from sparseapps.core.stats import confidence_half_width, standard_error
 from sparseapps.rl.cells import cells_on_disk, run_or_read
 from sparseapps.rl.minatar import (
     BUDGET,
@@ -234,8 +234,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
     styles = {sparsity: ("-", "--", ":", "-.")[k % 4] for k, sparsity in enumerate(sparse)}
 
     def mean_and_error(values: list[float]) -> tuple[float, float]:
-        error = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-        return statistics.fmean(values), error
+        return statistics.fmean(values), standard_error(values)  # NaN (no bar) for one seed
 
     for (final_axis, curve_axis), game in zip(axes, games, strict=True):
         for method in METHODS:

@@ -29,7 +29,7 @@ from typing import Any
 from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.options import parse_config
 from sparseapps.core.plotting import pyplot, save_figure
-from sparseapps.core.stats import confidence_half_width
+from sparseapps.core.stats import confidence_half_width, standard_error
 from sparseapps.rl.cells import cells_on_disk, run_or_read
 from sparseapps.rl.plasticity_suite import (
     ENVS,
@@ -262,7 +262,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
                 n_phases = min(len(r["phases"]) for r in runs)
                 values = [[r["phases"][k][key] for r in runs] for k in range(n_phases)]
                 mean = [statistics.fmean(v) for v in values]
-                half = [statistics.stdev(v) / len(v) ** 0.5 if len(v) >= 2 else 0.0 for v in values]
+                half = [standard_error(v) for v in values]  # NaN (no band) for one seed
                 style = "--" if method.startswith("dense") else "-"
                 (line,) = axis.plot(range(n_phases), mean, style, marker=".", label=f"{method} ({len(runs)})")
                 axis.fill_between(

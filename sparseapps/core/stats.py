@@ -14,7 +14,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-__all__ = ["confidence_half_width", "paired_interval", "t_quantile"]
+__all__ = ["confidence_half_width", "paired_interval", "standard_error", "t_quantile"]
 
 
 def t_quantile(confidence: float, degrees: int) -> float:
@@ -28,12 +28,25 @@ def t_quantile(confidence: float, degrees: int) -> float:
     return float(t.ppf(0.5 + confidence / 2, degrees))
 
 
+def standard_error(values: Sequence[float]) -> float:
+    """The standard error of the mean of ``values`` (sample standard deviation over sqrt(n)); NaN for fewer than
+    two values.
+
+    Example:
+        >>> round(standard_error([0.5, 0.7]), 4)
+        0.1
+    """
+    if len(values) < 2:
+        return math.nan
+    return statistics.stdev(values) / math.sqrt(len(values))
+
+
 def confidence_half_width(values: Sequence[float], confidence: float = 0.95) -> float:
     """Half-width of the ``confidence`` interval of the mean of ``values`` (``n - 1`` degrees of freedom); NaN
     for fewer than two values."""
     if len(values) < 2:
         return math.nan
-    return t_quantile(confidence, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return t_quantile(confidence, len(values) - 1) * standard_error(values)
 
 
 def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:

@@ -46,7 +46,8 @@ def confidence_half_width(values: Sequence[float], confidence: float = 0.95) -> 
     for fewer than two values."""
     if len(values) < 2:
         return math.nan
-    return t_quantile(confidence, len(values) - 1) * standard_error(values)
+    # t * s / sqrt(n) in this order: the intervals already reported keep their last bits
+    return t_quantile(confidence, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:

@@ -156,16 +156,24 @@ def _snapshot_numbers(snapshot: dict[str, Any]) -> tuple[float, float]:
     return statistics.fmean(fractions), norm
 
 
+def by_env_and_method(results: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{env: {method: cells}}``: environments in the order met, methods in the suite's order, none empty."""
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for env in dict.fromkeys(r["env"] for r in results):
+        for method in METHODS:
+            runs = [r for r in results if r["env"] == env and r["method"] == method]
+            if runs:
+                grouped.setdefault(env, {})[method] = runs
+    return grouped
+
+
 def diagnostics(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per (env, method), means over seeds of what the registration reports beside the comparisons: the dormant
     fraction, srank fraction and weight norm at the first snapshot (phase 0) and the last (end of the run), the
     topology updates of all networks and the neurons recycled."""
     table: dict[str, dict[str, dict[str, float | None]]] = {}
-    for env in dict.fromkeys(r["env"] for r in results):
-        for method in METHODS:
-            runs = [r for r in results if r["env"] == env and r["method"] == method]
-            if not runs:
-                continue
+    for env, methods in by_env_and_method(results).items():
+        for method, runs in methods.items():
             row: dict[str, float | None] = {"seeds": len(runs)}
             for when, index in (("first", 0), ("last", -1)):
                 numbers = [_snapshot_numbers(r["phases"][index]["snapshot"]) for r in runs]
@@ -184,17 +192,20 @@ def diagnostics(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (env, method): mean and 95% half-width of each summary metric over seeds; the registered comparisons."""
-    envs = list(dict.fromkeys(r["env"] for r in results))
-    table: dict[str, dict[str, dict[str, Any]]] = {}
-    for env in envs:
-        for method in METHODS:
-            rows = [r["summary"] for r in results if r["env"] == env and r["method"] == method]
-            if rows:
-                table.setdefault(env, {})[method] = {
-                    metric: _describe([row[metric] for row in rows if row.get(metric) is not None])
-                    for metric in SUMMARY_METRICS
-                }
-    comparisons = compare(results, registered_comparisons([e for e in ENVS if e in envs]))
+    grouped = by_env_and_method(results)
+    table = {
+        env: {
+            method: {
+                metric: _describe(
+                    [r["summary"][metric] for r in runs if r["summary"].get(metric) is not None]
+                )
+                for metric in SUMMARY_METRICS
+            }
+            for method, runs in methods.items()
+        }
+        for env, methods in grouped.items()
+    }
+    comparisons = compare(results, registered_comparisons([e for e in ENVS if e in grouped]))
     return {
         "methods": table,
         "comparisons": comparisons,
@@ -249,16 +260,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
     shift's first rollout end; the last one is the end of the run), mean over seeds with one standard error shaded
     (the registered intervals are in the tables). Dense baselines dashed, sparse methods solid."""
     plt = pyplot()
-    envs = list(dict.fromkeys(r["env"] for r in results))
+    grouped = by_env_and_method(results)
     fig, axes = plt.subplots(
-        len(envs), len(PLOT_PANELS), figsize=(6 * len(PLOT_PANELS), 3.4 * len(envs)), squeeze=False
+        len(grouped), len(PLOT_PANELS), figsize=(6 * len(PLOT_PANELS), 3.4 * len(grouped)), squeeze=False
     )
-    for row, env in zip(axes, envs, strict=True):
+    for row, (env, methods) in zip(axes, grouped.items(), strict=True):
         for axis, (key, label) in zip(row, PLOT_PANELS, strict=True):
-            for method in METHODS:
-                runs = [r for r in results if r["env"] == env and r["method"] == method]
-                if not runs:
-                    continue
+            for method, runs in methods.items():
                 n_phases = min(len(r["phases"]) for r in runs)
                 values = [[r["phases"][k][key] for r in runs] for k in range(n_phases)]
                 mean = [statistics.fmean(v) for v in values]

@@ -338,31 +338,16 @@ def run_cell(
     callback = sparsity_callback(method, sparsity)
     settings = cell_settings(game, method, sparsity, budget, **overrides)
     with torch_threads(check_int("threads", threads, low=1)):  # restored after the cell
-        return _train_cell(game, method, sparsity, budget, seed, threads, callback, settings, overrides)
-
-
-def _train_cell(
-    game: str,
-    method: str,
-    sparsity: float,
-    budget: int,
-    seed: int,
-    threads: int,
-    callback: DynamicSparsityCallback | None,
-    settings: dict[str, Any],
-    overrides: dict[str, Any],
-) -> dict[str, Any]:
-    """:func:`run_cell`'s training, final evaluation and result, with torch's threads already set."""
-    set_random_seed(seed)
-    env = DummyVecEnv([lambda: Monitor(make_minatar_env(game, seed))])
-    eval_env = DummyVecEnv([lambda: Monitor(make_minatar_env(game, seed + EVAL_SEED_OFFSET))])
-    model = minatar_dqn(env, seed, **overrides)
-    curve = _Curve(eval_env, math.ceil(budget / N_EVALS), EVAL_EPISODES)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    model.learn(budget, callback=[curve] if callback is None else [callback, curve])
-    train_seconds = time.perf_counter() - started - curve.eval_seconds
-    cpu_seconds = time.process_time() - cpu_started
-    final_returns = curve.evaluate(FINAL_EVAL_EPISODES)
+        set_random_seed(seed)
+        env = DummyVecEnv([lambda: Monitor(make_minatar_env(game, seed))])
+        eval_env = DummyVecEnv([lambda: Monitor(make_minatar_env(game, seed + EVAL_SEED_OFFSET))])
+        model = minatar_dqn(env, seed, **overrides)
+        curve = _Curve(eval_env, math.ceil(budget / N_EVALS), EVAL_EPISODES)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        model.learn(budget, callback=[curve] if callback is None else [callback, curve])
+        train_seconds = time.perf_counter() - started - curve.eval_seconds
+        cpu_seconds = time.process_time() - cpu_started
+        final_returns = curve.evaluate(FINAL_EVAL_EPISODES)
     if curve.curve and curve.curve[-1][0] == model.num_timesteps:
         curve.curve.pop()  # the last periodic evaluation is replaced by the final one (more episodes)
     curve.curve.append([model.num_timesteps, statistics.fmean(final_returns)])

@@ -87,6 +87,25 @@ def test_capture_adds_the_looked_up_rows_full_gradients() -> None:
     assert compact.dense_grad is not None and torch.equal(compact.dense_grad, dense.weight.grad)
 
 
+def test_capture_holds_the_looked_up_rows_only_and_sums_like_the_dense_table() -> None:
+    """Two backward passes with repeated ids: the held rows are the ids seen, and every entry equals the dense
+    table's gradient bit for bit (the same additions in the same order)."""
+    torch.manual_seed(1)
+    dense = nn.Embedding(50, 8)
+    compact = CompactEmbedding.from_embedding(dense, torch.rand(50, 8) < 0.4)
+    compact.capture_dense_grad = True
+    for ids in (torch.tensor([7, 3, 7, 41, 3, 7]), torch.tensor([41, 0, 7])):
+        upstream = torch.randn(len(ids), 8)
+        (compact(ids) * upstream).sum().backward()
+        (dense(ids) * upstream).sum().backward()
+    rows, grad = compact.gradient_rows()
+    assert rows is not None and rows.tolist() == [0, 3, 7, 41] and grad.shape == (4, 8)
+    assert torch.equal(grad, dense.weight.grad[rows]) and torch.equal(compact.dense_grad, dense.weight.grad)
+    compact.dense_grad = None
+    rows, grad = compact.gradient_rows()
+    assert rows is not None and rows.numel() == 0 and grad.shape == (0, 8) and compact.dense_grad is None
+
+
 def test_repack_moves_values_gradient_and_adam_state_hand_case() -> None:
     """Row 0 keeps column 0 and grows 3; row 2 drops 1 and 2; row 3 grows column 1; the others stay."""
     _, compact = table()

@@ -75,6 +75,49 @@ def test_grow_select_on_a_large_layer_takes_the_threshold_path_and_stays_exact()
         assert torch.equal(ops.grow_select(dense, None, None, 512, 512, excluded, n, 9, 1e-5, False), want), n
 
 
+@pytest.mark.parametrize("tie_noise", [0.0, 1e-5])
+@pytest.mark.parametrize("shape", [(30, 8), (2_000, 64)])
+def test_grow_select_from_the_nonzero_rows_equals_the_whole_gradient(
+    shape: tuple[int, int], tie_noise: float
+) -> None:
+    """An embedding table's captured gradient held as its looked-up rows (``dense_rows``) selects what the whole
+    ``[R, D]`` gradient with zero rows elsewhere selects, bit for bit, on the small path and (2,000 x 64) the
+    sampled-threshold path, including counts that reach into the zero rows (chosen by noise, or by position)."""
+    rows, cols = shape
+    generator = torch.Generator().manual_seed(3)
+    held = torch.randperm(rows, generator=generator)[: rows // 6].sort().values
+    grad = torch.randn(len(held), cols, generator=generator)
+    grad[:, : cols // 4] = 0  # exact ties inside held rows too
+    whole = torch.zeros(rows, cols).index_copy_(0, held, grad)
+    excluded = torch.randperm(rows * cols, generator=generator)[: rows * cols // 5].sort().values
+    available = rows * cols - excluded.numel()
+    for n in (1, available // 50, available // 4, available):
+        want = ops.grow_select(whole, None, None, rows, cols, excluded, n, 5, tie_noise, False)
+        got = ops.grow_select(grad, None, None, rows, cols, excluded, n, 5, tie_noise, False, 262144, held)
+        twin = reference.grow_select_reference(
+            grad, None, None, rows, cols, excluded, n, 5, tie_noise, False, held
+        )
+        assert torch.equal(got, want) and torch.equal(twin, want), n
+    none = ops.grow_select(
+        torch.zeros(0, cols),
+        None,
+        None,
+        rows,
+        cols,
+        excluded,
+        7,
+        5,
+        tie_noise,
+        False,
+        262144,
+        torch.zeros(0, dtype=torch.int64),
+    )
+    assert torch.equal(
+        none,
+        ops.grow_select(torch.zeros(rows, cols), None, None, rows, cols, excluded, 7, 5, tie_noise, False),
+    )
+
+
 def test_hashed_uniform_at_and_merge_positions_equal_their_twins() -> None:
     positions = torch.tensor([0, 5, 2**33 + 7, 2**40, 3])
     assert torch.equal(
@@ -106,6 +149,40 @@ def test_hashed_uniform_at_and_merge_positions_equal_their_twins() -> None:
             "cannot select 4 entries from 3",
         ),
         (lambda: ops.grow_select(None, None, None, 2, 2, torch.tensor([0]), 1, 0, 0.0, False), "factors"),
+        (
+            lambda: ops.grow_select(
+                torch.zeros(2, 2),
+                None,
+                None,
+                3,
+                2,
+                torch.tensor([0]),
+                1,
+                0,
+                0.0,
+                False,
+                64,
+                torch.tensor([2, 1]),
+            ),
+            "dense row 1 at 1 is outside",
+        ),
+        (
+            lambda: ops.grow_select(
+                torch.zeros(2, 2),
+                None,
+                None,
+                3,
+                2,
+                torch.tensor([0]),
+                1,
+                0,
+                0.0,
+                False,
+                64,
+                torch.tensor([1]),
+            ),
+            "1 x 2 entries",
+        ),
         (lambda: ops.merge_positions(torch.tensor([1, 2]), torch.tensor([2])), "both kept and grown"),
         (lambda: ops.hashed_uniform_at(-1, torch.tensor([0])), "seed >= 0"),
     ],

@@ -17,8 +17,11 @@ A lookup ``ids [N] -> [N, D]`` returns exactly the rows of the masked dense tabl
 backward writes the looked-up rows' active entries only (a ``[nnz]`` gradient, zero elsewhere). ``dense()`` is a
 differentiable ``[R, D]`` view for computations that read the table whole (graph propagation). Nothing of size
 ``R * D`` is kept between steps; with ``capture_dense_grad`` set (the engine sets it for the step before a
-growth-by-gradient update) the backward also adds the looked-up rows' full output gradients into one dense
-``[R, D]`` ``dense_grad``, the gradient the growth criterion reads, freed at the update.
+growth-by-gradient update) the backward also adds up the looked-up rows' full output gradients, the gradient the
+growth criterion reads, freed at the update. They are held as those rows only (:meth:`gradient_rows`: the rows
+one step looks up, ``[U, D]``, e.g. 23 MB instead of 227 MB for a 221,588 x 256 table and a batch of 8,192 users
+and 16,384 items); every other row of a table's gradient is 0, and the compact growth scan reads them as such. A
+``dense()`` view's backward captures the whole ``[R, D]``.
 
 The table follows the compact-storage interface of :class:`~sparseapps.core.compact.CompactLinear` (``values``,
 ``nnz``, ``weight_shape``, ``row_ptr``, ``positions()``, ``mask()``, ``to_dense_weight()``, ``set_mask()``,
@@ -42,7 +45,7 @@ from sparseapps.core.compact.layer import (
     move_entries,
     resize_to_checkpoint,
 )
-from sparseapps.core.kernels import formats, reference
+from sparseapps.core.kernels import formats
 
 __all__ = ["CompactEmbedding", "column_dtype", "compact_lookup"]
 
@@ -92,7 +95,8 @@ class CompactEmbedding(nn.Module):
         columns = positions.remainder_(self.embedding_dim).to(column_dtype(self.embedding_dim))
         self.register_buffer("col_indices", columns)
         self.capture_dense_grad = False
-        self.dense_grad: torch.Tensor | None = None
+        self._captured: torch.Tensor | None = None  # the captured gradient's rows: [U, D], or [R, D] whole
+        self._captured_rows: torch.Tensor | None = None  # [U] ascending, which rows; None: the whole table
         self._views: dict[str, Any] | None = None
 
     @classmethod
@@ -158,7 +162,7 @@ class CompactEmbedding(nn.Module):
         :meth:`caching_views`: do not modify)."""
 
         def build() -> torch.Tensor:
-            return reference.row_of_entries(self.row_ptr) * self.embedding_dim + self.col_indices.long()
+            return formats.entry_positions(self.row_ptr, self.col_indices, self.embedding_dim)
 
         return self._cached("positions", (self.row_ptr, self.col_indices), build)
 
@@ -232,15 +236,42 @@ class CompactEmbedding(nn.Module):
         return move_entries(self, new, kept, slots, self.num_embeddings, self.embedding_dim)
 
     def gradient_factors(self) -> None:
-        """A table's captured gradient is held as rows ``[R, D]`` (:attr:`dense_grad`), never as factors."""
+        """A table's captured gradient is held as rows (:meth:`gradient_rows`), never as factors."""
         return None
 
+    def gradient_rows(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(rows [U] ascending int64, gradient [U, D])``: the captured gradient's rows that may be nonzero (every
+        other row is 0), or ``(None, [R, D])`` once a :meth:`dense` view captured the whole table; nothing
+        captured (the table was not looked up): no rows."""
+        if self._captured is None:
+            return torch.zeros(0, dtype=torch.int64), self.values.new_zeros(0, self.embedding_dim)
+        return self._captured_rows, self._captured
+
+    @property
+    def dense_grad(self) -> torch.Tensor | None:
+        """The captured gradient as one ``[R, D]`` tensor (built from :meth:`gradient_rows` on each read), or None."""
+        if self._captured is None or self._captured_rows is None:
+            return self._captured
+        dense = self._captured.new_zeros(self.weight_shape)
+        return dense.index_copy_(0, self._captured_rows, self._captured)
+
+    @dense_grad.setter
+    def dense_grad(self, value: torch.Tensor | None) -> None:
+        self._captured, self._captured_rows = value, None
+
     def accumulate_dense_grad(self, ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
-        """Adds one backward pass's output gradients ``grad_rows [N, D]`` of rows ``ids [N]`` to :attr:`dense_grad`
-        (``[R, D]``, allocated at the first call; called by the backward while ``capture_dense_grad`` is set)."""
-        if self.dense_grad is None:
-            self.dense_grad = grad_rows.new_zeros(self.weight_shape)
-        self.dense_grad.index_add_(0, ids, grad_rows)
+        """Adds one backward pass's output gradients ``grad_rows [N, D]`` of rows ``ids [N]`` to the capture (called
+        by the backward while ``capture_dense_grad`` is set): the held rows grow by the new ids; each entry sums
+        its contributions in the order a dense ``[R, D]`` ``index_add_`` would, so the scores are the same bits."""
+        if self._captured is not None and self._captured_rows is None:  # the whole table is held
+            self._captured.index_add_(0, ids, grad_rows)
+            return
+        rows = torch.unique(ids if self._captured_rows is None else torch.cat([self._captured_rows, ids]))
+        held = grad_rows.new_zeros(len(rows), self.embedding_dim)
+        if self._captured is not None:
+            held.index_copy_(0, torch.searchsorted(rows, self._captured_rows), self._captured)
+        held.index_add_(0, torch.searchsorted(rows, ids), grad_rows)
+        self._captured, self._captured_rows = held, rows
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
         """Loads a checkpoint of any topology of this shape (its nnz may differ)."""

@@ -178,8 +178,7 @@ class CompactLinear(nn.Module):
         :meth:`caching_views`: do not modify)."""
 
         def build() -> torch.Tensor:
-            rows = reference.row_of_entries(self.row_ptr)
-            return rows * self.in_features + self.col_indices.long()
+            return formats.entry_positions(self.row_ptr, self.col_indices, self.in_features)
 
         return self._cached("positions", (self.row_ptr, self.col_indices), build)
 
@@ -436,7 +435,7 @@ class _CompactLinearFunction(torch.autograd.Function):
             if (
                 dense_grad is not None and dense_grad.dtype == values.dtype
             ):  # the active entries of it: no SDDMM
-                positions = reference.row_of_entries(row_ptr) * ctx.in_features + col_indices.long()
+                positions = formats.entry_positions(row_ptr, col_indices, ctx.in_features)
                 grad_values = dense_grad.reshape(-1)[positions]
             else:
                 grad_values = _csr_sddmm(x, dy, row_ptr, col_indices)

@@ -109,6 +109,8 @@ def update(engine: DynamicSparsity, fraction: float) -> rules.UpdateRecord:
         kept, grown = _constant_fan_in(engine, fraction, drop_criterion, grow_criterion)
     else:
         kept, grown = _unstructured(engine, fraction, drop_criterion, grow_criterion)
+    for t in engine.tensors.values():  # the captured gradients are spent: freed before the re-pack allocates
+        t.module.dense_grad = None
     return _write(engine, fraction, kept, grown, old_nnz)
 
 
@@ -240,17 +242,21 @@ def _unstructured(
         random = grow_criterion.fused == "random"
         noise = 0.0 if random or not grow_criterion.tie_noise else config.tie_noise
         seed = scoring.draw_seed(engine.generator) if random or noise > 0 else 0
-        dense = dy = x = None
-        if not random:
+        dense = dy = x = dense_rows = None
+        if not random and isinstance(module, CompactEmbedding):  # the looked-up rows; the others' gradient is 0
+            dense_rows, dense = module.gradient_rows()
+            dense = dense.float()
+        elif not random:
             dense, factors = _gradient_rows(module)
             dy, x = factors if factors is not None else (None, None)
         excluded = module.positions().index_select(0, kept[fqn])
         rows, cols = module.weight_shape
         args = (dense, dy, x, rows, cols, excluded, count, seed, noise, random)
         if excluded.device.type == "cpu" and library.ensure_loaded().compiled:
-            grown[fqn] = torch.ops.sparseapps.grow_select(*args, tuning.grow_block_entries())
+            grown[fqn] = torch.ops.sparseapps.grow_select(*args, tuning.grow_block_entries(), dense_rows)
         else:
-            grown[fqn] = reference.grow_select_reference(*args)
+            grown[fqn] = reference.grow_select_reference(*args, dense_rows)
+        del dense, excluded
     return kept, grown
 
 
@@ -301,8 +307,11 @@ def _write(
 def check_captured(engine: DynamicSparsity, step: int) -> None:
     """Raises ``ValueError`` naming the layer if a captured gradient (or its factors) holds NaN or Inf."""
     for fqn, t in engine.tensors.items():
-        factors = t.module.gradient_factors()
-        for part in factors if factors is not None else (t.module.dense_grad,):
+        module = t.module
+        factors = module.gradient_factors()
+        if isinstance(module, CompactEmbedding):
+            factors = (module.gradient_rows()[1],)
+        for part in factors if factors is not None else (module.dense_grad,):
             if part is not None:
                 storage.check_captured_finite(fqn, part, step)
 

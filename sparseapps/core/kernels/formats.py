@@ -155,6 +155,23 @@ def row_pointers(positions: torch.Tensor, rows: int, columns: int) -> torch.Tens
     return torch.searchsorted(positions, starts)
 
 
+def entry_positions(row_ptr: torch.Tensor, col_indices: torch.Tensor, columns: int) -> torch.Tensor:
+    """``[nnz]`` int64 row-major positions ``row * columns + column`` of a CSR structure's entries (the inverse of
+    :func:`row_pointers`), built in one int64 tensor: ``row * columns`` and ``col_indices.long()`` as separate
+    tensors would hold three ``nnz``-sized int64 arrays at once (270 MB for a DSL table's 11.3M entries).
+
+    Example:
+        >>> entry_positions(torch.tensor([0, 1, 1, 3]), torch.tensor([1, 0, 1], dtype=torch.uint8), 2).tolist()
+        [1, 4, 5]
+    """
+    rows = torch.repeat_interleave(
+        torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
+        row_ptr.diff(),
+        output_size=col_indices.numel(),
+    )
+    return rows.mul_(columns).add_(col_indices)
+
+
 def csr_arrays(
     weight: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, index_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -268,11 +268,13 @@ def grow_select_reference(
     seed: int,
     tie_noise: float,
     random: bool,
+    dense_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[n]`` int64 ascending: the ``n`` best positions of a ``[rows, cols]`` layer outside ``excluded`` (the
     compiled ``grow_select``'s twin). Scores: ``u(seed, i)`` if ``random``, else ``|g| + u(seed, i) * factor`` with
     ``g = dense`` or ``dy^T x`` and ``factor = max|g| * tie_noise`` (1 for an all-zero ``g``; no noise if
-    ``tie_noise == 0``); best = higher score, ties to the lower position.
+    ``tie_noise == 0``); best = higher score, ties to the lower position. With ``dense_rows`` (ascending int64),
+    ``dense`` holds only those rows of ``g`` (``[len(dense_rows), cols]``) and every other row is 0.
 
     Example:
         >>> grow_select_reference(torch.tensor([[3.0, -5.0], [0.0, 4.0]]), None, None, 2, 2, torch.tensor([1]), 2,
@@ -283,6 +285,8 @@ def grow_select_reference(
         scores = hashed_uniform_reference(seed, rows * cols, excluded.device)
     else:
         g = dense if dense is not None else dy.mT.mm(x)  # type: ignore[union-attr]
+        if dense_rows is not None:
+            g = g.new_zeros(rows, cols).index_copy_(0, dense_rows, g.reshape(-1, cols))
         scores = g.reshape(-1).float().abs()
         if tie_noise > 0:
             magnitude = scores.max() if scores.numel() else torch.zeros(())

@@ -3,7 +3,8 @@
 // - hashed_uniform_at: the tie noise / random scores of chosen positions only (the active entries' drop scores);
 // - grow_select: the n best growth candidates of a layer, scored |g| + tie noise (or a uniform draw), where the
 //   dense gradient g = dy^T x is formed a block of rows at a time from the captured factors (or read from a dense
-//   gradient) and never held whole; the active entries are skipped by walking their sorted positions;
+//   gradient, whole or as its nonzero rows only: an embedding table's looked-up rows) and never held whole; the
+//   active entries are skipped by walking their sorted positions;
 // - merge_positions: the new entry list from the kept and the grown positions;
 // - sorted_index: where each of some ascending positions sits in an ascending list (-1 where absent).
 //
@@ -44,23 +45,49 @@ at::Tensor hashed_uniform_at(int64_t seed, const at::Tensor& positions) {
 
 // Where the growth scores come from.
 struct GrowSource {
-  const float* dense = nullptr;  // [rows, cols] row-major, or
-  at::Tensor dy, x;              // dy [B, rows], x [B, cols]: g = dy^T x
-  bool random = false;           // scores are u(seed, i) alone
+  const float* dense = nullptr;        // [rows, cols] row-major, or [n_dense_rows, cols] with dense_rows, or
+  bool rows_only = false;              // `dense` holds the ascending rows dense_rows only; every other row of g is 0
+  const int64_t* dense_rows = nullptr;
+  int64_t n_dense_rows = 0;
+  at::Tensor dy, x;                    // dy [B, rows], x [B, cols]: g = dy^T x
+  bool random = false;                 // scores are u(seed, i) alone
   int64_t cols = 0;
-  float exact_factor = -1.0f;    // >= 0: a dense gradient's scores are formed whole, |g| + u * factor
+  float exact_factor = -1.0f;          // >= 0: a dense gradient's scores are formed whole, |g| + u * factor
+
+  // Row r of a dense gradient, or nullptr where it is a row of zeros left out of `dense`.
+  const float* dense_row(int64_t r) const {
+    if (!rows_only) return dense + r * cols;
+    const int64_t* end = dense_rows + n_dense_rows;
+    const int64_t* it = std::lower_bound(dense_rows, end, r);
+    return (it != end && *it == r) ? dense + (it - dense_rows) * cols : nullptr;
+  }
 
   // Rows [r0, r1) of g (or nothing for random scores): a pointer to row-major [r1 - r0, cols] values.
   const float* block(int64_t r0, int64_t r1, at::Tensor& holder) const {
     if (random) return nullptr;
-    if (dense != nullptr) return dense + r0 * cols;
+    if (dense != nullptr && !rows_only) return dense + r0 * cols;
+    if (dense != nullptr) {  // the block's rows of zeros filled in (a block is ~L2-sized)
+      holder = at::zeros({r1 - r0, cols}, at::kFloat);
+      float* h = holder.data_ptr<float>();
+      const int64_t* end = dense_rows + n_dense_rows;
+      for (const int64_t* it = std::lower_bound(dense_rows, end, r0); it != end && *it < r1; ++it) {
+        std::copy_n(dense + (it - dense_rows) * cols, cols, h + (*it - r0) * cols);
+      }
+      return h;
+    }
     holder = at::mm(dy.narrow(1, r0, r1 - r0).t(), x);
     return holder.data_ptr<float>();
   }
 
+  // g at one position of a dense gradient.
+  float dense_value(int64_t i) const {
+    const float* row = dense_row(i / cols);
+    return row == nullptr ? 0.0f : row[i % cols];
+  }
+
   // |g| at one position (the threshold's sample; any rounding will do there).
   float sample(int64_t i) const {
-    if (dense != nullptr) return std::fabs(dense[i]);
+    if (dense != nullptr) return std::fabs(dense_value(i));
     const int64_t r = i / cols, c = i % cols;
     const int64_t batch = dy.size(0), rows = dy.size(1);
     const float* d = dy.data_ptr<float>();
@@ -202,7 +229,8 @@ __attribute__((optimize("fp-contract=off"))) float noise_bound(float threshold, 
 
 at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::optional<at::Tensor>& dy,
                        const c10::optional<at::Tensor>& x, int64_t rows, int64_t cols, const at::Tensor& excluded,
-                       int64_t n, int64_t seed, double tie_noise, bool random, int64_t block_entries) {
+                       int64_t n, int64_t seed, double tie_noise, bool random, int64_t block_entries,
+                       const c10::optional<at::Tensor>& dense_rows) {
   const char* op = "sparseapps::grow_select";
   TORCH_CHECK(block_entries >= 1, op, ": expected block_entries >= 1, got ", block_entries);
   TORCH_CHECK(rows >= 0 && cols >= 0, op, ": expected a non-negative shape, got [", rows, ", ", cols, "]");
@@ -212,14 +240,30 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
   GrowSource source;
   source.cols = cols;
   source.random = random;
-  at::Tensor dense_c;
+  at::Tensor dense_c, rows_c;
   if (!random) {
     if (dense.has_value()) {
+      int64_t held_rows = rows;
+      if (dense_rows.has_value()) {
+        rows_c = dense_rows->contiguous();
+        TORCH_CHECK(rows_c.device().is_cpu() && rows_c.scalar_type() == at::kLong && rows_c.dim() == 1, op,
+                    ": expected 1-D int64 CPU dense_rows, got ", rows_c.scalar_type(), " ", rows_c.sizes());
+        source.rows_only = true;
+        source.dense_rows = rows_c.data_ptr<int64_t>();
+        source.n_dense_rows = held_rows = rows_c.numel();
+        for (int64_t k = 0; k < held_rows; ++k) {
+          const int64_t r = source.dense_rows[k];
+          TORCH_CHECK(0 <= r && r < rows && (k == 0 || source.dense_rows[k - 1] < r), op, ": dense row ", r,
+                      " at ", k, " is outside [0, ", rows, ") or not ascending");
+        }
+      }
       dense_c = dense->contiguous();
-      TORCH_CHECK(dense_c.device().is_cpu() && dense_c.scalar_type() == at::kFloat && dense_c.numel() == rows * cols,
-                  op, ": expected a float32 CPU dense gradient of ", rows, " x ", cols, " entries, got ",
+      TORCH_CHECK(dense_c.device().is_cpu() && dense_c.scalar_type() == at::kFloat &&
+                      dense_c.numel() == held_rows * cols,
+                  op, ": expected a float32 CPU dense gradient of ", held_rows, " x ", cols, " entries, got ",
                   dense_c.scalar_type(), " ", dense_c.sizes());
-      source.dense = dense_c.data_ptr<float>();
+      static const float kNoRows = 0.0f;  // an empty tensor's data pointer is null, which means "no dense"
+      source.dense = dense_c.numel() > 0 ? dense_c.data_ptr<float>() : &kNoRows;
     } else {
       TORCH_CHECK(dy.has_value() && x.has_value(), op, ": expected a dense gradient or its factors dy and x");
       source.dy = dy->contiguous();
@@ -249,8 +293,9 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
   // the exact scores: with many equal gradients (an embedding table's rows not looked up are all 0) a threshold on
   // |g| alone would let every tie through.
   if (source.dense != nullptr && tie_noise > 0) {
-    float m = 0.0f;
-    for (int64_t i = 0; i < size; ++i) m = std::max(m, std::fabs(source.dense[i]));
+    float m = 0.0f;  // the rows left out are 0
+    const int64_t held = source.rows_only ? source.n_dense_rows * cols : size;
+    for (int64_t i = 0; i < held; ++i) m = std::max(m, std::fabs(source.dense[i]));
     source.exact_factor = (m == 0.0f ? 1.0f : m) * static_cast<float>(tie_noise);
   } else if (source.dense != nullptr) {
     source.exact_factor = 0.0f;
@@ -268,7 +313,8 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
                                                                      static_cast<uint32_t>(stride)));
       if (std::binary_search(ep, ep + n_excluded, i)) continue;
       float value = 0.0f;
-      if (exact) exact_scores(random ? nullptr : source.dense + i, i, 1, key, source.exact_factor, &value);
+      const float g = exact && !random ? source.dense_value(i) : 0.0f;
+      if (exact) exact_scores(random ? nullptr : &g, i, 1, key, source.exact_factor, &value);
       sample.push_back(exact ? value : source.sample(i));
     }
     for (const double factor : {1.3, 8.0}) {
@@ -385,7 +431,7 @@ TORCH_LIBRARY_FRAGMENT(sparseapps, m) {
   m.def("hashed_uniform_at(int seed, Tensor positions) -> Tensor", &sparseapps::hashed_uniform_at);
   m.def(
       "grow_select(Tensor? dense, Tensor? dy, Tensor? x, int rows, int cols, Tensor excluded, int n, int seed, "
-      "float tie_noise, bool random, int block_entries=262144) -> Tensor",
+      "float tie_noise, bool random, int block_entries=262144, Tensor? dense_rows=None) -> Tensor",
       &sparseapps::grow_select);
   m.def("merge_positions(Tensor kept, Tensor grown) -> Tensor[]", &sparseapps::merge_positions);
   m.def("sorted_index(Tensor haystack, Tensor needles) -> Tensor", &sparseapps::sorted_index);

@@ -11,7 +11,8 @@ phase adds to the process's RSS, so the fixed costs every mode pays can be told 
 4. ``sampler``: the BPR sampler's first batch (the user -> items lists it searches and the epoch's permutation);
 5. ``steps``: ``--steps`` training steps, topology updates included.
 
-Each phase prints the RSS after it and the peak (``VmHWM``, reset at the start of the phase) within it; the peak
+Each phase prints the RSS after it (and its two parts: anonymous memory, and pages of mapped files such as torch's
+libraries) and the peak (``VmHWM``, reset at the start of the phase) within it; the peak
 while training is the largest of the last three, as ``bench_recsys.py`` reports it. Run one mode per process (the
 memory is the process's). glibc's allocator keeps freed chunks below its mmap threshold in
 the heap; ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment fixes the threshold, which shows how much of a
@@ -82,8 +83,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     phases: list[dict[str, Any]] = []
 
     def phase(name: str) -> None:
-        phases.append({"phase": name, "rss_mb": _memory_mb("VmRSS"), "peak_mb": _memory_mb("VmHWM")})
-        print(f"{name:<10} RSS {phases[-1]['rss_mb']:8,.0f} MB, peak within {phases[-1]['peak_mb']:8,.0f} MB")
+        row = {"phase": name, "rss_mb": _memory_mb("VmRSS"), "peak_mb": _memory_mb("VmHWM")}
+        row |= {"anon_mb": _memory_mb("RssAnon"), "file_mb": _memory_mb("RssFile")}
+        phases.append(row)
+        print(
+            f"{name:<10} RSS {row['rss_mb']:8,.0f} MB (anonymous {row['anon_mb']:6,.0f}, files "
+            f"{row['file_mb']:5,.0f}), peak within {row['peak_mb']:8,.0f} MB"
+        )
         _reset_peak_memory()
 
     phase("imported")

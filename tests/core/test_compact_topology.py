@@ -131,6 +131,11 @@ def test_hashed_uniform_at_and_merge_positions_equal_their_twins() -> None:
     assert merged.tolist() == [0, 1, 4, 5, 9, 10, 11] and slots.tolist() == [1, 2, 4]
 
 
+def _select_from_rows(dense: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``grow_select`` of one entry of a 3 x 2 layer from the gradient's rows ``rows`` only."""
+    return ops.grow_select(dense, None, None, 3, 2, torch.tensor([0]), 1, 0, 0.0, False, 64, rows)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -149,40 +154,8 @@ def test_hashed_uniform_at_and_merge_positions_equal_their_twins() -> None:
             "cannot select 4 entries from 3",
         ),
         (lambda: ops.grow_select(None, None, None, 2, 2, torch.tensor([0]), 1, 0, 0.0, False), "factors"),
-        (
-            lambda: ops.grow_select(
-                torch.zeros(2, 2),
-                None,
-                None,
-                3,
-                2,
-                torch.tensor([0]),
-                1,
-                0,
-                0.0,
-                False,
-                64,
-                torch.tensor([2, 1]),
-            ),
-            "dense row 1 at 1 is outside",
-        ),
-        (
-            lambda: ops.grow_select(
-                torch.zeros(2, 2),
-                None,
-                None,
-                3,
-                2,
-                torch.tensor([0]),
-                1,
-                0,
-                0.0,
-                False,
-                64,
-                torch.tensor([1]),
-            ),
-            "1 x 2 entries",
-        ),
+        (lambda: _select_from_rows(torch.zeros(2, 2), torch.tensor([2, 1])), "dense row 1 at 1 is outside"),
+        (lambda: _select_from_rows(torch.zeros(2, 2), torch.tensor([1])), "1 x 2 entries"),
         (lambda: ops.merge_positions(torch.tensor([1, 2]), torch.tensor([2])), "both kept and grown"),
         (lambda: ops.hashed_uniform_at(-1, torch.tensor([0])), "seed >= 0"),
     ],

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.options import parse_config
 from sparseapps.core.plotting import pyplot, save_figure
 from sparseapps.core.stats import confidence_half_width, standard_error
-from sparseapps.rl.cells import cells_on_disk, run_or_read
+from sparseapps.rl.cells import run_or_read, write_summary
 from sparseapps.rl.plasticity_suite import (
     ENVS,
     METHODS,
@@ -294,17 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.summarize:
         print(f"{len(planned_cells(args))} cells into {out}", flush=True)
         run(args)
-    results = cells_on_disk(out)
-    if not results:
-        raise SystemExit(f"no cell results under {out}")
-    summary = summarize(results)
-    write_json(out / "summary.json", summary)
-    text = markdown(summary)
-    write_atomic(out / "summary.md", text.encode())
-    plot(results, out / "summary.png")
-    print(text)
-    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {out / 'summary.png'}")
-    return summary
+    return write_summary(out, summarize, markdown, plot)
 
 
 if __name__ == "__main__":

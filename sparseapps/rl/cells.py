@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparseapps.core.io import write_json
+from sparseapps.core.io import write_atomic, write_json
 
-__all__ = ["cells_on_disk", "read_cell", "run_or_read"]
+__all__ = ["cells_on_disk", "read_cell", "run_or_read", "write_summary"]
 
 
 def read_cell(path: Path, expected_settings: dict[str, Any]) -> dict[str, Any]:
@@ -66,3 +66,28 @@ def run_or_read(
 def cells_on_disk(out: Path) -> list[dict[str, Any]]:
     """Every cell result under ``out`` (``<out>/*/*/seed*.json``), in path order."""
     return [json.loads(path.read_text()) for path in sorted(out.glob("*/*/seed*.json"))]
+
+
+def write_summary(
+    out: Path,
+    summarize: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[list[dict[str, Any]], Path], None],
+) -> dict[str, Any]:
+    """Summarizes every cell under ``out`` into ``summary.json``, ``summary.md`` (printed) and ``summary.png``;
+    returns the summary.
+
+    Raises:
+        SystemExit: ``out`` holds no cell result.
+    """
+    results = cells_on_disk(out)
+    if not results:
+        raise SystemExit(f"no cell results under {out}")
+    summary = summarize(results)
+    write_json(out / "summary.json", summary)
+    text = markdown(summary)
+    write_atomic(out / "summary.md", text.encode())
+    plot(results, out / "summary.png")
+    print(text)
+    print(f"wrote {out / 'summary.json'}, {out / 'summary.md'} and {out / 'summary.png'}")
+    return summary

@@ -19,6 +19,7 @@ from torch import nn
 
 from sparseapps.core import SparsityConfig
 from sparseapps.rl.callback import DynamicSparsityCallback
+from sparseapps.rl.cells import cells_on_disk
 from sparseapps.rl.diagnostics import dormant_mask
 from sparseapps.rl.drift import INFO_PHASE, DriftSchedule
 from sparseapps.rl.plasticity import (
@@ -331,7 +332,7 @@ def test_quick_script_runs_resumes_and_summarizes(
     files = [f"cartpole-length/{m}/seed{s}.json" for m in ("rigl-dormant", "static") for s in (0, 1)]
     comparison = "cartpole-length: rigl-dormant vs static (mean_final_return)"
     assert_runs_resumes_and_summarizes(bench, argv, tmp_path, files, comparison, monkeypatch)
-    diagnostics = bench.summarize(bench.cells_on_disk(tmp_path))["diagnostics"]["cartpole-length"]
+    diagnostics = bench.summarize(cells_on_disk(tmp_path))["diagnostics"]["cartpole-length"]
     assert set(diagnostics) == {"static", "rigl-dormant"} and diagnostics["static"]["seeds"] == 2
     assert diagnostics["static"]["topology_updates"] == 0 < diagnostics["rigl-dormant"]["topology_updates"]
     assert all(0 < diagnostics[m][f"srank_{w}"] <= 1 for m in diagnostics for w in ("first", "last"))

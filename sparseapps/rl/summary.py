@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import statistics
 import warnings
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 
 from sparseapps.core.io import CorruptFileError
 from sparseapps.core.plotting import pyplot, save_figure
+from sparseapps.core.stats import confidence_half_width
 from sparseapps.rl.checkpoints import OtherRunError, differences, read_result, remove_run
 from sparseapps.rl.presets import RL_PRESETS
 from sparseapps.rl.run_config import METHODS, RECYCLERS, RLRun
@@ -51,23 +51,14 @@ SHARED_FIELDS = (
 _LABELS = (*METHODS, *RL_PRESETS, *(f"dense-{r}" for r in RECYCLERS if r != "none"))  # run folders' names
 SUMMARY_OUTPUTS = ("results.json", "curves.png", *_LABELS)
 
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
-_T95 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
-
 
 def mean_confidence_interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval (Student's t; 0 for one value)."""
+    """Mean and the half-width of its 95% confidence interval (Student's t, ``core.stats``; 0 for one value)."""
     if not values:
         raise ValueError("expected at least one value, got none")
-    mean = statistics.fmean(values)
     if len(values) == 1:
-        return mean, 0.0
-    quantile = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
-    return mean, quantile * statistics.stdev(values) / math.sqrt(len(values))
+        return statistics.fmean(values), 0.0
+    return statistics.fmean(values), confidence_half_width(values)
 
 
 def shared_settings(run: RLRun) -> dict[str, Any]:

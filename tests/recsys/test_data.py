@@ -667,6 +667,21 @@ def test_user_item_lists_hand_case() -> None:
         lists.union(UserItemLists.from_pairs(np.array([[0, 0]]), n_users=3, n_items=5))
 
 
+def test_user_item_lists_are_the_same_from_sorted_and_shuffled_pairs() -> None:
+    """Sorted pairs skip the sort (a split's parts); any other order is sorted: the lists are the same."""
+    rng = np.random.default_rng(4)
+    pairs = np.unique(np.stack([rng.integers(0, 40, 500), rng.integers(0, 60, 500)], axis=1), axis=0)
+    from_sorted = UserItemLists.from_pairs(pairs, n_users=41, n_items=60)
+    from_shuffled = UserItemLists.from_pairs(pairs[rng.permutation(len(pairs))], n_users=41, n_items=60)
+    assert np.array_equal(from_sorted.indptr, from_shuffled.indptr)
+    assert (
+        np.array_equal(from_sorted.indices, from_shuffled.indices) and from_sorted.indices.dtype == np.int32
+    )
+    assert [from_sorted.items_of(u).tolist() for u in (0, 7)] == [
+        sorted(pairs[pairs[:, 0] == u, 1].tolist()) for u in (0, 7)
+    ]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_contains_matches_a_set(seed: int) -> None:
     rng = np.random.default_rng(seed)

@@ -116,12 +116,16 @@ class UserItemLists:
 
     @classmethod
     def from_pairs(cls, pairs: np.ndarray, *, n_users: int, n_items: int) -> UserItemLists:
-        """From ``[N, 2]`` (user, item) pairs, in any order."""
+        """From ``[N, 2]`` (user, item) pairs, in any order. Pairs already sorted by user, then item (a split's
+        parts are) are taken as they are: no ``[N]`` sort order and gathered copy (at 20M pairs, ~300 MB less at
+        the peak of building the lists)."""
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        order = _pair_order(pairs[:, 0], pairs[:, 1], n_items)
+        keys = pairs[:, 0] * n_items + pairs[:, 1]
+        items = pairs[:, 1] if bool((keys[1:] >= keys[:-1]).all()) else pairs[np.argsort(keys), 1]
+        del keys
         indptr = np.zeros(n_users + 1, dtype=np.int64)
         np.cumsum(np.bincount(pairs[:, 0], minlength=n_users), out=indptr[1:])
-        return cls(indptr, pairs[order, 1].astype(index_dtype(n_items)), n_items)
+        return cls(indptr, items.astype(index_dtype(n_items)), n_items)
 
     @property
     def n_users(self) -> int:

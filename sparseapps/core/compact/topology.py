@@ -8,8 +8,9 @@ and random growth). Per tensor, in the engine's order of random draws (every dro
 1. drop: the criterion's scores of the ``nnz`` active entries with the dense path's tie noise at their positions;
    the ``n_drop`` lowest go (``select_top`` over ``nnz`` entries);
 2. grow: the compiled ``grow_select`` scans the inactive positions (the kept ones skipped by their sorted list),
-   scoring ``|g| + noise`` with ``g = dy^T x`` formed a block of rows at a time from the captured factors (or a
-   uniform draw), and returns the ``n_grow`` best positions;
+   scoring ``|g| + noise`` with ``g = dy^T x`` formed a block of rows at a time from the captured factors (an
+   embedding table's ``g``: the rows its capture step looked up, zeros elsewhere; or a uniform draw), and returns
+   the ``n_grow`` best positions;
 3. write: ``set_positions`` merges kept and grown positions and re-packs values and optimizer state (an entry
    dropped and grown again in the same update is kept, with its value and state, as in the dense path).
 
@@ -146,7 +147,7 @@ def _constant_fan_in(
     return kept, grown
 
 
-def _gradient_rows(
+def _captured_gradient(
     module: CompactLinear,
 ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """The captured step's gradient: dense ``[out, in]`` float32 or its float32 factors ``(dy [B, out], x [B, in])``
@@ -169,7 +170,7 @@ def _refill_rows(
     """Ascending flat positions: per row ``r``, the ``counts[r]`` best ``|g| + noise`` outside ``retained``
     (ties to the lower position), with the dense path's noise (one seed drawn, ``max|g| * tie_noise`` wide)."""
     rows, cols = module.weight_shape
-    dense, factors = _gradient_rows(module)
+    dense, factors = _captured_gradient(module)
 
     def block(start: int, end: int) -> torch.Tensor:
         if dense is not None:
@@ -243,11 +244,12 @@ def _unstructured(
         noise = 0.0 if random or not grow_criterion.tie_noise else config.tie_noise
         seed = scoring.draw_seed(engine.generator) if random or noise > 0 else 0
         dense = dy = x = dense_rows = None
-        if not random and isinstance(module, CompactEmbedding):  # the looked-up rows; the others' gradient is 0
+        # a table's capture holds the rows it looked up (every other row's gradient is 0)
+        if not random and isinstance(module, CompactEmbedding):
             dense_rows, dense = module.gradient_rows()
             dense = dense.float()
         elif not random:
-            dense, factors = _gradient_rows(module)
+            dense, factors = _captured_gradient(module)
             dy, x = factors if factors is not None else (None, None)
         excluded = module.positions().index_select(0, kept[fqn])
         rows, cols = module.weight_shape

@@ -156,6 +156,7 @@ class CompactEmbedding(nn.Module):
     # The dense views are cached within ``caching_views()`` exactly as CompactLinear's (the same two methods).
     caching_views = CompactLinear.caching_views
     _cached = CompactLinear._cached
+    _forget_views = CompactLinear._forget_views
 
     def positions(self) -> torch.Tensor:
         """``[nnz]`` int64 row-major positions ``row * D + column`` of the entries, ascending (shared within
@@ -233,6 +234,7 @@ class CompactEmbedding(nn.Module):
         tensor is built."""
         numel = self.num_embeddings * self.embedding_dim
         new, slots = merged_positions(self.positions(), kept, grown, numel)
+        self._forget_views()
         return move_entries(self, new, kept, slots, self.num_embeddings, self.embedding_dim)
 
     def gradient_factors(self) -> None:

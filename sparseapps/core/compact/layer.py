@@ -173,6 +173,12 @@ class CompactLinear(nn.Module):
             self._views[name] = cached
         return cached[2]
 
+    def _forget_views(self) -> None:
+        """Drops the views cached for the topology that is being replaced (a re-pack allocates the new one's
+        arrays while these would otherwise live until the end of :meth:`caching_views`)."""
+        if self._views is not None:
+            self._views.clear()
+
     def positions(self) -> torch.Tensor:
         """``[nnz]`` int64 row-major positions ``row * in + column`` of the entries, ascending (shared within
         :meth:`caching_views`: do not modify)."""
@@ -243,6 +249,7 @@ class CompactLinear(nn.Module):
         The topology update of compact storage: no ``[out, in]`` tensor is built.
         """
         new, slots = merged_positions(self.positions(), kept, grown, self.out_features * self.in_features)
+        self._forget_views()
         return self._move_to(new, kept, slots)
 
     def _move_to(self, new: torch.Tensor, old_index: torch.Tensor, new_index: torch.Tensor) -> Repack:

@@ -271,18 +271,8 @@ def _write(
 ) -> rules.UpdateRecord:
     """Writes kept and grown entries to the layers and the optimizer state (step 3); returns the record."""
     config = engine.config
-    # An entry dropped and grown again in the same update stays, with its value and state (as in the dense path).
     for fqn, t in engine.tensors.items():
-        positions = t.module.positions()
-        if positions.device.type == "cpu" and library.ensure_loaded().compiled:
-            slot = torch.ops.sparseapps.sorted_index(positions, grown[fqn])
-        else:
-            slot = reference.sorted_index_reference(positions, grown[fqn])
-        again = slot >= 0
-        if bool(again.any()):
-            back = slot[again]
-            kept[fqn] = _merge(kept[fqn], back)
-            grown[fqn] = grown[fqn][~again]
+        kept[fqn], grown[fqn] = _keep_regrown(t.module, kept[fqn], grown[fqn])
     if engine.commit_hooks:  # the hooks read masks (continual ownership, RL targets, distributed checks)
         masks = {fqn: _mask(t.module, kept[fqn], grown[fqn]) for fqn, t in engine.tensors.items()}
         for hook in engine.commit_hooks:
@@ -304,6 +294,22 @@ def _write(
         for fqn, t in engine.tensors.items()
     }
     return rules.UpdateRecord(engine.step, fraction, tensors)
+
+
+def _keep_regrown(
+    module: CompactLinear | CompactEmbedding, kept: torch.Tensor, grown: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, grown)`` with the grown positions that are active now moved to the kept entries: an entry dropped
+    and grown again in the same update stays, with its value and state (as in the dense path)."""
+    positions = module.positions()
+    if positions.device.type == "cpu" and library.ensure_loaded().compiled:
+        slot = torch.ops.sparseapps.sorted_index(positions, grown)
+    else:
+        slot = reference.sorted_index_reference(positions, grown)
+    again = slot >= 0
+    if not bool(again.any()):
+        return kept, grown
+    return _merge(kept, slot[again]), grown[~again]
 
 
 def check_captured(engine: DynamicSparsity, step: int) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 from sparseapps.core.options import parse_config
 from sparseapps.core.plotting import pyplot, save_figure
 from sparseapps.core.stats import confidence_half_width, standard_error
-from sparseapps.rl.cells import run_or_read, write_summary
+from sparseapps.rl.cells import export_cells, run_or_read, write_summary
 from sparseapps.rl.minatar import (
     BUDGET,
     GAMES,
@@ -78,6 +78,13 @@ class Args:
         default=False, metadata={"help": "train nothing: summarize the cells under --out"}
     )
     threads: int = field(default=1, metadata={"help": "torch threads per cell"})
+    export: str | None = field(
+        default=None,
+        metadata={
+            "help": "train nothing: copy the cells under --out to this folder without their per-episode training "
+            "logs (the repository's copy, docs/minatar_results/cells)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name, chosen, known in (("games", self.games, tuple(GAMES)), ("methods", self.methods, METHODS)):
@@ -284,6 +291,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.export is not None:
+        count = export_cells(out, Path(args.export), drop=("episodes",))
+        print(f"copied {count} cells from {out} to {args.export} (without 'episodes')")
+        return {"exported": count}
     if not args.summarize:
         cells = planned_cells(args)
         hours = estimate_core_hours(len(cells), args.budget)

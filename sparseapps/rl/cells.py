@@ -26,7 +26,7 @@ from typing import Any
 
 from sparseapps.core.io import write_atomic, write_json
 
-__all__ = ["cells_on_disk", "read_cell", "run_or_read", "write_summary"]
+__all__ = ["cells_on_disk", "export_cells", "read_cell", "run_or_read", "write_summary"]
 
 
 def read_cell(path: Path, expected_settings: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +66,27 @@ def run_or_read(
 def cells_on_disk(out: Path) -> list[dict[str, Any]]:
     """Every cell result under ``out`` (``<out>/*/*/seed*.json``), in path order."""
     return [json.loads(path.read_text()) for path in sorted(out.glob("*/*/seed*.json"))]
+
+
+def export_cells(out: Path, destination: Path, drop: tuple[str, ...] = ()) -> int:
+    """Copies every cell under ``out`` to the same place under ``destination`` without the keys ``drop`` (e.g. a
+    suite's per-episode training logs, to keep a repository's copy small); returns how many. The copies keep their
+    settings, so a suite pointed at them resumes after them.
+
+    Example:
+        >>> import tempfile
+        >>> out, kept = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+        >>> _ = run_or_read(out / "g" / "m" / "seed1.json", {}, lambda: {"settings": {}, "log": [1, 2], "r": 3})
+        >>> export_cells(out, kept, drop=("log",)), cells_on_disk(kept)
+        (1, [{'settings': {}, 'r': 3}])
+    """
+    paths = sorted(out.glob("*/*/seed*.json"))
+    for path in paths:
+        cell = {key: value for key, value in json.loads(path.read_text()).items() if key not in drop}
+        target = destination / path.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_json(target, cell)
+    return len(paths)
 
 
 def write_summary(

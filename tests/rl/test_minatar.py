@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sparseapps.rl.callback import DynamicSparsityCallback
+from sparseapps.rl.cells import cells_on_disk
 from sparseapps.rl.minatar import (
     GAMES,
     MinAtarCNN,
@@ -211,6 +212,16 @@ def test_quick_script_runs_resumes_and_summarizes(
     files = [f"breakout/{m}-90/seed{s}.json" for m in ("rigl", "static") for s in (0, 1)]
     comparison = "breakout: breakout/rigl-90 vs breakout/static-90 (final_return)"
     assert_runs_resumes_and_summarizes(bench, argv, tmp_path, files, comparison, monkeypatch)
+    kept = tmp_path / "kept"
+    assert bench.main(["--out", str(tmp_path), "--export", str(kept)]) == {"exported": 4}
+    copies = cells_on_disk(kept)
+    assert len(copies) == 4 and not any("episodes" in cell for cell in copies)
+    originals = cells_on_disk(tmp_path)
+    assert [{k: v for k, v in c.items() if k != "episodes"} for c in originals] == copies
+    # a suite pointed at the copies reads them back (run_cell still refuses to train) and summarizes them
+    summary = bench.main([*argv[:2], str(kept), *argv[3:]])
+    assert summary["n_cells"] == 4
+    assert {row["comparison"]: row["seeds"] for row in summary["comparisons"]}[comparison] == [0, 1]
 
 
 def test_cell_selection(bench: ModuleType) -> None:

@@ -41,11 +41,6 @@ def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[new], codes
 
 
-def _pair_order(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
-    """Positions that sort contiguous-id pairs by user, then item."""
-    return np.argsort(users * n_items + items)
-
-
 @dataclass(frozen=True, eq=False)
 class Interactions:
     """Raw interaction rows with original ids, before re-indexing.

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sparseapps.core.validation import check_bool, check_choice, check_int, check_number
-from sparseapps.recsys.data.interactions import Interactions, _factorize, _pair_order, _sorted_unique
+from sparseapps.recsys.data.interactions import Interactions, _factorize, _sorted_unique
 from sparseapps.recsys.data.sources import DATASET_NAMES, _check_dataset_name, load_interactions
 
 SplitMethod = Literal["random", "leave_one_out", "temporal"]
@@ -365,14 +365,16 @@ def split_interactions(
     user_ids, users = _factorize(rows.users)
     item_ids, items = _factorize(rows.items)
     n_users, n_items, n = len(user_ids), len(item_ids), len(rows)
-    keys = np.sort(users * n_items + items)
+    keys = users * n_items
+    keys += items
+    keys.sort()
     if np.any(keys[1:] == keys[:-1]):
         raise ValueError("interactions hold duplicate (user, item) pairs; call to_implicit() first")
     del keys
     # rank[row]: the row's place in a seeded random order (random) or in time order with seeded ties (others);
     # sorting by user * n + rank then groups each user's rows in that order without a slow lexsort.
     rng = np.random.default_rng(seed)
-    rank = rng.permutation(n).astype(np.int64)
+    rank = rng.permutation(n).astype(np.int64, copy=False)
     if method != "random":
         bits = max(n - 1, 1).bit_length()
         first, last = int(rows.timestamps.min()), int(rows.timestamps.max())
@@ -382,23 +384,39 @@ def split_interactions(
             by_time = np.lexsort((rank, rows.timestamps))
         rank[by_time] = np.arange(n, dtype=np.int64)
         del by_time
-    order = np.argsort(users * n + rank)
+    keys = users * n
+    keys += rank
     del rank
+    order = np.argsort(keys)
+    del keys
     counts = np.bincount(users, minlength=n_users)
     if method == "leave_one_out":
         n_valid, n_test = (counts >= 3).astype(np.int64), (counts >= 2).astype(np.int64)
     else:
         n_valid, n_test = _ratio_counts(counts, ratios)
     n_train = counts - n_valid - n_test
-    sorted_users = users[order]
-    rank = np.arange(len(order), dtype=np.int64) - (np.cumsum(counts) - counts)[sorted_users]
-    part = (rank >= n_train[sorted_users]).astype(np.int8) + (rank >= (n_train + n_valid)[sorted_users])
-    del rank, sorted_users
+    # `order` holds each user's rows contiguously, users ascending: its first n_train of a user go to train (0), the
+    # next n_valid to valid (1), the rest to test (2); repeated per user as int8, with no [N] int64 temporary.
+    sizes = np.stack([n_train, n_valid, n_test], axis=1).reshape(-1)
+    part = np.repeat(np.tile(np.arange(3, dtype=np.int8), n_users), sizes)
+    part_of_row = np.empty(n, dtype=np.int8)
+    part_of_row[order] = part
+    del order, part
     parts = []
     for code in range(3):
-        index = order[part == code]
-        pairs = np.stack([users[index], items[index]], axis=1)
-        parts.append(pairs[_pair_order(pairs[:, 0], pairs[:, 1], n_items)])
+        # The part's pairs sorted by user, then item: their keys user * I + item are distinct, so sorting the keys in
+        # place sorts the pairs (no [N] sort order, no gathered copy: ~640 MB less at 20M train pairs).
+        index = np.flatnonzero(part_of_row == code)
+        keys = users[index]
+        keys *= n_items
+        keys += items[index]
+        del index
+        keys.sort()
+        pairs = np.empty((len(keys), 2), dtype=np.int64)
+        np.floor_divide(keys, n_items, out=pairs[:, 0])
+        np.remainder(keys, n_items, out=pairs[:, 1])
+        del keys
+        parts.append(pairs)
     return InteractionSplit(
         train=parts[0],
         valid=parts[1],

@@ -297,6 +297,76 @@ def layer_costs(args: Args, repeats: int = 60) -> list[dict[str, Any]]:
     return rows
 
 
+def layer_parts(args: Args, repeats: int = 60) -> list[dict[str, Any]]:
+    """The three products of one hidden layer's step apart, at SAC's batch (256), interleaved, medians: the dense
+    ``width x width`` Linear (GEMMs) against the compact ``wide x wide`` layer's kernels holding the same weights
+    (forward ``csr_linear``, input gradient ``csr_linear`` over the transposed structure, weight gradient
+    ``csr_sddmm``). Each product does ``2 * B * weights`` useful FLOPs; a sparse kernel also streams ``B`` activations
+    (``4 B`` bytes) per weight, which no register blocking can share between unstructured weights."""
+    batch, generator = 256, torch.Generator().manual_seed(1)
+    wide = nn.Linear(args.wide_width, args.wide_width, bias=False)
+    mask = torch.rand(wide.weight.shape, generator=generator) < (args.width / args.wide_width) ** 2
+    layer = CompactLinear.from_linear(wide, mask)
+    values = layer.values.detach()
+    transposed = values.index_select(0, layer.t_order)
+    weight = torch.randn(args.width, args.width, generator=generator)
+    x, dy = (torch.randn(batch, args.width, generator=generator) for _ in range(2))
+    xw, dyw = (torch.randn(batch, args.wide_width, generator=generator) for _ in range(2))
+    ops = torch.ops.sparseapps
+    parts = {
+        "forward": (
+            lambda: x @ weight.T,
+            lambda: ops.csr_linear(xw, layer.row_ptr, values, layer.col_indices, None, None, args.wide_width),
+        ),
+        "input gradient": (
+            lambda: dy @ weight,
+            lambda: ops.csr_linear(
+                dyw, layer.t_row_ptr, transposed, layer.t_indices, None, None, args.wide_width
+            ),
+        ),
+        "weight gradient": (
+            lambda: dy.T @ x,
+            lambda: ops.csr_sddmm(xw, dyw, layer.row_ptr, layer.col_indices),
+        ),
+    }
+    times: dict[tuple[str, str], list[float]] = {}
+    for repeat in range(repeats + 5):
+        for part, pair in parts.items():
+            for name, product in zip(("dense", "compact"), pair, strict=True):
+                start = time.perf_counter()
+                product()
+                if repeat >= 5:
+                    times.setdefault((part, name), []).append(time.perf_counter() - start)
+    weights = {"dense": weight.numel(), "compact": layer.nnz}
+    rows = []
+    for part in parts:
+        ms = {name: statistics.median(times[(part, name)]) * 1e3 for name in weights}
+        rows.append(
+            {
+                "part": part,
+                **{f"{name}_ms": ms[name] for name in weights},
+                **{f"{name}_gflops": 2 * batch * weights[name] / ms[name] / 1e6 for name in weights},
+                "ratio": ms["compact"] / ms["dense"],
+            }
+        )
+    return rows
+
+
+def parts_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "The layer's three products apart (median of interleaved repeats):",
+        "",
+        "| product | dense ms | compact ms | dense GFLOP/s | compact GFLOP/s | compact / dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['part']} | {r['dense_ms']:.3f} | {r['compact_ms']:.3f} | {r['dense_gflops']:.1f} | "
+        f"{r['compact_gflops']:.1f} | {r['ratio']:.2f}x |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def layer_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "Hidden layer, forward + backward at batch 256 (median of interleaved repeats):",
@@ -361,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(density {1 - sparsity:.6f}) of the hidden weights"
     )
     torch.set_num_threads(args.threads)
-    layers = layer_markdown(layer_costs(args))
+    layers = layer_markdown(layer_costs(args)) + "\n" + parts_markdown(layer_parts(args))
     print(layers)
     if args.layers_only:
         write_atomic(out / "layers.md", layers.encode())

@@ -106,6 +106,23 @@ def test_capture_holds_the_looked_up_rows_only_and_sums_like_the_dense_table() -
     assert rows is not None and rows.numel() == 0 and grad.shape == (0, 8) and compact.dense_grad is None
 
 
+def test_capture_of_a_dense_view_and_lookups_in_one_step_holds_the_whole_table() -> None:
+    """A dense view (graph propagation) captures all rows; lookups in the same step add to it, in either order."""
+    torch.manual_seed(2)
+    dense = nn.Embedding(12, 4)
+    mask = torch.rand(12, 4) < 0.5
+    ids, upstream = torch.tensor([3, 3, 10]), torch.randn(12, 4)
+    want = upstream.clone().index_add_(0, ids, torch.ones(3, 4))
+    for view_first in (True, False):
+        compact = CompactEmbedding.from_embedding(dense, mask)
+        compact.capture_dense_grad = True
+        for use_view in (view_first, not view_first):
+            out = (compact.dense() * upstream).sum() if use_view else compact(ids).sum()
+            out.backward()
+        rows, grad = compact.gradient_rows()
+        assert rows is None and torch.allclose(grad, want) and torch.allclose(compact.dense_grad, want)
+
+
 def test_repack_moves_values_gradient_and_adam_state_hand_case() -> None:
     """Row 0 keeps column 0 and grows 3; row 2 drops 1 and 2; row 3 grows column 1; the others stay."""
     _, compact = table()

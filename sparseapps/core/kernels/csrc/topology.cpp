@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -318,7 +319,10 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
       sample.push_back(exact ? value : source.sample(i));
     }
     for (const double factor : {1.3, 8.0}) {
-      const double share = factor * static_cast<double>(n) / static_cast<double>(available);
+      // At least ~24 * factor sample points above the threshold: for a few growths among millions of candidates
+      // a quantile of fewer would often keep too few and cost a second scan.
+      const double share = factor * std::max(static_cast<double>(n) / static_cast<double>(available),
+                                             24.0 / static_cast<double>(sample.size()));
       if (sample.size() <= 256 || share >= 0.5) break;
       int64_t rank = static_cast<int64_t>(std::llround(static_cast<double>(sample.size()) * (1.0 - share)));
       rank = std::min<int64_t>(std::max<int64_t>(rank, 1), static_cast<int64_t>(sample.size())) - 1;
@@ -349,26 +353,24 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
   }
   const int64_t count = static_cast<int64_t>(c.keys.size());
   TORCH_CHECK(count >= n, op, ": internal error, ", count, " candidates collected for ", n);
-  struct Entry {
-    float key;
-    int64_t position;
-  };
-  std::vector<Entry> entries(static_cast<size_t>(count));
-  for (int64_t t = 0; t < count; ++t) entries[static_cast<size_t>(t)] = {c.keys[t], c.positions[t]};
-  // Best first: higher score, then lower position.
-  auto better = [](const Entry& a, const Entry& b) {
-    return a.key > b.key || (a.key == b.key && a.position < b.position);
-  };
-  if (count > n) std::nth_element(entries.begin(), entries.begin() + (n - 1), entries.end(), better);
-  // The n best are the entries at least as good as the n-th (the order is strict): read off the collected ones,
-  // which ascend by position, so the result needs no sort.
-  const Entry last = count > n ? entries[static_cast<size_t>(n - 1)] : Entry{-std::numeric_limits<float>::infinity(),
-                                                                             std::numeric_limits<int64_t>::max()};
+  // Best first: higher score, then lower position. The n best are the scores above the n-th best score `kth` and,
+  // of those equal to it, the `ties` lowest positions: read off the collected ones, which ascend by position, so the
+  // result needs no sort (a selection over the scores alone, not over (score, position) pairs).
+  float kth = -std::numeric_limits<float>::infinity();
+  int64_t ties = n;
+  if (count > n) {
+    std::vector<float> keys(c.keys.begin(), c.keys.end());
+    std::nth_element(keys.begin(), keys.begin() + (n - 1), keys.end(), std::greater<float>());
+    kth = keys[static_cast<size_t>(n - 1)];
+    int64_t above = 0;
+    for (const float key : c.keys) above += static_cast<int64_t>(key > kth);
+    ties = n - above;
+  }
   int64_t* o = out.data_ptr<int64_t>();
   int64_t k = 0;
   for (int64_t t = 0; t < count && k < n; ++t) {
-    const Entry e{c.keys[t], c.positions[t]};
-    if (!better(last, e)) o[k++] = e.position;
+    const float key = c.keys[static_cast<size_t>(t)];
+    if (key > kth || (key == kth && ties-- > 0)) o[k++] = c.positions[static_cast<size_t>(t)];
   }
   TORCH_CHECK(k == n, op, ": internal error, ", k, " entries selected for ", n);
   return out;

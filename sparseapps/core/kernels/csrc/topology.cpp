@@ -51,6 +51,7 @@ struct GrowSource {
   const int64_t* dense_rows = nullptr;
   int64_t n_dense_rows = 0;
   at::Tensor dy, x;                    // dy [B, rows], x [B, cols]: g = dy^T x
+  at::Tensor dy_t, x_t;                // their transposes [rows, B], [cols, B]: a sampled entry reads two rows
   bool random = false;                 // scores are u(seed, i) alone
   int64_t cols = 0;
   float exact_factor = -1.0f;          // >= 0: a dense gradient's scores are formed whole, |g| + u * factor
@@ -89,12 +90,11 @@ struct GrowSource {
   // |g| at one position (the threshold's sample; any rounding will do there).
   float sample(int64_t i) const {
     if (dense != nullptr) return std::fabs(dense_value(i));
-    const int64_t r = i / cols, c = i % cols;
-    const int64_t batch = dy.size(0), rows = dy.size(1);
-    const float* d = dy.data_ptr<float>();
-    const float* xp = x.data_ptr<float>();
+    const int64_t batch = dy_t.size(1);
+    const float* d = dy_t.data_ptr<float>() + (i / cols) * batch;
+    const float* xp = x_t.data_ptr<float>() + (i % cols) * batch;
     float sum = 0.0f;
-    for (int64_t b = 0; b < batch; ++b) sum += d[b * rows + r] * xp[b * cols + c];
+    for (int64_t b = 0; b < batch; ++b) sum += d[b] * xp[b];
     return std::fabs(sum);
   }
 };
@@ -275,6 +275,8 @@ at::Tensor grow_select(const c10::optional<at::Tensor>& dense, const c10::option
                       source.dy.size(0) == source.x.size(0),
                   op, ": expected float32 CPU factors dy [B, ", rows, "] and x [B, ", cols, "], got ",
                   source.dy.sizes(), " and ", source.x.sizes());
+      source.dy_t = source.dy.t().contiguous();  // the threshold's samples read a row of each, not a strided column
+      source.x_t = source.x.t().contiguous();
     }
   }
   const at::Tensor ex = excluded.contiguous();

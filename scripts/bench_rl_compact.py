@@ -352,31 +352,31 @@ def layer_parts(args: Args, repeats: int = 60) -> list[dict[str, Any]]:
     return rows
 
 
+def _table(title: str, header: list[str], body: list[list[str]]) -> list[str]:
+    """A titled markdown table."""
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in body]
+
+
 def parts_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "The layer's three products apart (median of interleaved repeats):",
-        "",
-        "| product | dense ms | compact ms | dense GFLOP/s | compact GFLOP/s | compact / dense |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['part']} | {r['dense_ms']:.3f} | {r['compact_ms']:.3f} | {r['dense_gflops']:.1f} | "
-        f"{r['compact_gflops']:.1f} | {r['ratio']:.2f}x |"
+    header = ["product", "dense ms", "compact ms", "dense GFLOP/s", "compact GFLOP/s", "compact / dense"]
+    columns = ("dense_ms", "compact_ms", "dense_gflops", "compact_gflops")
+    body = [
+        [r["part"], *(f"{r[c]:.{3 if c.endswith('ms') else 1}f}" for c in columns), f"{r['ratio']:.2f}x"]
         for r in rows
     ]
-    return "\n".join(lines) + "\n"
+    return (
+        "\n".join(_table("The layer's three products apart (median of interleaved repeats):", header, body))
+        + "\n"
+    )
 
 
 def layer_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "Hidden layer, forward + backward at batch 256 (median of interleaved repeats):",
-        "",
-        "| layer | shape | weights | ms | useful GFLOP/s |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['layer']} | {r['shape']} | {r['weights']} | {r['ms']:.3f} | {r['gflops']:.1f} |" for r in rows
-    ]
+    header = ["layer", "shape", "weights", "ms", "useful GFLOP/s"]
+    body = [[r["layer"], r["shape"], str(r["weights"]), f"{r['ms']:.3f}", f"{r['gflops']:.1f}"] for r in rows]
+    lines = _table(
+        "Hidden layer, forward + backward at batch 256 (median of interleaved repeats):", header, body
+    )
     ratio = rows[1]["ms"] / rows[0]["ms"]
     lines += ["", f"The wide compact layer costs {ratio:.2f}x the dense one for the same weights."]
     return "\n".join(lines) + "\n"

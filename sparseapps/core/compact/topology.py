@@ -316,10 +316,12 @@ def check_captured(engine: DynamicSparsity, step: int) -> None:
     """Raises ``ValueError`` naming the layer if a captured gradient (or its factors) holds NaN or Inf."""
     for fqn, t in engine.tensors.items():
         module = t.module
-        factors = module.gradient_factors()
-        if isinstance(module, CompactEmbedding):
-            factors = (module.gradient_rows()[1],)
-        for part in factors if factors is not None else (module.dense_grad,):
+        if isinstance(module, CompactEmbedding):  # the looked-up rows only
+            parts: tuple[torch.Tensor | None, ...] = (module.gradient_rows()[1],)
+        else:
+            factors = module.gradient_factors()
+            parts = factors if factors is not None else (module.dense_grad,)
+        for part in parts:
             if part is not None:
                 storage.check_captured_finite(fqn, part, step)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparseapps.core.kernels.reference import row_of_entries
+
 INT16_LIMIT = 32768
 LANES = 16
 # Chunk numbers are int16: the lane-blocked form covers inputs up to 32767 chunks of 16.
@@ -164,12 +166,7 @@ def entry_positions(row_ptr: torch.Tensor, col_indices: torch.Tensor, columns: i
         >>> entry_positions(torch.tensor([0, 1, 1, 3]), torch.tensor([1, 0, 1], dtype=torch.uint8), 2).tolist()
         [1, 4, 5]
     """
-    rows = torch.repeat_interleave(
-        torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
-        row_ptr.diff(),
-        output_size=col_indices.numel(),
-    )
-    return rows.mul_(columns).add_(col_indices)
+    return row_of_entries(row_ptr).mul_(columns).add_(col_indices)
 
 
 def csr_arrays(

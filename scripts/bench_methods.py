@@ -44,7 +44,7 @@ from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_cnn, make_mnist1d_mlp
 from sparseapps.core.options import parse_config, torch_threads
 from sparseapps.core.plotting import pyplot, save_figure
-from sparseapps.core.stats import confidence_half_width
+from sparseapps.core.stats import confidence_half_width, paired_p_value
 from sparseapps.demo import load_digits_tensors, make_mlp
 
 TASKS = ("mnist1d-mlp", "mnist1d-cnn", "digits-mlp")
@@ -95,7 +95,17 @@ class Args:
     )
     combine: tuple[str, ...] = field(
         default=(),
-        metadata={"help": "no training: merge the results.json of these output folders (e.g. one per task)"},
+        metadata={
+            "help": "no training: merge the results.json of these output folders (e.g. one per task); "
+            "FOLDER=LABEL appends LABEL to that folder's sparse methods (variants run without --label)"
+        },
+    )
+    pairs: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "paired comparisons beside the registered ones, as METHOD:BASELINE (e.g. rigl+2of4:rigl), "
+            "each mean and 95% CI of the per-seed differences"
+        },
     )
     data_root: str = field(
         default="",
@@ -118,6 +128,13 @@ class Args:
     n_m: tuple[int, ...] = field(
         default=(),
         metadata={"help": "N:M structure of every preset, e.g. 2 4 (needs sparsity 1 - n/m); empty: none"},
+    )
+    validation: int = field(
+        default=0,
+        metadata={
+            "help": "hold out the last N training examples and report accuracy on them instead of the test "
+            "split, which is then not read (for choosing settings); 0: train on all, report test accuracy"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -143,9 +160,14 @@ class Args:
             raise ValueError(f"expected optimizer in {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"expected lr > 0, got {self.lr}")
+        malformed = [p for p in self.pairs if len(p.split(":")) != 2 or not all(p.split(":"))]
+        if malformed:
+            raise ValueError(f"expected pairs as METHOD:BASELINE, got {malformed}")
         config_overrides(self.overrides)  # names a malformed or unknown field now, not after hours of runs
         if self.n_m and len(self.n_m) != 2:
             raise ValueError(f"expected n_m as two integers n m (e.g. 2 4), got {self.n_m}")
+        if self.validation < 0:
+            raise ValueError(f"expected validation >= 0 held-out training examples, got {self.validation}")
 
 
 def config_overrides(items: tuple[str, ...]) -> dict[str, object]:
@@ -200,11 +222,35 @@ class Task:
 
 
 def load_task(name: str, args: Args) -> Task:
+    """``name``'s data and model; with ``args.validation`` the last examples of the training split stand in for
+    the test split (which is dropped, so nothing chosen on them has seen a test example)."""
     if name.startswith("mnist1d"):
         data = load_mnist1d(args.data_root or None, num_samples=args.mnist1d_samples)
         build = make_mnist1d_mlp if name == "mnist1d-mlp" else make_mnist1d_cnn
-        return Task(name, build, *data)
-    return Task(name, lambda: make_mlp(256), *load_digits_tensors(0))
+        task = Task(name, build, *data)
+    else:
+        task = Task(name, lambda: make_mlp(256), *load_digits_tensors(0))
+    return held_out(task, args.validation) if args.validation else task
+
+
+def held_out(task: Task, count: int) -> Task:
+    """``task`` trained on all but the last ``count`` training examples and evaluated on those.
+
+    Example:
+        >>> t = Task("t", nn.Identity, torch.arange(10.0), torch.arange(10), torch.zeros(3), torch.zeros(3))
+        >>> v = held_out(t, 4)
+        >>> v.x_train.tolist(), v.y_test.tolist()
+        ([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [6, 7, 8, 9])
+    """
+    if not 0 < count < len(task.x_train):
+        raise ValueError(
+            f"expected validation in [1, {len(task.x_train) - 1}] (task {task.name!r} has {len(task.x_train)} "
+            f"training examples), got {count}"
+        )
+    cut = len(task.x_train) - count
+    return Task(
+        task.name, task.build, task.x_train[:cut], task.y_train[:cut], task.x_train[cut:], task.y_train[cut:]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -410,6 +456,7 @@ def paired_differences(
                     "seeds": len(seeds),
                     "mean": mean,
                     "ci95": half,
+                    "p": paired_p_value(diffs),
                     "verdict": verdict,
                 }
             )
@@ -422,11 +469,16 @@ def markdown(
     """One table per task: a row per method, a column per sparsity (mean ± 95% CI), dense beside; a point the
     method cannot reach reads n/a, with the reason below the table."""
     sparsities = sorted(args.sparsities)
+    evaluated = (
+        f"**Validation** accuracy (the last {args.validation} training examples held out; the test split not read)"
+        if args.validation
+        else "Test accuracy"
+    )
     lines = [
         f"# Sparse methods on MNIST-1D and digits ({args.seeds} seeds, {args.epochs} epochs, {args.optimizer} lr {args.lr}, "
         f"batch {args.batch_size})",
         "",
-        "Test accuracy, mean ± 95% CI half-width over seeds; FLOPs: final forward FLOPs / dense at the highest "
+        f"{evaluated}, mean ± 95% CI half-width over seeds; FLOPs: final forward FLOPs / dense at the highest "
         "sparsity; s: seconds per run at that sparsity.",
     ]
     gaps = separated(points)
@@ -460,17 +512,18 @@ def markdown(
     if paired:
         lines += [
             "",
-            "## Registered comparisons (docs/bench_methods_registration.md)",
+            "## Paired comparisons (REGISTERED_PAIRS, docs/bench_methods_registration.md; and --pairs)",
             "",
-            "Paired by seed: mean of (method - baseline) test accuracy, 95% CI of the paired differences.",
+            f"Paired by seed: mean of (method - baseline) {'validation' if args.validation else 'test'} accuracy, "
+            "95% CI of the paired differences.",
             "",
-            "| method | baseline | task | sparsity | seeds | difference | verdict |",
-            "|---|---|---|---|---|---|---|",
+            "| method | baseline | task | sparsity | seeds | difference | p (paired t) | verdict |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in paired:
             lines.append(
                 f"| {row['method']} | {row['baseline']} | {row['task']} | {row['sparsity']:.0%} | {row['seeds']} | "
-                f"{row['mean']:+.3f} ± {row['ci95']:.3f} | {row['verdict']} |"
+                f"{row['mean']:+.3f} ± {row['ci95']:.3f} | {row.get('p', float('nan')):.3g} | {row['verdict']} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -520,9 +573,19 @@ def run_grid(args: Args) -> None:
     runs: list[Run] = []
     skipped: list[dict[str, object]] = []
     seen: set[tuple[str, str, float, int]] = set()
-    for folder in args.combine:
+    evaluated_on: dict[int, str] = {}
+    for entry in args.combine:
+        folder, _, suffix = entry.partition("=")
         saved = json.loads((Path(folder) / "results.json").read_text())
+        evaluated_on.setdefault(int(saved["args"].get("validation", 0)), folder)
+        if len(evaluated_on) > 1:
+            raise ValueError(
+                f"expected folders evaluated on one split, got {folder!r} (validation "
+                f"{saved['args'].get('validation', 0)}) beside {sorted(evaluated_on.items())}"
+            )
         for run in (Run(**r) for r in saved["runs"]):
+            if suffix and run.method != DENSE:
+                run = replace(run, method=run.method + suffix)
             key = (run.task, run.method, run.target_sparsity, run.seed)
             if (
                 key not in seen
@@ -534,6 +597,7 @@ def run_grid(args: Args) -> None:
         present = {r.task for r in runs}
         args = replace(
             args,
+            validation=next(iter(evaluated_on)),
             tasks=tuple(t for t in TASKS if t in present),
             methods=tuple(sorted({r.method for r in runs} - {DENSE})),
             sparsities=tuple(sorted({r.target_sparsity for r in runs} - {0.0})),
@@ -563,7 +627,7 @@ def run_grid(args: Args) -> None:
     if args.label:  # the tables name the labelled variants
         args = replace(args, methods=tuple(m + args.label for m in args.methods))
     points = summarize(runs)
-    paired = paired_differences(runs)
+    paired = paired_differences(runs, REGISTERED_PAIRS + tuple(tuple(p.split(":")) for p in args.pairs))
     out = Path(args.out)
     write_json(
         out / "results.json",

@@ -60,6 +60,8 @@ ONE_SHOT_METHODS = ("one_shot", *CALIBRATED_METHODS)
 # Masks learned through the straight-through estimator over dense weights (sparseapps.core.learned_masks).
 LEARNED_METHODS = ("topkast", "cs", "sr_ste", "soft_movement", "edge_popup")
 STORAGES: tuple[str, ...] = get_args(Storage)
+# How an N:M update picks its changes (sparseapps.core.nm.nm_update / nm_swap_update; auto: by the growth).
+N_M_RULES = ("auto", "drop", "swap")
 
 
 class ConfigMismatchError(ValueError):
@@ -196,6 +198,15 @@ class SparsityConfig(PlainConfig):
             "row exactly n are active, in the initial masks and after every update (methods dst and static). "
             "sparsity must be 1 - n/m; every tensor holds n/m of its entries, so distribution is set to "
             "'uniform'; every selected tensor's fan-in must be a multiple of m (exclude the others)"
+        },
+    )
+    n_m_rule: str = field(
+        default="auto",
+        metadata={
+            "help": "how an N:M update picks its changes: 'swap' (the best inactive entries by grow score come in "
+            "tensor-wide, each replacing its group's weakest active entry: nm.nm_swap_update), 'drop' (the weakest "
+            "active entries leave tensor-wide, each group regrows its best inactive ones: nm.nm_update), or 'auto': "
+            "'drop' for random growth (SET), 'swap' otherwise (chosen on MNIST-1D validation, docs/nm.md)"
         },
     )
     rescale_initialization: bool = field(
@@ -342,6 +353,7 @@ class SparsityConfig(PlainConfig):
             raise ValueError(
                 "ablation_threshold > 0 needs constant_fan_in=True (SRigL), got constant_fan_in=False"
             )
+        check_choice("n_m_rule", self.n_m_rule, N_M_RULES)
         if self.n_m is not None:
             self._check_n_m()
         if self.seed is not None and not isinstance(self.seed, int):
@@ -380,6 +392,10 @@ class SparsityConfig(PlainConfig):
             )
         # Every tensor holds n/m of its entries whatever the distribution: 'uniform' gives exactly those budgets.
         object.__setattr__(self, "distribution", "uniform")
+        if (
+            self.n_m_rule == "auto"
+        ):  # random incoming entries would evict their groups' weakest: drop-led for SET
+            object.__setattr__(self, "n_m_rule", "drop" if self.grow == "random" else "swap")
 
     def _check_learned(self) -> None:
         """The learned-mask methods' fields, and what those methods cannot combine with."""

@@ -628,8 +628,9 @@ class DynamicSparsity:
         masks = self.masks
         n_drop = rules.drop_counts(masks, fraction)
         drop_scores, grow_scores = self.drop_scores(), self.grow_scores()
+        update = nm.nm_swap_update if self.config.n_m_rule == "swap" else nm.nm_update
         return {
-            fqn: nm.nm_update(mask, drop_scores[fqn], grow_scores[fqn], n_drop[fqn], n, m)
+            fqn: update(mask, drop_scores[fqn], grow_scores[fqn], n_drop[fqn], n, m)
             for fqn, mask in masks.items()
         }
 

@@ -199,6 +199,57 @@ def nm_update(
     return (after_drop | grown).reshape(mask.shape)
 
 
+def nm_swap_update(
+    mask: torch.Tensor, drop_scores: torch.Tensor, grow_scores: torch.Tensor, n_drop: int, n: int, m: int
+) -> torch.Tensor:
+    """One N:M update led by growth: ``n_drop`` swaps inside groups, the tensor's best ``grow_scores`` first.
+
+    Each group offers up to ``min(n, m - n)`` swaps (``n_drop`` is capped at that many for the tensor): its ``k``-th best inactive entry (by ``grow_scores``) in for
+    its ``k``-th weakest active entry (by ``drop_scores``). The ``n_drop`` swaps whose incoming entry scores highest,
+    tensor-wide, are made (RigL's growth ranking, where :func:`nm_update` ranks by the drop instead); within a
+    group the drop scores only choose which entry leaves. Each group keeps exactly ``n`` active entries.
+
+    Example (one row, two groups of 4, 2:4, one swap: the best inactive grow score is 0.9 in the second group,
+    whose weaker active entry leaves):
+        >>> mask = torch.tensor([[1, 1, 0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+        >>> drop = torch.tensor([[5.0, 1.0, 0.0, 0.0, 0.0, 2.0, 9.0, 0.0]])
+        >>> grow = torch.tensor([[0.0, 0.0, 0.8, 0.1, 0.9, 0.0, 0.0, 0.2]])
+        >>> nm_swap_update(mask, drop, grow, 1, 2, 4).int().tolist()
+        [[1, 1, 0, 0, 1, 0, 1, 0]]
+    """
+    check_n_m((n, m), mask.shape)
+    if drop_scores.shape != mask.shape or grow_scores.shape != mask.shape:
+        raise ValueError(
+            f"expected scores of the mask's shape {tuple(mask.shape)}, got {tuple(drop_scores.shape)} and "
+            f"{tuple(grow_scores.shape)}"
+        )
+    active = groups(mask.bool(), m).reshape(-1, m)
+    if bool((active.sum(1) != n).any()):
+        raise ValueError(f"mask is not {n}:{m}: a group does not hold exactly {n} active entries")
+    per_group = min(n, m - n)
+    if n_drop < 0:
+        raise ValueError(f"n_drop must be >= 0, got {n_drop}")
+    n_drop = min(n_drop, per_group * active.shape[0])  # a group swaps at most min(n, m - n) entries
+    grow = groups(grow_scores, m).reshape(-1, m).detach().float()
+    drop = groups(drop_scores, m).reshape(-1, m).detach().float()
+    # k-th best inactive and k-th weakest active entry of every group, k < per_group
+    incoming = grow.masked_fill(active, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    incoming = incoming[:, :per_group]
+    outgoing = drop.masked_fill(~active, float("inf")).argsort(dim=1, stable=True)[:, :per_group]
+    gains = grow.gather(1, incoming)  # [G, per_group], descending along k
+    chosen = torch.zeros_like(gains, dtype=torch.bool).reshape(-1)
+    if n_drop:
+        chosen[gains.reshape(-1).topk(n_drop, sorted=False).indices] = True
+    chosen = chosen.reshape(gains.shape)
+    # a group's k-th swap is only chosen with its better ones: the gains fall along k, ties kept in order
+    chosen = chosen.sum(1, keepdim=True) > torch.arange(per_group, device=mask.device)
+    after = active.clone()
+    rows = torch.arange(active.shape[0], device=mask.device).unsqueeze(1).expand_as(chosen)
+    after[rows[chosen], outgoing[chosen]] = False
+    after[rows[chosen], incoming[chosen]] = True
+    return after.reshape(mask.shape)
+
+
 def semi_structured_reason(mask: torch.Tensor, device: torch.device | str | None = None) -> str | None:
     """Why ``to_semi_structured`` cannot export a weight of ``mask``'s pattern on ``device`` (default: the current
     CUDA device); ``None`` when it can. Sparse tensor cores need CUDA capability >= 8.0 and at most 2 active

@@ -14,7 +14,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-__all__ = ["confidence_half_width", "paired_interval", "standard_error", "t_quantile"]
+__all__ = ["confidence_half_width", "paired_interval", "paired_p_value", "standard_error", "t_quantile"]
 
 
 def t_quantile(confidence: float, degrees: int) -> float:
@@ -56,3 +56,22 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> t
         return None
     mean, half = statistics.fmean(differences), confidence_half_width(differences, confidence)
     return mean - half, mean + half
+
+
+def paired_p_value(differences: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test that the mean of ``differences`` is 0; NaN for fewer than two, 1.0
+    when every difference is 0, 0.0 when they are all equal and not 0.
+
+    Example:
+        >>> round(paired_p_value([0.01, 0.02, 0.03, 0.02]), 4)
+        0.0163
+    """
+    if len(differences) < 2:
+        return math.nan
+    mean, spread = statistics.fmean(differences), statistics.stdev(differences)
+    if spread == 0:
+        return 1.0 if mean == 0 else 0.0
+    t = mean / (spread / math.sqrt(len(differences)))
+    from scipy.stats import t as student
+
+    return float(2 * student.sf(abs(t), len(differences) - 1))

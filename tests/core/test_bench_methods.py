@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from tests.scripts import script_module
 
@@ -104,3 +106,78 @@ def test_a_labelled_variant_is_named_in_runs_and_tables(bench: ModuleType, tmp_p
     result = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in result["runs"]} == {"dense", "rigl+fisher"}
     assert "| rigl+fisher |" in (out / "results.md").read_text()
+
+
+def test_validation_holds_out_training_examples_and_never_reads_the_test_split(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    args = bench.parse_args(["--quick", "--tasks", "digits-mlp", "--validation", "100"])
+    full = bench.load_task("digits-mlp", bench.parse_args(["--quick", "--tasks", "digits-mlp"]))
+    task = bench.load_task("digits-mlp", args)
+    cut = len(full.x_train) - 100
+    assert torch.equal(task.x_train, full.x_train[:cut]) and torch.equal(task.x_test, full.x_train[cut:])
+    assert torch.equal(task.y_test, full.y_train[cut:]) and len(task.x_test) == 100
+    with pytest.raises(ValueError, match=r"expected validation >= 0 held-out training examples, got -1"):
+        bench.parse_args(["--validation", "-1"])
+    with pytest.raises(ValueError, match=r"expected validation in \[1, \d+\] \(task 'digits-mlp'"):
+        bench.load_task("digits-mlp", bench.parse_args(["--tasks", "digits-mlp", "--validation", "100000"]))
+    # the table says what it measured, and folders measured on different splits do not merge
+    folders = {}
+    for name, extra in (("validation", ["--validation", "100"]), ("test", [])):
+        folders[name] = tmp_path / name
+        argv = ["--quick", "--tasks", "digits-mlp", "--methods", "rigl", "--out", str(folders[name]), *extra]
+        bench.main(argv)
+    assert (
+        "**Validation** accuracy (the last 100 training examples held out"
+        in (folders["validation"] / "results.md").read_text()
+    )
+    assert "Test accuracy, mean" in (folders["test"] / "results.md").read_text()
+    with pytest.raises(
+        ValueError, match=r"expected folders evaluated on one split, got .*test.* \(validation 0\)"
+    ):
+        bench.main(
+            ["--combine", str(folders["validation"]), str(folders["test"]), "--out", str(tmp_path / "c")]
+        )
+
+
+def test_combine_relabels_a_folder_and_pairs_add_comparisons(bench: ModuleType, tmp_path: Path) -> None:
+    """A variant run without --label merges under FOLDER=LABEL, and --pairs compares it with its base by seed."""
+    folders = {}
+    for name, extra in (("base", []), ("variant", ["--overrides", "drop_fraction=0.1"])):
+        folders[name] = tmp_path / name
+        argv = ["--quick", "--tasks", "digits-mlp", "--methods", "rigl", "--out", str(folders[name]), *extra]
+        bench.main(argv)
+    out = tmp_path / "merged"
+    bench.main(
+        [
+            "--combine",
+            str(folders["base"]),
+            f"{folders['variant']}=+low",
+            "--pairs",
+            "rigl+low:rigl",
+            "--out",
+            str(out),
+        ]
+    )
+    result = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in result["runs"]} == {"dense", "rigl", "rigl+low"}
+    variant = json.loads((folders["variant"] / "results.json").read_text())["runs"]
+    base = json.loads((folders["base"] / "results.json").read_text())["runs"]
+    by_seed = {r["seed"]: r["test_accuracy"] for r in base if r["method"] == "rigl"}
+    diffs = [r["test_accuracy"] - by_seed[r["seed"]] for r in variant if r["method"] == "rigl"]
+    (row,) = [p for p in result["paired"] if (p["method"], p["baseline"]) == ("rigl+low", "rigl")]
+    assert row["seeds"] == 2 and row["mean"] == pytest.approx(sum(diffs) / 2)
+    assert "| rigl+low | rigl | digits-mlp |" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match=r"expected pairs as METHOD:BASELINE, got \['rigl'\]"):
+        bench.parse_args(["--pairs", "rigl"])
+
+
+def test_paired_p_value_is_scipys_paired_t_test_and_handles_the_edges() -> None:
+    from scipy import stats as scipy_stats
+
+    from sparseapps.core.stats import paired_p_value
+
+    diffs = [0.012, -0.004, 0.021, 0.007, 0.0, 0.015]
+    assert paired_p_value(diffs) == pytest.approx(scipy_stats.ttest_1samp(diffs, 0.0).pvalue, rel=1e-12)
+    assert paired_p_value([0.0, 0.0]) == 1.0 and paired_p_value([0.01, 0.01]) == 0.0
+    assert math.isnan(paired_p_value([0.01]))

@@ -160,6 +160,83 @@ def test_nm_update_keeps_n_m_and_drops_the_lowest(
         assert int((mask & ~new).sum()) <= n_drop
 
 
+def test_nm_swap_update_by_hand() -> None:
+    mask = bools([[1, 1, 0, 0, 0, 1, 1, 0]])
+    drop = torch.tensor([[5.0, 1.0, 0.0, 0.0, 0.0, 2.0, 9.0, 0.0]])
+    grow = torch.tensor([[0.0, 0.0, 0.8, 0.1, 0.9, 0.0, 0.0, 0.2]])
+    # one swap: the best incoming score (0.9, group 1) wins; its group's weaker active entry (5: 2.0) leaves,
+    # although group 0 holds the tensor's weakest entry (1: 1.0)
+    assert nm.nm_swap_update(mask, drop, grow, 1, 2, 4).int().tolist() == [[1, 1, 0, 0, 1, 0, 1, 0]]
+    # two swaps: 0.9 in group 1, then 0.8 in group 0 (before group 1's second best, 0.2)
+    assert nm.nm_swap_update(mask, drop, grow, 2, 2, 4).int().tolist() == [[1, 0, 1, 0, 1, 0, 1, 0]]
+    # three: group 1 also swaps its second best in (7: 0.2) for its second weakest (6: 9.0)
+    assert nm.nm_swap_update(mask, drop, grow, 3, 2, 4).int().tolist() == [[1, 0, 1, 0, 1, 0, 0, 1]]
+    assert torch.equal(nm.nm_swap_update(mask, drop, grow, 0, 2, 4), mask)
+    # a group swaps at most min(n, m - n) entries: four swaps turn every group over, more are capped
+    flipped = [[0, 0, 1, 1, 1, 0, 0, 1]]
+    assert nm.nm_swap_update(mask, drop, grow, 4, 2, 4).int().tolist() == flipped
+    assert nm.nm_swap_update(mask, drop, grow, 9, 2, 4).int().tolist() == flipped
+    # 3:4 swaps one entry per group
+    three = bools([[1, 1, 1, 0], [0, 1, 1, 1]])
+    scores = torch.tensor([[0.1, 0.2, 5.0, 0.0], [0.0, 6.0, 7.0, 8.0]])
+    assert nm.nm_swap_update(three, scores, 1 - scores, 2, 3, 4).int().tolist() == [
+        [0, 1, 1, 1],
+        [1, 0, 1, 1],
+    ]
+
+
+def test_nm_swap_update_refuses_a_mask_that_is_not_n_m_and_a_negative_count() -> None:
+    scores = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match=r"not 2:4: a group does not hold exactly 2"):
+        nm.nm_swap_update(bools([[1, 0, 0, 0]]), scores, scores, 0, 2, 4)
+    with pytest.raises(ValueError, match=r"n_drop must be >= 0, got -1"):
+        nm.nm_swap_update(bools([[1, 1, 0, 0]]), scores, scores, -1, 2, 4)
+    with pytest.raises(ValueError, match=r"expected scores of the mask's shape \(1, 4\)"):
+        nm.nm_swap_update(bools([[1, 1, 0, 0]]), torch.zeros(1, 8), scores, 1, 2, 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    pattern=st.sampled_from(PATTERNS),
+    rows=st.integers(1, 5),
+    groups=st.integers(1, 4),
+    fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_nm_swap_update_keeps_n_m_and_takes_the_best_incoming_swaps(
+    pattern: tuple[int, int], rows: int, groups: int, fraction: float, seed: int
+) -> None:
+    n, m = pattern
+    generator = torch.Generator().manual_seed(seed)
+    mask = nm.random_mask((rows, groups * m), n, m, generator)
+    drop, grow = (
+        torch.rand(rows, groups * m, generator=generator),
+        torch.rand(rows, groups * m, generator=generator),
+    )
+    nnz = int(mask.sum())
+    per_group = min(n, m - n)
+    n_drop = round(fraction * nnz)
+    swaps = min(n_drop, per_group * rows * groups)
+    new = nm.nm_swap_update(mask, drop, grow, n_drop, n, m)
+    assert nm.is_n_m(new, n, m) and int(new.sum()) == nnz
+    grown, dropped = new & ~mask, mask & ~new
+    assert int(grown.sum()) == int(dropped.sum()) == swaps
+    # the incoming entries are the tensor's best swaps: each group offers its per_group best inactive entries
+    offered = nm.groups(grow.masked_fill(mask, -1.0), m).sort(dim=-1, descending=True).values[..., :per_group]
+    best = offered.flatten().topk(swaps).values
+    assert torch.equal(grow[grown].sort().values, best.sort().values)
+    # in every group, the leaving entries are its weakest active ones
+    for g_new, g_old, g_drop in zip(
+        nm.groups(new, m).reshape(-1, m),
+        nm.groups(mask, m).reshape(-1, m),
+        nm.groups(drop, m).reshape(-1, m),
+        strict=True,
+    ):
+        left, stayed = g_old & ~g_new, g_old & g_new
+        if left.any() and stayed.any():
+            assert float(g_drop[left].max()) <= float(g_drop[stayed].min())
+
+
 # ---------------------------------------------------------------------------------------------- the config
 def test_config_round_trips_and_sets_the_distribution() -> None:
     config = SparsityConfig.preset("rigl", sparsity=0.5, n_m=[2, 4])
@@ -167,6 +244,14 @@ def test_config_round_trips_and_sets_the_distribution() -> None:
     assert SparsityConfig.from_dict(config.to_dict()) == config
     assert config.to_dict()["n_m"] == [2, 4]
     assert SparsityConfig().n_m is None
+    # the update rule: growth-led swaps for ranked growth, drop-led for random growth (SET), or as given
+    assert (
+        config.n_m_rule == "swap"
+        and SparsityConfig.preset("set", sparsity=0.5, n_m=(2, 4)).n_m_rule == "drop"
+    )
+    assert SparsityConfig.preset("rigl", sparsity=0.5, n_m=(2, 4), n_m_rule="drop").n_m_rule == "drop"
+    with pytest.raises(ValueError, match=r"n_m_rule must be one of 'auto', 'drop', 'swap', got 'best'"):
+        SparsityConfig.preset("rigl", sparsity=0.5, n_m=(2, 4), n_m_rule="best")
 
 
 @pytest.mark.parametrize(
@@ -224,17 +309,28 @@ def test_engine_refuses_initial_masks_that_are_not_n_m() -> None:
         )
 
 
-def test_engine_update_by_hand() -> None:
-    """Magnitude drop, dense-gradient growth, no tie noise: the rule's worked example through the engine."""
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        # the two weakest entries (1: 1.0, 5: 2.0) leave; each group regrows its best fresh place (3, 7)
+        ("drop", [[1, 0, 0, 1, 0, 0, 1, 1]]),
+        # the two best inactive gradients (3: 0.85, 2: 0.8) come in; both in group 0, whose two entries leave
+        ("swap", [[0, 0, 1, 1, 0, 1, 1, 0]]),
+    ],
+)
+def test_engine_update_by_hand(rule: str, expected: list[list[int]]) -> None:
+    """Magnitude drop, dense-gradient growth, no tie noise: the rules' worked examples through the engine."""
     layer = nn.Linear(8, 1, bias=False)
+    weights = [5.0, 1.0, 0.0, 0.0, 0.0, 2.0, 9.0, 0.0]
     with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[5.0, 1.0, 0.0, 0.0, 0.0, 2.0, 9.0, 0.0]]))
+        layer.weight.copy_(torch.tensor([weights]))
     model = nn.Sequential(layer)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     config = SparsityConfig.preset(
         "rigl",
         sparsity=0.5,
         n_m=(2, 4),
+        n_m_rule=rule,
         update_interval=1,
         drop_fraction=0.5,
         drop_schedule="constant",
@@ -243,18 +339,20 @@ def test_engine_update_by_hand() -> None:
     )
     initial = bools([[1, 1, 0, 0, 0, 1, 1, 0]])
     engine = DynamicSparsity(model, optimizer, config, total_steps=5, initial_masks={"0.weight": initial})
-    x = torch.tensor([[0.0, 0.3, 0.8, 0.1, 0.9, 0.7, 0.0, 0.2]])  # the dense gradient of sum(w . x) is x
+    x = torch.tensor([[0.0, 0.3, 0.8, 0.85, 0.1, 0.7, 0.0, 0.2]])  # the dense gradient of sum(w . x) is x
     optimizer.zero_grad()
     model(x).sum().backward()
     optimizer.step()
-    assert engine.masks["0.weight"].int().tolist() == [[1, 0, 1, 0, 1, 0, 1, 0]]
-    assert layer.weight.detach().tolist() == [[5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0, 0.0]]  # grown at zero
+    assert engine.masks["0.weight"].int().tolist() == expected
+    kept = [w if was and now else 0.0 for w, was, now in zip(weights, initial[0], expected[0], strict=True)]
+    assert layer.weight.detach().tolist() == [kept]  # grown at zero
 
 
 CONFIGS = {
     "rigl": {},
     "set": {},
     "random_growth": {"grow": "random"},  # magnitude drop, uniform growth
+    "rigl_swap": {"n_m_rule": "swap"},  # growth-led swaps
     "static": {},
 }
 
@@ -271,7 +369,7 @@ def test_n_m_and_nnz_hold_after_every_update(
 ) -> None:
     n, m = pattern
     n_in, hidden = widths[0] * m, widths[1] * m
-    preset = "rigl" if name == "random_growth" else name
+    preset = "rigl" if name in ("random_growth", "rigl_swap") else name
     overrides = {"update_interval": 2, "end_fraction": 1.0, **CONFIGS[name]} if preset != "static" else {}
     config = SparsityConfig.preset(
         preset, sparsity=1 - n / m, n_m=pattern, seed=3, storage=storage, **overrides
@@ -298,9 +396,10 @@ def test_n_m_and_nnz_hold_after_every_update(
         assert sum(t["grown"] for record in engine.history for t in record["tensors"].values()) > 0
 
 
-def test_both_storages_make_the_same_n_m_updates() -> None:
+@pytest.mark.parametrize("rule", ["drop", "swap"])
+def test_both_storages_make_the_same_n_m_updates(rule: str) -> None:
     """Compact layers take the dense views (a reason is given) and draw and update the masked run's masks."""
-    runs = {storage: nm_engine((2, 4), storage) for storage in ("masked", "compact")}
+    runs = {storage: nm_engine((2, 4), storage, n_m_rule=rule) for storage in ("masked", "compact")}
     assert (
         compact_topology.dense_view_reason(runs["compact"][2]) == "n_m=(2, 4) keeps per-group budgets (N:M)"
     )

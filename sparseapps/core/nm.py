@@ -143,6 +143,18 @@ def random_mask(shape: Sequence[int], n: int, m: int, generator: torch.Generator
     return top_n_of_m(torch.rand(shape, generator=generator), n, m)
 
 
+def _check_update(
+    mask: torch.Tensor, drop_scores: torch.Tensor, grow_scores: torch.Tensor, n: int, m: int
+) -> None:
+    """The structure fits the mask, and both scores have the mask's shape (the updates' common check)."""
+    check_n_m((n, m), mask.shape)
+    if drop_scores.shape != mask.shape or grow_scores.shape != mask.shape:
+        raise ValueError(
+            f"expected scores of the mask's shape {tuple(mask.shape)}, got {tuple(drop_scores.shape)} and "
+            f"{tuple(grow_scores.shape)}"
+        )
+
+
 def nm_update(
     mask: torch.Tensor, drop_scores: torch.Tensor, grow_scores: torch.Tensor, n_drop: int, n: int, m: int
 ) -> torch.Tensor:
@@ -176,12 +188,7 @@ def nm_update(
         >>> nm_update(mask, drop, grow, 2, 2, 4).int().tolist()
         [[1, 0, 1, 0, 1, 0, 1, 0]]
     """
-    check_n_m((n, m), mask.shape)
-    if drop_scores.shape != mask.shape or grow_scores.shape != mask.shape:
-        raise ValueError(
-            f"expected scores of the mask's shape {tuple(mask.shape)}, got {tuple(drop_scores.shape)} and "
-            f"{tuple(grow_scores.shape)}"
-        )
+    _check_update(mask, drop_scores, grow_scores, n, m)
     nnz = int(torch.count_nonzero(mask))
     if not 0 <= n_drop <= nnz:
         raise ValueError(f"n_drop must be in [0, nnz={nnz}], got {n_drop}")
@@ -217,12 +224,7 @@ def nm_swap_update(
         >>> nm_swap_update(mask, drop, grow, 1, 2, 4).int().tolist()
         [[1, 1, 0, 0, 1, 0, 1, 0]]
     """
-    check_n_m((n, m), mask.shape)
-    if drop_scores.shape != mask.shape or grow_scores.shape != mask.shape:
-        raise ValueError(
-            f"expected scores of the mask's shape {tuple(mask.shape)}, got {tuple(drop_scores.shape)} and "
-            f"{tuple(grow_scores.shape)}"
-        )
+    _check_update(mask, drop_scores, grow_scores, n, m)
     active = groups(mask.bool(), m).reshape(-1, m)
     if bool((active.sum(1) != n).any()):
         raise ValueError(f"mask is not {n}:{m}: a group does not hold exactly {n} active entries")

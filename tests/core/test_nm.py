@@ -40,6 +40,31 @@ def train(
             after_step()
 
 
+# a random N:M mask and random drop / grow scores, for the updates' property tests
+UPDATE_CASES = settings(max_examples=40, deadline=None)(
+    given(
+        pattern=st.sampled_from(PATTERNS),
+        rows=st.integers(1, 5),
+        groups=st.integers(1, 4),
+        fraction=st.floats(0.0, 1.0),
+        seed=st.integers(0, 2**16),
+    )
+)
+
+
+def random_case(
+    pattern: tuple[int, int], rows: int, groups: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, m = pattern
+    generator = torch.Generator().manual_seed(seed)
+    mask = nm.random_mask((rows, groups * m), n, m, generator)
+    return (
+        mask,
+        torch.rand(rows, groups * m, generator=generator),
+        torch.rand(rows, groups * m, generator=generator),
+    )
+
+
 def nm_engine(
     n_m: tuple[int, int] = (2, 4),
     storage: str = "masked",
@@ -130,24 +155,12 @@ def test_nm_update_refuses_a_mask_that_is_not_n_m_and_a_bad_count() -> None:
         nm.nm_update(bools([[1, 1, 0, 0]]), scores, scores, 3, 2, 4)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    pattern=st.sampled_from(PATTERNS),
-    rows=st.integers(1, 5),
-    groups=st.integers(1, 4),
-    fraction=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16),
-)
+@UPDATE_CASES
 def test_nm_update_keeps_n_m_and_drops_the_lowest(
     pattern: tuple[int, int], rows: int, groups: int, fraction: float, seed: int
 ) -> None:
     n, m = pattern
-    generator = torch.Generator().manual_seed(seed)
-    mask = nm.random_mask((rows, groups * m), n, m, generator)
-    drop, grow = (
-        torch.rand(rows, groups * m, generator=generator),
-        torch.rand(rows, groups * m, generator=generator),
-    )
+    mask, drop, grow = random_case(pattern, rows, groups, seed)
     nnz = int(mask.sum())
     n_drop = round(fraction * nnz)
     new = nm.nm_update(mask, drop, grow, n_drop, n, m)
@@ -195,24 +208,12 @@ def test_nm_swap_update_refuses_a_mask_that_is_not_n_m_and_a_negative_count() ->
         nm.nm_swap_update(bools([[1, 1, 0, 0]]), torch.zeros(1, 8), scores, 1, 2, 4)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    pattern=st.sampled_from(PATTERNS),
-    rows=st.integers(1, 5),
-    groups=st.integers(1, 4),
-    fraction=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16),
-)
+@UPDATE_CASES
 def test_nm_swap_update_keeps_n_m_and_takes_the_best_incoming_swaps(
     pattern: tuple[int, int], rows: int, groups: int, fraction: float, seed: int
 ) -> None:
     n, m = pattern
-    generator = torch.Generator().manual_seed(seed)
-    mask = nm.random_mask((rows, groups * m), n, m, generator)
-    drop, grow = (
-        torch.rand(rows, groups * m, generator=generator),
-        torch.rand(rows, groups * m, generator=generator),
-    )
+    mask, drop, grow = random_case(pattern, rows, groups, seed)
     nnz = int(mask.sum())
     per_group = min(n, m - n)
     n_drop = round(fraction * nnz)

@@ -41,6 +41,31 @@ def test_tune_picks_a_candidate_and_leaves_the_library_configured_with_it(cache:
         len(grow) == len(tuning.GROW_BLOCK_ENTRIES) and result.grow_block_entries in tuning.GROW_BLOCK_ENTRIES
     )
     assert f"block={result.grow_block_entries >> 10}K" in grow
+    assert 0.0 < result.cpu_share <= 1.0
+
+
+def test_an_entry_measured_under_load_is_measured_again_once_a_core_is_free(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isa = library.kernel_status()["isa"]
+    loaded = {"tile_bytes": 256 << 10, "gather_max_batch": 1, "cpu_share": 0.6}
+    cache.write_text(json.dumps({tuning._key(isa): loaded}))
+    # still busy: the entry is applied, nothing is measured
+    monkeypatch.setattr(tuning, "core_share", lambda: 0.5)
+    monkeypatch.setattr(tuning, "tune", lambda **_: pytest.fail("measured although no core is free"))
+    assert tuning.apply_tuning()["source"] == "cache" and _current() == (256 << 10, 1)
+    # a core is free: measured again and saved over the loaded entry
+    monkeypatch.setattr(tuning, "core_share", lambda: 0.98)
+    monkeypatch.setattr(tuning, "tune", lambda **_: _fake_result())
+    assert tuning.apply_tuning()["source"] == "measured"
+    assert json.loads(cache.read_text())[tuning._key(isa)]["cpu_share"] == 1.0
+    # a quiet entry is applied again without a probe
+    monkeypatch.setattr(tuning, "core_share", lambda: pytest.fail("probed although the entry was quiet"))
+    assert tuning.apply_tuning()["source"] == "cache"
+
+
+def test_core_share_is_a_fraction_of_one_core() -> None:
+    assert 0.0 < tuning.core_share(0.01) <= 1.0
 
 
 def test_a_cached_entry_is_applied_without_measuring(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

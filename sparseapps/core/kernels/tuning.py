@@ -13,6 +13,10 @@ library build, so a checkout moved to another kind of machine re-tunes once ther
 when the library loads: a cached entry is applied; without one the kernels are tuned then (a few seconds, once
 per machine kind) unless ``SPARSEAPPS_TUNE=off`` is set (the defaults are used and ``kernel_status`` says so).
 ``python -m sparseapps.core.kernels.tuning`` (the install script runs it) re-measures and prints the table.
+
+Timings taken while other processes hold the CPU can pick worse values. :func:`tune` records the share of a core
+its thread got (thread CPU time over wall time); an entry measured with less than :data:`BUSY_SHARE` of a core is
+applied, and measured again by :func:`apply_tuning` in a later process that finds a core free (a 50 ms probe).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ GATHER_MAX_BATCH = (1, 2, 4)
 #: product of small blocks runs below the GEMM's speed, large ones fall out of L2 before the scan reads them.
 GROW_BLOCK_ENTRIES = (1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20)
 GROW_BLOCK_DEFAULT = 1 << 18
+#: Below this share of a core (thread CPU time / wall time) a measurement is taken as made under load.
+BUSY_SHARE = 0.9
 _grow_block = GROW_BLOCK_DEFAULT
 
 
@@ -61,6 +67,7 @@ class Tuning:
     grow_block_entries: int = GROW_BLOCK_DEFAULT
     measured: dict[str, dict[str, float]]
     seconds: float
+    cpu_share: float = 1.0  # the tuning thread's CPU time / wall time: below BUSY_SHARE, measured under load
 
 
 def cpu_model() -> str:
@@ -72,6 +79,15 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def core_share(seconds: float = 0.05) -> float:
+    """The share of a core this thread gets while it spins for ``seconds``: thread CPU time over wall time (about
+    1.0 on a free core, ~0.5 when another runnable process shares it)."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    while time.perf_counter() - wall < seconds:
+        pass
+    return min(1.0, (time.thread_time() - cpu) / (time.perf_counter() - wall))
 
 
 def cache_file() -> Path:
@@ -141,7 +157,7 @@ def tune(*, rounds: int = 5, verbose: bool = False) -> Tuning:
 
     if not library.ensure_loaded().compiled:
         raise RuntimeError("the compiled kernels are not loaded: nothing to tune")
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.thread_time()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     candidates = [(tile, gather) for tile in TILE_BYTES for gather in GATHER_MAX_BATCH]
@@ -187,6 +203,7 @@ def tune(*, rounds: int = 5, verbose: bool = False) -> Tuning:
             },
         },
         seconds=round(time.perf_counter() - start, 2),
+        cpu_share=round(min(1.0, (time.thread_time() - start_cpu) / (time.perf_counter() - start)), 3),
     )
     if verbose:
         for name, per in result.measured.items():
@@ -227,7 +244,17 @@ def apply_tuning() -> dict[str, Any]:
     isa = str(torch.ops.sparseapps.kernel_info()).split(";")[0].removeprefix("isa=")
     entry = _read_cache().get(_key(isa))
     global _grow_block
-    if isinstance(entry, dict) and {"tile_bytes", "gather_max_batch"} <= entry.keys():
+    cached = isinstance(entry, dict) and {"tile_bytes", "gather_max_batch"} <= entry.keys()
+    tuning_on = os.environ.get(TUNE_VARIABLE, "").lower() not in {"off", "0", "no"}
+    if (
+        cached
+        and tuning_on
+        and float(entry.get("cpu_share", 1.0)) < BUSY_SHARE
+        and core_share() >= BUSY_SHARE
+    ):
+        cached = False  # measured under load, and a core is free now: measure again
+    if cached:
+        assert isinstance(entry, dict)
         torch.ops.sparseapps._configure("", int(entry["gather_max_batch"]), int(entry["tile_bytes"]))
         _grow_block = int(entry.get("grow_block_entries", GROW_BLOCK_DEFAULT))
         return {
@@ -235,7 +262,7 @@ def apply_tuning() -> dict[str, Any]:
             "tile_bytes": entry["tile_bytes"],
             "gather_max_batch": entry["gather_max_batch"],
         }
-    if os.environ.get(TUNE_VARIABLE, "").lower() in {"off", "0", "no"}:
+    if not tuning_on:
         info = str(torch.ops.sparseapps.kernel_info())
         return {"source": "defaults", "reason": f"{TUNE_VARIABLE}=off", "description": info}
     result = tune()
@@ -266,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         f"gather_max_batch={result.gather_max_batch} grow_block_entries={result.grow_block_entries >> 10}K "
         f"in {result.seconds:.1f} s -> {path}"
     )
+    if result.cpu_share < BUSY_SHARE:
+        print(
+            f"[tuning] measured while other processes held the CPU (this thread got {result.cpu_share:.0%} of a "
+            "core): the values may not be the best; they are measured again when a core is free"
+        )
     return 0
 
 

@@ -456,6 +456,15 @@ class SparsityConfig(PlainConfig):
         return self.method == "dst"
 
     @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        """Inverse of :meth:`to_dict`. A saved N:M configuration from before ``n_m_rule`` existed ran the ``drop``
+        rule, and reads back so: resuming it under today's ``auto`` (``swap`` for RigL) is then refused by the
+        checkpoint's configuration check, which names ``n_m_rule``, instead of changing rule silently."""
+        if values.get("n_m") is not None and "n_m_rule" not in values:
+            values = {**values, "n_m_rule": "drop"}
+        return super().from_dict(values)
+
+    @classmethod
     def preset(cls, name: str, **overrides: Any) -> SparsityConfig:
         """The published defaults of a named method, with ``overrides`` applied on top.
 

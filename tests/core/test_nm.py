@@ -14,6 +14,7 @@ from torch import nn
 
 from sparseapps.core import DynamicSparsity, SparsityConfig, condense, nm, rules, to_compact
 from sparseapps.core.compact import topology as compact_topology
+from sparseapps.core.config import ConfigMismatchError
 from sparseapps.core.kernels import CondenseConfig, CondensedLinear
 from sparseapps.core.kernels.formats import mask_stats
 from sparseapps.core.masks import draw_mask
@@ -431,6 +432,24 @@ def test_checkpoint_round_trip_keeps_the_structure() -> None:
     fresh.load_state_dict(state)
     for fqn, t in engine.tensors.items():
         assert torch.equal(fresh.tensors[fqn].mask, t.mask)
+
+
+def test_a_checkpoint_from_before_the_rule_field_resumes_only_under_its_drop_rule() -> None:
+    """Checkpoints written before ``n_m_rule`` existed ran the drop rule: today's default (swap for RigL) is refused
+    with the field named, and ``n_m_rule="drop"`` resumes them."""
+    model, optimizer, engine = nm_engine(n_m_rule="drop")
+    train(model, optimizer, 4, 16)
+    state = engine.state_dict()
+    del state["config"]["n_m_rule"]  # as an older version wrote it
+    _, _, today = nm_engine()
+    with pytest.raises(ConfigMismatchError, match=r"'n_m_rule': \('drop', 'swap'\)"):
+        today.load_state_dict(state)
+    _, _, as_before = nm_engine(n_m_rule="drop")
+    as_before.load_state_dict(state)
+    for fqn, t in engine.tensors.items():
+        assert torch.equal(as_before.tensors[fqn].mask, t.mask)
+    # configurations without N:M read back unchanged
+    assert SparsityConfig.from_dict(SparsityConfig.preset("rigl").to_dict()).n_m_rule == "auto"
 
 
 # ---------------------------------------------------------------------------------------------- exports

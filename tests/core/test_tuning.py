@@ -44,28 +44,43 @@ def test_tune_picks_a_candidate_and_leaves_the_library_configured_with_it(cache:
     assert 0.0 < result.cpu_share <= 1.0
 
 
-def test_an_entry_measured_under_load_is_measured_again_once_a_core_is_free(
+def test_an_entry_measured_under_load_is_applied_and_says_so(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Not replaced behind the user's back: other values change the kernels' summation order (resume bitwise)."""
     isa = library.kernel_status()["isa"]
     loaded = {"tile_bytes": 256 << 10, "gather_max_batch": 1, "cpu_share": 0.6}
     cache.write_text(json.dumps({tuning._key(isa): loaded}))
-    # still busy: the entry is applied, nothing is measured
-    monkeypatch.setattr(tuning, "core_share", lambda: 0.5)
-    monkeypatch.setattr(tuning, "tune", lambda **_: pytest.fail("measured although no core is free"))
-    assert tuning.apply_tuning()["source"] == "cache" and _current() == (256 << 10, 1)
-    # a core is free: measured again and saved over the loaded entry
-    monkeypatch.setattr(tuning, "core_share", lambda: 0.98)
-    monkeypatch.setattr(tuning, "tune", lambda **_: _fake_result())
-    assert tuning.apply_tuning()["source"] == "measured"
-    assert json.loads(cache.read_text())[tuning._key(isa)]["cpu_share"] == 1.0
-    # a quiet entry is applied again without a probe
-    monkeypatch.setattr(tuning, "core_share", lambda: pytest.fail("probed although the entry was quiet"))
-    assert tuning.apply_tuning()["source"] == "cache"
+    monkeypatch.setattr(tuning, "tune", lambda **_: pytest.fail("measured although an entry was cached"))
+    status = tuning.apply_tuning()
+    assert status["source"] == "cache" and status["measured_under_load"] and _current() == (256 << 10, 1)
+    loaded["cpu_share"] = 0.97
+    cache.write_text(json.dumps({tuning._key(isa): loaded}))
+    assert not tuning.apply_tuning()["measured_under_load"]
 
 
-def test_core_share_is_a_fraction_of_one_core() -> None:
-    assert 0.0 < tuning.core_share(0.01) <= 1.0
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_the_first_use_inside_no_grad_or_inference_measures(cache: Path, mode: str) -> None:
+    """The library may first load inside an evaluation; the workloads need autograd all the same."""
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        result = tuning.tune(rounds=1)
+    assert result.tile_bytes in tuning.TILE_BYTES
+
+
+def test_a_failed_measurement_keeps_the_defaults_and_does_not_raise(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = _current()
+
+    def broken(**_: object) -> tuning.Tuning:
+        torch.ops.sparseapps._configure("", 4, 128 << 10)  # left half-way through the candidates
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tuning, "tune", broken)
+    status = tuning.apply_tuning()
+    assert status["source"] == "defaults" and status["reason"] == "tuning failed: boom"
+    assert _current() == before and not cache.exists()
 
 
 def test_a_cached_entry_is_applied_without_measuring(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -270,6 +270,7 @@ def kernel_status() -> dict[str, Any]:
             gather_max_batch=info.get("gather_max_batch"),
             tile_bytes=info.get("tile_bytes"),
             tuning=(_tuning or {}).get("source"),
+            tuned_under_load=bool((_tuning or {}).get("measured_under_load", False)),
             bf16=True,
         )
     else:

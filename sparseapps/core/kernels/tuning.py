@@ -15,8 +15,9 @@ per machine kind) unless ``SPARSEAPPS_TUNE=off`` is set (the defaults are used a
 ``python -m sparseapps.core.kernels.tuning`` (the install script runs it) re-measures and prints the table.
 
 Timings taken while other processes hold the CPU can pick worse values. :func:`tune` records the share of a core
-its thread got (thread CPU time over wall time); an entry measured with less than :data:`BUSY_SHARE` of a core is
-applied, and measured again by :func:`apply_tuning` in a later process that finds a core free (a 50 ms probe).
+its thread got (thread CPU time over wall time); the command says when that was below :data:`BUSY_SHARE`, and
+``sparseapps info`` shows it. Such an entry is not replaced behind the user's back: the parameters change the
+kernels' floating-point summation order, so a run resumed under other values is not bitwise identical.
 """
 
 from __future__ import annotations
@@ -79,15 +80,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
-
-
-def core_share(seconds: float = 0.05) -> float:
-    """The share of a core this thread gets while it spins for ``seconds``: thread CPU time over wall time (about
-    1.0 on a free core, ~0.5 when another runnable process shares it)."""
-    wall, cpu = time.perf_counter(), time.thread_time()
-    while time.perf_counter() - wall < seconds:
-        pass
-    return min(1.0, (time.thread_time() - cpu) / (time.perf_counter() - wall))
 
 
 def cache_file() -> Path:
@@ -157,6 +149,12 @@ def tune(*, rounds: int = 5, verbose: bool = False) -> Tuning:
 
     if not library.ensure_loaded().compiled:
         raise RuntimeError("the compiled kernels are not loaded: nothing to tune")
+    # the first kernel use may come inside no_grad or inference_mode (an evaluation): the workloads need autograd
+    with torch.inference_mode(False), torch.enable_grad():
+        return _tune(rounds, verbose)
+
+
+def _tune(rounds: int, verbose: bool) -> Tuning:
     start, start_cpu = time.perf_counter(), time.thread_time()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -239,33 +237,31 @@ def save(result: Tuning) -> Path:
 
 def apply_tuning() -> dict[str, Any]:
     """Configures the loaded library for this CPU: the cached entry, else a fresh measurement (saved), else the
-    built-in defaults when ``SPARSEAPPS_TUNE=off``. Returns ``{"source": "cache" | "measured" | "defaults",
+    built-in defaults when ``SPARSEAPPS_TUNE=off`` or when the measurement fails (it never stops the caller). Returns ``{"source": "cache" | "measured" | "defaults",
     "tile_bytes": ..., "gather_max_batch": ...}``."""
     isa = str(torch.ops.sparseapps.kernel_info()).split(";")[0].removeprefix("isa=")
     entry = _read_cache().get(_key(isa))
     global _grow_block
-    cached = isinstance(entry, dict) and {"tile_bytes", "gather_max_batch"} <= entry.keys()
     tuning_on = os.environ.get(TUNE_VARIABLE, "").lower() not in {"off", "0", "no"}
-    if (
-        cached
-        and tuning_on
-        and float(entry.get("cpu_share", 1.0)) < BUSY_SHARE
-        and core_share() >= BUSY_SHARE
-    ):
-        cached = False  # measured under load, and a core is free now: measure again
-    if cached:
-        assert isinstance(entry, dict)
+    if isinstance(entry, dict) and {"tile_bytes", "gather_max_batch"} <= entry.keys():
         torch.ops.sparseapps._configure("", int(entry["gather_max_batch"]), int(entry["tile_bytes"]))
         _grow_block = int(entry.get("grow_block_entries", GROW_BLOCK_DEFAULT))
         return {
             "source": "cache",
             "tile_bytes": entry["tile_bytes"],
             "gather_max_batch": entry["gather_max_batch"],
+            "measured_under_load": float(entry.get("cpu_share", 1.0)) < BUSY_SHARE,
         }
     if not tuning_on:
         info = str(torch.ops.sparseapps.kernel_info())
         return {"source": "defaults", "reason": f"{TUNE_VARIABLE}=off", "description": info}
-    result = tune()
+    before = dict(part.split("=", 1) for part in str(torch.ops.sparseapps.kernel_info()).split(";"))
+    try:
+        result = tune()
+    except Exception as error:  # a failed measurement must not stop the user's run: the defaults
+        torch.ops.sparseapps._configure("", int(before["gather_max_batch"]), int(before["tile_bytes"]))
+        info = str(torch.ops.sparseapps.kernel_info())
+        return {"source": "defaults", "reason": f"tuning failed: {error}", "description": info}
     _grow_block = result.grow_block_entries
     with contextlib.suppress(OSError):  # a read-only checkout: the measurement holds for this process
         save(result)
@@ -296,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.cpu_share < BUSY_SHARE:
         print(
             f"[tuning] measured while other processes held the CPU (this thread got {result.cpu_share:.0%} of a "
-            "core): the values may not be the best; they are measured again when a core is free"
+            "core): the values may not be the best. Run this again on a quiet machine to replace them (other "
+            "values change the kernels' summation order: a run resumed under them is not bitwise identical)"
         )
     return 0
 

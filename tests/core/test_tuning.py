@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,14 @@ def _fake_result() -> tuning.Tuning:
         measured={},
         seconds=0.0,
     )
+
+
+def test_the_command_prints_one_line_that_says_when_it_was_measured_under_load(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for share, said in ((0.63, True), (0.97, False)):
+        monkeypatch.setattr(tuning, "tune", lambda share=share, **_: replace(_fake_result(), cpu_share=share))
+        assert tuning.main([]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 1 and "tile_bytes=512K gather_max_batch=2" in lines[0]
+        assert ("measured under load: this thread got 63% of a core" in lines[0]) == said

@@ -284,17 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result = tune(rounds=args.rounds, verbose=True)
     path = save(result)
+    # one line (the install script shows the last): the choice, and whether it was measured under load
+    load = (
+        f" (measured under load: this thread got {result.cpu_share:.0%} of a core; run this again on a quiet "
+        "machine, between runs: other values change the kernels' summation order)"
+        if result.cpu_share < BUSY_SHARE
+        else ""
+    )
     print(
         f"[tuning] {result.cpu} ({result.isa}): tile_bytes={result.tile_bytes >> 10}K "
         f"gather_max_batch={result.gather_max_batch} grow_block_entries={result.grow_block_entries >> 10}K "
-        f"in {result.seconds:.1f} s -> {path}"
+        f"in {result.seconds:.1f} s -> {path}{load}"
     )
-    if result.cpu_share < BUSY_SHARE:
-        print(
-            f"[tuning] measured while other processes held the CPU (this thread got {result.cpu_share:.0%} of a "
-            "core): the values may not be the best. Run this again on a quiet machine to replace them (other "
-            "values change the kernels' summation order: a run resumed under them is not bitwise identical)"
-        )
     return 0
 
 

@@ -9,6 +9,7 @@ with the file's differences named (:func:`check_masks`, :func:`check_budgets`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sparseapps.core.config import ConfigMismatchError, SparsityConfig
+from sparseapps.core.kernels import library
 from sparseapps.core.selection import SparseTensor
 
 if TYPE_CHECKING:
@@ -93,6 +95,7 @@ def state_dict(engine: DynamicSparsity) -> dict[str, Any]:
         "lottery_round": engine.lottery_round,
         "lottery_snapshot": engine.lottery_snapshot,
         "history": list(engine.history),
+        "kernels": library.loaded_parameters(),  # None when no compiled kernel ran in this process
     }
 
 
@@ -153,6 +156,21 @@ def load_state_dict(engine: DynamicSparsity, state: Mapping[str, Any]) -> None:
     engine.lottery_round = int(state["lottery_round"])
     engine.lottery_snapshot = state["lottery_snapshot"]
     engine.history = list(state["history"])
+    _warn_other_kernels(state.get("kernels"))
+
+
+def _warn_other_kernels(saved: Any) -> None:
+    """Compact layers resumed under other kernel parameters than they were checkpointed with compute the same
+    values up to the last bits (the knobs set the summation order): the resume is then not bitwise identical."""
+    current = library.loaded_parameters()
+    if isinstance(saved, Mapping) and current is not None and dict(saved) != current:
+        warnings.warn(
+            f"the checkpoint was written with kernel parameters {dict(saved)}, this process runs {current}: "
+            "compact layers' results differ in the last bits, so the resume is not bitwise identical to an "
+            "uninterrupted run; sparseapps.core.kernels.library.configure_kernels(isa, gather_max_batch, "
+            "tile_bytes) with the checkpoint's values (same CPU kind) makes it so",
+            stacklevel=3,
+        )
 
 
 def check_budgets(engine: DynamicSparsity, state: Mapping[str, Any], nnz: Mapping[str, int]) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from sparseapps.core import DynamicSparsity, SparsityConfig, to_compact
 from sparseapps.core.kernels import library, tuning
 
 pytestmark = pytest.mark.skipif(not library.ensure_loaded().compiled, reason="compiled kernels not loaded")
@@ -134,3 +136,26 @@ def test_the_command_prints_one_line_that_says_when_it_was_measured_under_load(
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == 1 and "tile_bytes=512K gather_max_batch=2" in lines[0]
         assert ("measured under load: this thread got 63% of a core" in lines[0]) == said
+
+
+def test_a_checkpoint_records_the_kernel_parameters_and_a_resume_under_others_warns() -> None:
+    """The knobs set the compact kernels' summation order: a resume under other values is not bitwise, and says so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    config = SparsityConfig.preset("rigl", sparsity=0.8, storage="compact", update_interval=2, seed=0)
+    model = to_compact(model, config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    engine = DynamicSparsity(model, optimizer, config, total_steps=10)
+    model(torch.randn(8, 32)).sum().backward()
+    optimizer.step()
+    state = engine.state_dict()
+    assert state["kernels"] == library.loaded_parameters() and state["kernels"]["isa"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.load_state_dict(state)  # the same parameters: silent
+    other = {**state, "kernels": {**state["kernels"], "tile_bytes": 1}}
+    with pytest.warns(UserWarning, match=r"kernel parameters .*'tile_bytes': 1.* not bitwise identical"):
+        engine.load_state_dict(other)
+    with warnings.catch_warnings():  # checkpoints of earlier versions hold none: nothing to compare
+        warnings.simplefilter("error")
+        engine.load_state_dict({key: value for key, value in state.items() if key != "kernels"})

@@ -237,6 +237,22 @@ def configure_kernels(isa: str = "", gather_max_batch: int = -1, tile_bytes: int
     return str(torch.ops.sparseapps._configure(isa, gather_max_batch, tile_bytes))
 
 
+def loaded_parameters() -> dict[str, Any] | None:
+    """The compiled kernels' instruction set and tuning knobs in this process (they set the kernels' summation
+    order, so a run resumed under others is not bitwise identical), or None when the compiled library has not been
+    loaded (nothing is loaded or measured by asking).
+
+    Example:
+        >>> parameters = loaded_parameters()
+        >>> parameters is None or sorted(parameters) == ["gather_max_batch", "isa", "tile_bytes"]
+        True
+    """
+    if not _ready or _state is None or not _state.compiled:
+        return None
+    info = _parse_info(str(torch.ops.sparseapps.kernel_info()))
+    return {key: info.get(key) for key in ("isa", "gather_max_batch", "tile_bytes")}
+
+
 def _parse_info(text: str) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     for item in text.split(";"):

@@ -523,7 +523,7 @@ def markdown(
         for row in paired:
             lines.append(
                 f"| {row['method']} | {row['baseline']} | {row['task']} | {row['sparsity']:.0%} | {row['seeds']} | "
-                f"{row['mean']:+.3f} ± {row['ci95']:.3f} | {row.get('p', float('nan')):.3g} | {row['verdict']} |"
+                f"{row['mean']:+.3f} ± {row['ci95']:.3f} | {row['p']:.3g} | {row['verdict']} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -392,9 +392,9 @@ class SparsityConfig(PlainConfig):
             )
         # Every tensor holds n/m of its entries whatever the distribution: 'uniform' gives exactly those budgets.
         object.__setattr__(self, "distribution", "uniform")
-        if (
-            self.n_m_rule == "auto"
-        ):  # random incoming entries would evict their groups' weakest: drop-led for SET
+        # 'auto': growth-led swaps, but drop-led for random growth (SET), whose random incoming entries would
+        # evict their groups' weakest
+        if self.n_m_rule == "auto":
             object.__setattr__(self, "n_m_rule", "drop" if self.grow == "random" else "swap")
 
     def _check_learned(self) -> None:

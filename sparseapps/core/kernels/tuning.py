@@ -237,12 +237,13 @@ def save(result: Tuning) -> Path:
 
 def apply_tuning() -> dict[str, Any]:
     """Configures the loaded library for this CPU: the cached entry, else a fresh measurement (saved), else the
-    built-in defaults when ``SPARSEAPPS_TUNE=off`` or when the measurement fails (it never stops the caller). Returns ``{"source": "cache" | "measured" | "defaults",
-    "tile_bytes": ..., "gather_max_batch": ...}``."""
-    isa = str(torch.ops.sparseapps.kernel_info()).split(";")[0].removeprefix("isa=")
-    entry = _read_cache().get(_key(isa))
+    built-in defaults when ``SPARSEAPPS_TUNE=off`` or when the measurement fails (it never stops the caller).
+    Returns ``{"source": "cache" | "measured" | "defaults", "tile_bytes": ..., "gather_max_batch": ...}``."""
+    from sparseapps.core.kernels import library
+
+    before = library._parse_info(str(torch.ops.sparseapps.kernel_info()))
+    entry = _read_cache().get(_key(str(before["isa"])))
     global _grow_block
-    tuning_on = os.environ.get(TUNE_VARIABLE, "").lower() not in {"off", "0", "no"}
     if isinstance(entry, dict) and {"tile_bytes", "gather_max_batch"} <= entry.keys():
         torch.ops.sparseapps._configure("", int(entry["gather_max_batch"]), int(entry["tile_bytes"]))
         _grow_block = int(entry.get("grow_block_entries", GROW_BLOCK_DEFAULT))
@@ -252,10 +253,9 @@ def apply_tuning() -> dict[str, Any]:
             "gather_max_batch": entry["gather_max_batch"],
             "measured_under_load": float(entry.get("cpu_share", 1.0)) < BUSY_SHARE,
         }
-    if not tuning_on:
+    if os.environ.get(TUNE_VARIABLE, "").lower() in {"off", "0", "no"}:
         info = str(torch.ops.sparseapps.kernel_info())
         return {"source": "defaults", "reason": f"{TUNE_VARIABLE}=off", "description": info}
-    before = dict(part.split("=", 1) for part in str(torch.ops.sparseapps.kernel_info()).split(";"))
     try:
         result = tune()
     except Exception as error:  # a failed measurement must not stop the user's run: the defaults

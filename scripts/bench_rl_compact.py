@@ -53,6 +53,7 @@ from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels import kernel_status
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.options import parse_config
+from sparseapps.core.stats import paired_interval, paired_p_value
 from sparseapps.rl import DynamicSparsityCallback
 from sparseapps.rl.networks import find_networks
 
@@ -71,7 +72,8 @@ class Args:
     masked_steps: int = field(
         default=600, metadata={"help": "env steps of the masked-dense contrast (0: skip)"}
     )
-    seeds: int = field(default=3, metadata={"help": "paired seeds (0, 1, ...)"})
+    seeds: int = field(default=3, metadata={"help": "paired seeds (first_seed, first_seed + 1, ...)"})
+    first_seed: int = field(default=0, metadata={"help": "the first seed"})
     width: int = field(default=256, metadata={"help": "hidden width of the dense agent (two hidden layers)"})
     wide_width: int = field(default=1024, metadata={"help": "hidden width of the sparse agents"})
     update_interval: int = field(
@@ -93,6 +95,8 @@ class Args:
         for name in ("steps", "seeds", "width", "wide_width", "update_interval", "eval_episodes", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+        if self.first_seed < 0:
+            raise ValueError(f"expected first_seed >= 0, got {self.first_seed}")
         if not 0 <= self.masked_steps <= self.steps:
             raise ValueError(f"expected masked_steps in [0, steps={self.steps}], got {self.masked_steps}")
         if self.wide_width <= self.width:
@@ -251,12 +255,31 @@ def summarize(args: Args, records: list[dict[str, Any]]) -> dict[str, Any]:
     compact = summary.get("compact")
     if compact is not None and "dense" in summary:
         compact["ratio_of_medians"] = compact["median_seconds"] / summary["dense"]["median_seconds"]
+        compact["return_vs_dense"] = paired_returns(by["compact"], dense)
         summary["goal"] = {
             "limit": GOAL,
             "ratio": compact["seconds_vs_dense_median_of_pairs"],
             "met": compact["seconds_vs_dense_median_of_pairs"] <= GOAL,
         }
     return summary
+
+
+def paired_returns(rows: list[dict[str, Any]], dense: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The wide agent's return minus the dense agent's, paired by seed: the differences, their mean, its 95%
+    interval (Student's t; None for one seed), the two-sided paired t-test's p and the verdict ("better" / "worse"
+    when the interval excludes 0, else "no difference shown")."""
+    differences = [r["return"] - dense[r["seed"]]["return"] for r in rows]
+    interval = paired_interval(differences)
+    verdict = "no difference shown"
+    if interval is not None and (interval[0] > 0 or interval[1] < 0):
+        verdict = "better" if interval[0] > 0 else "worse"
+    return {
+        "differences": differences,
+        "mean": statistics.fmean(differences),
+        "ci95": interval,
+        "p": paired_p_value(differences),
+        "verdict": verdict,
+    }
 
 
 def layer_costs(args: Args, repeats: int = 60) -> list[dict[str, Any]]:
@@ -385,7 +408,7 @@ def layer_markdown(rows: list[dict[str, Any]]) -> str:
 def markdown(args: Args, sparsity: float, summary: dict[str, Any], machine: dict[str, Any]) -> str:
     """The results table (and the goal) as markdown."""
     lines = [
-        f"SAC on {args.env}, {args.seeds} paired seeds, {machine['threads']} thread(s), {machine['cpu']}",
+        f"SAC on {args.env}, {args.seeds} paired seeds from {args.first_seed}, {machine['threads']} thread(s), {machine['cpu']}",
         "",
         "| agent | hidden | sparsity | trained weights | env steps | median s | vs dense (median of pairs) "
         "| return per seed | mean return |",
@@ -403,6 +426,14 @@ def markdown(args: Args, sparsity: float, summary: dict[str, Any], machine: dict
             f"| {row['trained_weights']} | {row['steps']} | {row['median_seconds']:.1f} "
             f"| {row['seconds_vs_dense_median_of_pairs']:.2f}x | {returns} | {row['mean_return']:.0f} |"
         )
+    returns = summary.get("compact", {}).get("return_vs_dense")
+    if returns is not None and returns["ci95"] is not None:
+        low, high = returns["ci95"]
+        lines += [
+            "",
+            f"Return, RigL compact - dense, paired over {len(returns['differences'])} seeds: "
+            f"{returns['mean']:+.1f} [{low:+.1f}, {high:+.1f}] (95%), p = {returns['p']:.3g}: {returns['verdict']}.",
+        ]
     goal = summary.get("goal")
     if goal is not None:
         verdict = "met" if goal["met"] else "not met"
@@ -439,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in VARIANTS if v != "masked" or args.masked_steps]
     records: list[dict[str, Any]] = []
     table = ""
-    for seed in range(args.seeds):
-        order = variants[seed % len(variants) :] + variants[: seed % len(variants)]
+    for k, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
+        order = variants[k % len(variants) :] + variants[: k % len(variants)]
         for variant in order:
             record = run_one(args, variant, seed, sparsity)
             records.append(record)

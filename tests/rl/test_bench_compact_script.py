@@ -60,3 +60,24 @@ def test_summary_pairs_seeds_and_judges_the_goal(bench: ModuleType) -> None:
     assert partial["compact"]["seconds_vs_dense_per_seed"] == pytest.approx([1.1])
     table = bench.markdown(args, 0.9, summary, {"threads": 1, "cpu": "test"})
     assert "| RigL compact | 1024x2 | 0.9000 | 7 | 100 |" in table and "1.15x, met" in table
+
+
+def test_summary_pairs_returns_by_seed(bench: ModuleType) -> None:
+    args = bench.Args(steps=100, masked_steps=0, seeds=3, first_seed=400)
+
+    def record(variant: str, seed: int, value: float) -> dict[str, object]:
+        return {"variant": variant, "seed": seed, "steps": 100, "seconds": 1.0, "seconds_at": {"100": 1.0},
+                "return": value, "trained_weights": 7}  # fmt: skip
+
+    dense = [record("dense", 400 + k, r) for k, r in enumerate((-150.0, -120.0, -200.0))]
+    worse = [record("compact", 400 + k, r) for k, r in enumerate((-160.0, -131.0, -209.0))]
+    returns = bench.summarize(args, dense + worse)["compact"]["return_vs_dense"]
+    assert returns["differences"] == [-10.0, -11.0, -9.0] and returns["mean"] == -10.0
+    low, high = returns["ci95"]
+    assert low < -10.0 < high < 0 and returns["verdict"] == "worse" and returns["p"] < 0.01
+    mixed = [record("compact", 400 + k, r) for k, r in enumerate((-140.0, -130.0, -200.0))]
+    assert bench.summarize(args, dense + mixed)["compact"]["return_vs_dense"]["verdict"] == "no difference shown"
+    table = bench.markdown(args, 0.9, bench.summarize(args, dense + worse), {"threads": 1, "cpu": "test"})
+    assert "3 paired seeds from 400" in table and "paired over 3 seeds: -10.0 [" in table and ": worse." in table
+    with pytest.raises(ValueError, match="first_seed"):
+        bench.Args(first_seed=-1)

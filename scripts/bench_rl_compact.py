@@ -408,7 +408,8 @@ def layer_markdown(rows: list[dict[str, Any]]) -> str:
 def markdown(args: Args, sparsity: float, summary: dict[str, Any], machine: dict[str, Any]) -> str:
     """The results table (and the goal) as markdown."""
     lines = [
-        f"SAC on {args.env}, {args.seeds} paired seeds from {args.first_seed}, {machine['threads']} thread(s), {machine['cpu']}",
+        f"SAC on {args.env}, {args.seeds} paired seeds from {args.first_seed}, {machine['threads']} thread(s), "
+        f"{machine['cpu']}",
         "",
         "| agent | hidden | sparsity | trained weights | env steps | median s | vs dense (median of pairs) "
         "| return per seed | mean return |",
@@ -432,7 +433,8 @@ def markdown(args: Args, sparsity: float, summary: dict[str, Any], machine: dict
         lines += [
             "",
             f"Return, RigL compact - dense, paired over {len(returns['differences'])} seeds: "
-            f"{returns['mean']:+.1f} [{low:+.1f}, {high:+.1f}] (95%), p = {returns['p']:.3g}: {returns['verdict']}.",
+            f"{returns['mean']:+.1f} [{low:+.1f}, {high:+.1f}] (95%), p = {returns['p']:.3g}: "
+            f"{returns['verdict']}.",
         ]
     goal = summary.get("goal")
     if goal is not None:

@@ -76,8 +76,12 @@ def test_summary_pairs_returns_by_seed(bench: ModuleType) -> None:
     low, high = returns["ci95"]
     assert low < -10.0 < high < 0 and returns["verdict"] == "worse" and returns["p"] < 0.01
     mixed = [record("compact", 400 + k, r) for k, r in enumerate((-140.0, -130.0, -200.0))]
-    assert bench.summarize(args, dense + mixed)["compact"]["return_vs_dense"]["verdict"] == "no difference shown"
+    assert (
+        bench.summarize(args, dense + mixed)["compact"]["return_vs_dense"]["verdict"] == "no difference shown"
+    )
     table = bench.markdown(args, 0.9, bench.summarize(args, dense + worse), {"threads": 1, "cpu": "test"})
-    assert "3 paired seeds from 400" in table and "paired over 3 seeds: -10.0 [" in table and ": worse." in table
+    assert (
+        "3 paired seeds from 400" in table and "paired over 3 seeds: -10.0 [" in table and ": worse." in table
+    )
     with pytest.raises(ValueError, match="first_seed"):
         bench.Args(first_seed=-1)

@@ -241,7 +241,8 @@ def apply_tuning() -> dict[str, Any]:
     Returns ``{"source": "cache" | "measured" | "defaults", "tile_bytes": ..., "gather_max_batch": ...}``."""
     from sparseapps.core.kernels import library
 
-    before = library._parse_info(str(torch.ops.sparseapps.kernel_info()))
+    described = str(torch.ops.sparseapps.kernel_info())
+    before = library._parse_info(described)
     entry = _read_cache().get(_key(str(before["isa"])))
     global _grow_block
     if isinstance(entry, dict) and {"tile_bytes", "gather_max_batch"} <= entry.keys():
@@ -254,8 +255,7 @@ def apply_tuning() -> dict[str, Any]:
             "measured_under_load": float(entry.get("cpu_share", 1.0)) < BUSY_SHARE,
         }
     if os.environ.get(TUNE_VARIABLE, "").lower() in {"off", "0", "no"}:
-        info = str(torch.ops.sparseapps.kernel_info())
-        return {"source": "defaults", "reason": f"{TUNE_VARIABLE}=off", "description": info}
+        return {"source": "defaults", "reason": f"{TUNE_VARIABLE}=off", "description": described}
     try:
         result = tune()
     except Exception as error:  # a failed measurement must not stop the user's run: the defaults

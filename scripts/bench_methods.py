@@ -44,7 +44,7 @@ from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_cnn, make_mnist1d_mlp
 from sparseapps.core.options import parse_config, torch_threads
 from sparseapps.core.plotting import pyplot, save_figure
-from sparseapps.core.stats import confidence_half_width, paired_p_value
+from sparseapps.core.stats import confidence_half_width, interval_verdict, paired_p_value
 from sparseapps.demo import load_digits_tensors, make_mlp
 
 TASKS = ("mnist1d-mlp", "mnist1d-cnn", "digits-mlp")
@@ -440,12 +440,8 @@ def paired_differences(
                 by_key[(task, method, sparsity, s)] - by_key[(task, baseline, sparsity, s)] for s in seeds
             ]
             mean, half = statistics.fmean(diffs), confidence_half_width(diffs)
-            verdict = (
-                f"{method} better"
-                if mean - half > 0
-                else f"{baseline} better"
-                if mean + half < 0
-                else "no difference"
+            verdict = interval_verdict(
+                (mean - half, mean + half), f"{method} better", f"{baseline} better", "no difference"
             )
             rows.append(
                 {

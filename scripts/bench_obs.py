@@ -36,7 +36,7 @@ from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.mnist1d import load_mnist1d, make_mnist1d_mlp
 from sparseapps.core.options import parse_config, torch_threads
-from sparseapps.core.stats import confidence_half_width, paired_interval
+from sparseapps.core.stats import confidence_half_width, interval_verdict, paired_interval
 from sparseapps.demo import accuracy
 
 METHODS = ("magnitude", "obs")
@@ -253,15 +253,7 @@ def comparisons(runs: list[Run], field_name: str) -> list[dict[str, object]]:
         seeds = sorted(s for m, s in by if m == "obs" and ("magnitude", s) in by)
         differences = [by[("obs", s)] - by[("magnitude", s)] for s in seeds]
         interval = paired_interval(differences)
-        verdict = "n/a"
-        if interval is not None:
-            verdict = (
-                "obs better"
-                if interval[0] > 0
-                else "magnitude better"
-                if interval[1] < 0
-                else "no difference"
-            )
+        verdict = interval_verdict(interval, "obs better", "magnitude better", "no difference")
         rows.append(
             {
                 "sparsity": sparsity,

@@ -53,7 +53,7 @@ from sparseapps.core.io import write_atomic, write_json
 from sparseapps.core.kernels import kernel_status
 from sparseapps.core.kernels.tuning import cpu_model
 from sparseapps.core.options import parse_config
-from sparseapps.core.stats import paired_interval, paired_p_value
+from sparseapps.core.stats import interval_verdict, paired_interval, paired_p_value
 from sparseapps.rl import DynamicSparsityCallback
 from sparseapps.rl.networks import find_networks
 
@@ -270,9 +270,7 @@ def paired_returns(rows: list[dict[str, Any]], dense: dict[int, dict[str, Any]])
     when the interval excludes 0, else "no difference shown")."""
     differences = [r["return"] - dense[r["seed"]]["return"] for r in rows]
     interval = paired_interval(differences)
-    verdict = "no difference shown"
-    if interval is not None and (interval[0] > 0 or interval[1] < 0):
-        verdict = "better" if interval[0] > 0 else "worse"
+    verdict = interval_verdict(interval, missing="no difference shown")
     return {
         "differences": differences,
         "mean": statistics.fmean(differences),

@@ -14,7 +14,14 @@ import math
 import statistics
 from collections.abc import Sequence
 
-__all__ = ["confidence_half_width", "paired_interval", "paired_p_value", "standard_error", "t_quantile"]
+__all__ = [
+    "confidence_half_width",
+    "interval_verdict",
+    "paired_interval",
+    "paired_p_value",
+    "standard_error",
+    "t_quantile",
+]
 
 
 def t_quantile(confidence: float, degrees: int) -> float:
@@ -75,3 +82,26 @@ def paired_p_value(differences: Sequence[float]) -> float:
     from scipy.stats import t as student
 
     return float(2 * student.sf(abs(t), len(differences) - 1))
+
+
+def interval_verdict(
+    interval: tuple[float, float] | None,
+    above: str = "better",
+    below: str = "worse",
+    neither: str = "no difference shown",
+    missing: str = "n/a",
+) -> str:
+    """The verdict on a paired difference from its interval: ``above`` when the interval lies above 0, ``below``
+    when it lies below, ``neither`` when it holds 0 and ``missing`` when there is none (fewer than two pairs) or
+    it is NaN (a NaN difference).
+
+    Example:
+        >>> interval_verdict((0.1, 0.3)), interval_verdict((-0.2, 0.1)), interval_verdict(None)
+        ('better', 'no difference shown', 'n/a')
+        >>> interval_verdict((-0.3, -0.1), above="obs better", below="magnitude better")
+        'magnitude better'
+    """
+    if interval is None or math.isnan(interval[0]) or math.isnan(interval[1]):
+        return missing
+    low, high = interval
+    return above if low > 0 else below if high < 0 else neither

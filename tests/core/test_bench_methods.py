@@ -181,3 +181,28 @@ def test_paired_p_value_is_scipys_paired_t_test_and_handles_the_edges() -> None:
     assert paired_p_value(diffs) == pytest.approx(scipy_stats.ttest_1samp(diffs, 0.0).pvalue, rel=1e-12)
     assert paired_p_value([0.0, 0.0]) == 1.0 and paired_p_value([0.01, 0.01]) == 0.0
     assert math.isnan(paired_p_value([0.01]))
+
+
+def test_interval_verdict_names_the_side_and_refuses_to_judge_without_an_interval(bench: ModuleType) -> None:
+    from sparseapps.core.stats import interval_verdict
+
+    assert interval_verdict((0.0, 0.2)) == "no difference shown"  # an interval touching 0 holds 0
+    assert interval_verdict((-0.3, -1e-9), below="b better") == "b better"
+    assert interval_verdict((math.nan, math.nan)) == "n/a" and interval_verdict(None, missing="-") == "-"
+    runs = [
+        bench.Run(
+            task="t",
+            method=m,
+            target_sparsity=0.9,
+            seed=s,
+            test_accuracy=a - s / 100,
+            sparsity=0.9,
+            flops_fraction=0.1,
+            steps=1,
+            seconds=1.0,
+        )
+        for s in range(3)
+        for m, a in (("m", 0.4), ("b", 0.5))
+    ]
+    row = bench.paired_differences(runs, (("m", "b"),))[0]
+    assert row["verdict"] == "b better" and row["mean"] == pytest.approx(-0.1)
